@@ -1,0 +1,1 @@
+"""Datasets, decoding, transforms and synthetic images."""

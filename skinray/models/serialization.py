@@ -1,0 +1,134 @@
+"""A saved model is a directory, local or s3://: ``model.safetensors`` + ``config.json``.
+
+``config.json`` holds what it takes to rebuild and use the model: the registry name and constructor
+arguments, the input size, normalisation, class names, mask threshold, skinray version and the
+SHA-256 of the weights file. ``load_model`` rebuilds the model through the registry and loads the
+weights with strict key matching; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+
+import skinray
+from skinray import io
+from skinray.models.registry import create_model, get_model_spec
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "SavedModelConfig", "load_model", "read_model_config", "save_model"]
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class SavedModelConfig:
+    model: str
+    kwargs: dict[str, Any]
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: tuple[str, ...] | None
+    mask_threshold: float
+    outputs: tuple[str, ...]
+    weights_sha256: str
+    skinray_version: str
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
+        raw = json.loads(text)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(fields - raw.keys())
+        if missing:
+            raise ValueError(f"{source}: missing keys {missing}")
+        raw = {k: v for k, v in raw.items() if k in fields}
+        raw["input_size"] = tuple(raw["input_size"])
+        raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        raw["outputs"] = tuple(raw["outputs"])
+        if raw["class_names"] is not None:
+            raw["class_names"] = tuple(raw["class_names"])
+        return cls(**raw)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def save_model(
+    model: nn.Module,
+    uri: str,
+    *,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    class_names: Sequence[str] | None = None,
+    mask_threshold: float = 0.5,
+    filesystem=None,
+) -> SavedModelConfig:
+    """Write ``model`` (made by ``create_model``) to the directory ``uri``.
+
+    ``input_size`` defaults to the paper's, ``mean``/``std`` to the encoder's pretraining statistics.
+    """
+    name = getattr(model, "skinray_model_name", None)
+    if name is None:
+        raise ValueError("save_model needs a model built by skinray.models.create_model")
+    spec = get_model_spec(name)
+    model_mean, model_std = getattr(model, "normalization", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    # Tied parameters share storage, which safetensors refuses; contiguous copies store them apart
+    # and load_state_dict writes both names back into the one tensor.
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    weights = safetensors.torch.save(state, metadata={"skinray_model": name})
+    config = SavedModelConfig(
+        model=name,
+        kwargs=_jsonable(model.skinray_model_kwargs),
+        input_size=tuple(int(s) for s in (input_size or spec.paper_input_size)),
+        mean=tuple(float(m) for m in (mean or model_mean)),
+        std=tuple(float(s) for s in (std or model_std)),
+        class_names=tuple(class_names) if class_names is not None else None,
+        mask_threshold=float(mask_threshold),
+        outputs=spec.outputs,
+        weights_sha256=hashlib.sha256(weights).hexdigest(),
+        skinray_version=skinray.__version__,
+    )
+    io.write_bytes(io.join(uri, WEIGHTS_FILE), weights, filesystem)
+    io.write_bytes(io.join(uri, CONFIG_FILE), config.to_json().encode(), filesystem)
+    return config
+
+
+def read_model_config(uri: str, filesystem=None) -> SavedModelConfig:
+    path = io.join(uri, CONFIG_FILE)
+    return SavedModelConfig.from_json(io.read_bytes(path, filesystem).decode(), source=path)
+
+
+def load_model(uri: str, *, device: str | torch.device = "cpu", filesystem=None) -> nn.Module:
+    """Rebuild a saved model through the registry; its config is ``model.saved_config``.
+
+    The model comes back in eval mode.
+    """
+    config = read_model_config(uri, filesystem)
+    weights = io.read_bytes(io.join(uri, WEIGHTS_FILE), filesystem)
+    digest = hashlib.sha256(weights).hexdigest()
+    if digest != config.weights_sha256:
+        raise ValueError(
+            f"{io.join(uri, WEIGHTS_FILE)}: SHA-256 {digest} does not match config.json "
+            f"({config.weights_sha256}); the directory mixes two saves"
+        )
+    model = create_model(config.model, **config.kwargs)
+    model.load_state_dict(safetensors.torch.load(weights), strict=True)
+    model.saved_config = config
+    return model.to(device).eval()
