@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from pathlib import Path
 
 import boto3
 import pyarrow.fs as pafs
@@ -12,9 +11,6 @@ import pytest
 import torch
 
 from skinray import io
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-SHARED_WEIGHTS = SHARED / "weights"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

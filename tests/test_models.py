@@ -107,7 +107,7 @@ def test_save_then_load_gives_identical_outputs(name, tmp_path):
     model = _build(name)
     # Move BatchNorm statistics and every weight away from their initial values first.
     model.train()
-    x, masks, labels = _batch(2)
+    x, _, _ = _batch(2)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -135,7 +135,12 @@ def test_unknown_argument_lists_the_accepted_ones():
     with pytest.raises(ValueError, match="does not take 'encoderr'") as caught:
         create_model("unet", encoderr="resnet18")
     message = str(caught.value)
-    for accepted in ("encoder='resnet50'", "encoder_weights=None", "in_chans=3", "decoder_channels"):
+    for accepted in (
+        "encoder='resnet50'",
+        "encoder_weights=None",
+        "in_chans=3",
+        "decoder_channels",
+    ):
         assert accepted in message
 
 

@@ -62,9 +62,7 @@ def test_batch_cycles_labels_so_every_class_appears():
 
 def test_classes_differ_in_lesion_colour():
     images, masks, labels = synthetic_batch(30, 64, num_classes=3)
-    mean_colour = np.array(
-        [images[i][masks[i] == 1].mean(0) for i in range(len(images))]
-    )
+    mean_colour = np.array([images[i][masks[i] == 1].mean(0) for i in range(len(images))])
     centroids = np.array([mean_colour[labels == c].mean(0) for c in range(3)])
     nearest = np.argmin(((mean_colour[:, None] - centroids[None]) ** 2).sum(2), axis=1)
     assert (nearest == labels).mean() >= 0.9

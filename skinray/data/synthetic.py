@@ -151,5 +151,7 @@ def _draw_hairs(rng: np.random.Generator, image: np.ndarray, count: int) -> np.n
 def _vignette(image: np.ndarray, strength: float) -> np.ndarray:
     height, width = image.shape[:2]
     yy, xx = np.mgrid[0:height, 0:width]
-    distance = np.hypot((yy - height / 2) / (height / 2), (xx - width / 2) / (width / 2)) / np.sqrt(2)
+    distance = np.hypot((yy - height / 2) / (height / 2), (xx - width / 2) / (width / 2)) / np.sqrt(
+        2
+    )
     return image * (1 - strength * distance**2)[..., None]

@@ -73,7 +73,11 @@ def read_backbone_weights(timm_name: str, uri: str) -> dict[str, torch.Tensor]:
     )
     if missing or unexpected or mismatched:
         problems = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched)):
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape", mismatched),
+        ):
             if keys:
                 shown = ", ".join(keys[:5]) + (f" … ({len(keys)} in all)" if len(keys) > 5 else "")
                 problems.append(f"{label}: {shown}")
@@ -90,7 +94,7 @@ def create_timm_model(name: str, weights: str | None = None, **kwargs) -> nn.Mod
         return timm.create_model(name, pretrained=False, **kwargs)
     state = read_backbone_weights(name, weights)
     # The head was dropped from ``state``; timm adds a fresh one and adapts the stem to in_chans.
-    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), pretrained_strict=False, **kwargs)  # fmt: skip  # noqa: E501
+    model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state), pretrained_strict=False, **kwargs)  # fmt: skip
     return model
 
 

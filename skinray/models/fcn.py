@@ -68,7 +68,9 @@ class MultiScaleFCN(nn.Module):
     ) -> None:
         super().__init__()
         if not encoder.startswith("vgg"):
-            raise ValueError(f"fcn_multiscale needs a timm VGG encoder (vgg11 … vgg19), got {encoder!r}")
+            raise ValueError(
+                f"fcn_multiscale needs a timm VGG encoder (vgg11 … vgg19), got {encoder!r}"
+            )
         # timm's VGG features are the ReLU outputs just before each pool (reductions 1…16);
         # pooling them here gives the paper's pool1…pool5 (reductions 2…32).
         self.encoder = create_timm_model(

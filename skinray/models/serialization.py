@@ -23,7 +23,14 @@ import skinray
 from skinray import io
 from skinray.models.registry import create_model, get_model_spec
 
-__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "SavedModelConfig", "load_model", "read_model_config", "save_model"]
+__all__ = [
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "SavedModelConfig",
+    "load_model",
+    "read_model_config",
+    "save_model",
+]
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -88,7 +95,9 @@ def save_model(
     if name is None:
         raise ValueError("save_model needs a model built by skinray.models.create_model")
     spec = get_model_spec(name)
-    model_mean, model_std = getattr(model, "normalization", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    model_mean, model_std = getattr(
+        model, "normalization", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    )
     # Tied parameters share storage, which safetensors refuses; contiguous copies store them apart
     # and load_state_dict writes both names back into the one tensor.
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

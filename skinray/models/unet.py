@@ -52,7 +52,9 @@ class UNet(nn.Module):
         pretrained = {}
         if encoder_weights is not None:
             state = read_backbone_weights(encoder, encoder_weights)
-            pretrained = dict(pretrained_cfg_overlay=dict(state_dict=state), pretrained_strict=False)
+            pretrained = dict(
+                pretrained_cfg_overlay=dict(state_dict=state), pretrained_strict=False
+            )
         self.net = smp.Unet(
             encoder_name=f"tu-{encoder}",
             encoder_weights=True if pretrained else None,
