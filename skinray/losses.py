@@ -12,13 +12,18 @@ pools every pixel of the batch into one ratio, which lets large lesions drown sm
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 __all__ = [
+    "LOSSES",
     "bce_dice_loss",
     "binary_focal_loss",
+    "cross_entropy",
     "dice_loss",
     "focal_dice_loss",
     "focal_loss",
@@ -157,3 +162,24 @@ def softmax_cross_entropy(mask_logits: torch.Tensor, target: torch.Tensor) -> to
     if target.dim() == 4:
         target = target[:, 0]
     return F.cross_entropy(mask_logits.float(), target.long())
+
+
+def cross_entropy(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of class logits (the two-step classifier's and mask-CN's loss)."""
+    return F.cross_entropy(class_logits.float(), labels)
+
+
+#: Every loss by the name recipes and the model registry use for it.
+LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "dice": dice_loss,
+    "bce_dice": bce_dice_loss,
+    # ASNet Eq. 3: ½·BCE + Dice.
+    "bce_dice_asnet": partial(bce_dice_loss, bce_weight=0.5),
+    "binary_focal": binary_focal_loss,
+    "focal_dice": focal_dice_loss,
+    "rank": rank_loss,
+    "hybrid_dice_rank": hybrid_dice_rank_loss,
+    "softmax_cross_entropy": softmax_cross_entropy,
+    "cross_entropy": cross_entropy,
+    "focal": focal_loss,
+}

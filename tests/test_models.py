@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from skinray.data.synthetic import synthetic_batch
-from skinray.losses import bce_dice_loss
+from skinray.losses import LOSSES, bce_dice_loss
 from skinray.models import (
+    CAM,
     CLASS_LOGITS,
     MASK_LOGITS,
     ModelConfigError,
@@ -23,11 +24,14 @@ SIZE = 64
 NUM_CLASSES = 3
 
 
-def _batch(count: int = 4):
+def _batch(count: int = 4, channels: int = 3):
+    """Synthetic images; channels past RGB carry guidance (the lesion mask, as MB-DCNN's stages get)."""
     images, masks, labels = synthetic_batch(count, SIZE, num_classes=NUM_CLASSES, seed=3)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     x = (x - 0.5) / 0.25
-    return x, torch.from_numpy(masks).float()[:, None], torch.from_numpy(labels)
+    masks = torch.from_numpy(masks).float()[:, None]
+    guidance = masks.expand(-1, channels - 3, -1, -1)
+    return torch.cat([x, guidance], dim=1), masks, torch.from_numpy(labels)
 
 
 def _build(name: str):
@@ -48,14 +52,34 @@ def _loss(outputs, masks, labels):
     return loss
 
 
+def _paper_loss(name, outputs, masks, labels):
+    spec = get_model_spec(name)
+    loss = torch.zeros(())
+    if spec.segmentation_loss:
+        loss = loss + LOSSES[spec.segmentation_loss](outputs[MASK_LOGITS], masks)
+    if spec.classification_loss:
+        loss = loss + LOSSES[spec.classification_loss](outputs[CLASS_LOGITS], labels)
+    return loss
+
+
 def test_the_registry_holds_the_papers_models():
-    assert {"unet", "classifier", "fcn_multiscale", "asnet"} <= set(list_models())
+    assert {
+        "unet",
+        "classifier",
+        "fcn_multiscale",
+        "asnet",
+        "mbdcnn",
+        "mbdcnn_coarse_sn",
+        "mbdcnn_mask_cn",
+        "mbdcnn_enhanced_sn",
+        "clnet",
+    } <= set(list_models())
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_outputs_follow_the_contract(name):
     model = _build(name).eval()
-    x, _, _ = _batch(2)
+    x, _, _ = _batch(2, model.input_channels)
     with torch.no_grad():
         outputs = model(x)
     spec = get_model_spec(name)
@@ -64,6 +88,10 @@ def test_outputs_follow_the_contract(name):
         assert outputs[MASK_LOGITS].shape == (2, 1, SIZE, SIZE)
     if spec.classifies:
         assert outputs[CLASS_LOGITS].shape == (2, NUM_CLASSES)
+    if CAM in spec.outputs:
+        cam = outputs[CAM]
+        assert cam.shape[:2] == (2, NUM_CLASSES) and cam.dim() == 4
+        assert cam.shape[-1] < SIZE  # at the feature resolution
     for key, value in outputs.items():
         assert value.dtype == torch.float32, key
         assert torch.isfinite(value).all(), key
@@ -72,7 +100,7 @@ def test_outputs_follow_the_contract(name):
 @pytest.mark.parametrize("name", list_models())
 def test_backward_gives_finite_gradients_on_every_trainable_parameter(name):
     model = _build(name).train()
-    x, masks, labels = _batch(2)
+    x, masks, labels = _batch(2, model.input_channels)
     _loss(model(x), masks, labels).backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trainable
@@ -83,20 +111,20 @@ def test_backward_gives_finite_gradients_on_every_trainable_parameter(name):
 
 
 @pytest.mark.parametrize("name", list_models())
-def test_a_few_optimiser_steps_lower_the_loss_on_one_batch(name):
+def test_a_few_optimiser_steps_lower_the_papers_loss_on_one_batch(name):
     model = _build(name).train()
-    x, masks, labels = _batch(4)
+    x, masks, labels = _batch(4, model.input_channels)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def loss_with_fixed_dropout():
         torch.manual_seed(123)
         with torch.no_grad():
-            return _loss(model(x), masks, labels).item()
+            return _paper_loss(name, model(x), masks, labels).item()
 
     before = loss_with_fixed_dropout()
     for _ in range(8):
         optimiser.zero_grad()
-        _loss(model(x), masks, labels).backward()
+        _paper_loss(name, model(x), masks, labels).backward()
         optimiser.step()
     after = loss_with_fixed_dropout()
     assert after < 0.9 * before, f"loss {before:.4f} -> {after:.4f}"
@@ -107,7 +135,7 @@ def test_save_then_load_gives_identical_outputs(name, tmp_path):
     model = _build(name)
     # Move BatchNorm statistics and every weight away from their initial values first.
     model.train()
-    x, _, _ = _batch(2)
+    x, _, _ = _batch(2, model.input_channels)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))

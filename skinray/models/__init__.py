@@ -6,7 +6,7 @@
 """
 
 # Importing a model module registers it.
-from skinray.models import asnet, classifier, fcn, unet  # noqa: F401
+from skinray.models import asnet, classifier, clnet, fcn, mbdcnn, unet  # noqa: F401
 from skinray.models.backbones import PretrainedWeightsError
 from skinray.models.registry import (
     CAM,

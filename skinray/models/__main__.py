@@ -22,7 +22,7 @@ def describe(name: str, config: str) -> dict:
     params = sum(p.numel() for p in model.parameters())
     start = time.perf_counter()
     with torch.inference_mode():
-        outputs = model(torch.zeros(1, 3, height, width))
+        outputs = model(torch.zeros(1, model.input_channels, height, width))
     forward_s = time.perf_counter() - start
     shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in outputs.items())
     return dict(

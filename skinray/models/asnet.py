@@ -103,6 +103,7 @@ class _DecoderStage(nn.Module):
     paper_input_size=(192, 256),
     paper_kwargs={"encoder": "resnet34"},
     smoke_kwargs={"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)},
+    segmentation_loss="bce_dice_asnet",
 )
 class ASNet(nn.Module):
     """Args:
@@ -140,6 +141,7 @@ class ASNet(nn.Module):
         )
         self.head = nn.Conv2d(decoder_channels[-1], 1, 1)
         self.normalization = normalization_of(self.encoder)
+        self.input_channels = in_chans
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.encoder(x)

@@ -22,6 +22,7 @@ from skinray import io
 __all__ = [
     "PretrainedWeightsError",
     "create_timm_model",
+    "last_feature_layer",
     "normalization_of",
     "read_backbone_weights",
     "require_timm_model",
@@ -104,3 +105,8 @@ def normalization_of(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, 
     mean = cfg.get("mean", timm.data.IMAGENET_DEFAULT_MEAN)
     std = cfg.get("std", timm.data.IMAGENET_DEFAULT_STD)
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+def last_feature_layer(model: nn.Module) -> nn.Module:
+    """The module of a timm classifier whose output feeds global pooling (its last ``feature_info``)."""
+    return model.get_submodule(model.feature_info[-1]["module"])

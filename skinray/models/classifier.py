@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from skinray.models.backbones import create_timm_model, normalization_of
+from skinray.models.backbones import create_timm_model, last_feature_layer, normalization_of
 from skinray.models.registry import CLASS_LOGITS, register_model
 
 __all__ = ["Classifier"]
@@ -22,6 +22,7 @@ __all__ = ["Classifier"]
     paper_input_size=(224, 224),
     paper_kwargs={"encoder": "legacy_xception", "num_classes": 7},
     smoke_kwargs={"encoder": "resnet18", "num_classes": 3},
+    classification_loss="cross_entropy",
 )
 class Classifier(nn.Module):
     """A timm classifier with a new ``num_classes`` head.
@@ -54,6 +55,10 @@ class Classifier(nn.Module):
             drop_rate=drop_rate,
         )
         self.normalization = normalization_of(self.net)
+        self.input_channels = in_chans
+
+    def cam_target_layer(self) -> nn.Module:
+        return last_feature_layer(self.net)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {CLASS_LOGITS: self.net(x)}

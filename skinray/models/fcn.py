@@ -50,6 +50,7 @@ def _bilinear_kernel(channels: int, kernel_size: int) -> torch.Tensor:
     paper_input_size=(384, 384),
     paper_kwargs={"encoder": "vgg16", "fc_channels": 4096},
     smoke_kwargs={"encoder": "vgg11", "fc_channels": 32},
+    segmentation_loss="softmax_cross_entropy",
 )
 class MultiScaleFCN(nn.Module):
     """Args:
@@ -100,6 +101,7 @@ class MultiScaleFCN(nn.Module):
             upsampler.weight.data.copy_(_bilinear_kernel(2, 2 * r))
         self.fuse = nn.Conv2d(2 * len(map_channels), 2, 1)
         self.normalization = normalization_of(self.encoder)
+        self.input_channels = in_chans
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         height, width = x.shape[-2:]

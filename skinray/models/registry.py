@@ -6,6 +6,9 @@ produces it, so training, evaluation and scoring never name a paper:
 - ``mask_logits``: (N, 1, H, W) lesion logits at the input size (models that segment);
 - ``class_logits``: (N, C) (models that classify);
 - ``cam``: (N, C, h, w) class localisation maps (models that yield them).
+
+Every model also carries ``normalization`` (mean, std) and ``input_channels``: 3 for RGB, more for
+stages that take guidance channels after RGB (MB-DCNN's mask-CN and enhanced-SN).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class ModelSpec:
     smoke_kwargs: dict[str, Any] = field(default_factory=dict)
     #: Parameter count the paper itself states, in millions, or None where it states none.
     paper_params_millions: float | None = None
+    #: The paper's losses, as names in ``skinray.losses.LOSSES`` (None where the model has no such head).
+    segmentation_loss: str | None = None
+    classification_loss: str | None = None
 
     @property
     def segments(self) -> bool:
@@ -89,11 +95,22 @@ def register_model(
     paper_kwargs: dict[str, Any] | None = None,
     smoke_kwargs: dict[str, Any] | None = None,
     paper_params_millions: float | None = None,
+    segmentation_loss: str | None = None,
+    classification_loss: str | None = None,
 ):
     """Class or function decorator adding a model builder to the registry under ``name``."""
+    from skinray.losses import LOSSES
+
     unknown = set(outputs) - set(OUTPUT_KEYS)
     if unknown:
         raise ValueError(f"{name}: outputs {sorted(unknown)} are not in the contract {OUTPUT_KEYS}")
+    for loss in (segmentation_loss, classification_loss):
+        if loss is not None and loss not in LOSSES:
+            raise ValueError(f"{name}: loss {loss!r} is not one of {sorted(LOSSES)}")
+    if MASK_LOGITS in outputs and segmentation_loss is None:
+        raise ValueError(f"{name}: a segmenter needs its paper's segmentation_loss")
+    if CLASS_LOGITS in outputs and classification_loss is None:
+        raise ValueError(f"{name}: a classifier needs its paper's classification_loss")
 
     def decorate(builder):
         if name in _REGISTRY:
@@ -107,6 +124,8 @@ def register_model(
             paper_kwargs=dict(paper_kwargs or {}),
             smoke_kwargs=dict(smoke_kwargs or {}),
             paper_params_millions=paper_params_millions,
+            segmentation_loss=segmentation_loss,
+            classification_loss=classification_loss,
         )
         return builder
 

@@ -41,6 +41,7 @@ class SavedModelConfig:
     model: str
     kwargs: dict[str, Any]
     input_size: tuple[int, int]
+    input_channels: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...] | None
@@ -106,6 +107,7 @@ def save_model(
         model=name,
         kwargs=_jsonable(model.skinray_model_kwargs),
         input_size=tuple(int(s) for s in (input_size or spec.paper_input_size)),
+        input_channels=int(getattr(model, "input_channels", 3)),
         mean=tuple(float(m) for m in (mean or model_mean)),
         std=tuple(float(s) for s in (std or model_std)),
         class_names=tuple(class_names) if class_names is not None else None,

@@ -26,6 +26,7 @@ __all__ = ["UNet"]
     paper_input_size=(512, 512),
     paper_kwargs={"encoder": "efficientnet_b4"},
     smoke_kwargs={"encoder": "resnet18", "decoder_channels": (32, 16, 16, 8, 8)},
+    segmentation_loss="bce_dice",
 )
 class UNet(nn.Module):
     """U-Net over any timm encoder with five feature stages.
@@ -64,6 +65,7 @@ class UNet(nn.Module):
             **pretrained,
         )
         self.normalization = normalization_of(self.net.encoder.model)
+        self.input_channels = in_chans
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {MASK_LOGITS: self.net(x)}
