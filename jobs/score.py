@@ -1,0 +1,61 @@
+"""Score an archive of dermoscopy images into Parquet: the nightly job.
+
+    python jobs/score.py --input s3://archive/isic/ --output s3://analytics/skinray \\
+        --segmenter s3://models/unet-v3 --classifier s3://models/roi-xception-v2
+    ray job submit --working-dir . -- python jobs/score.py --input … --output … --segmenter …
+
+Every listed image ends in exactly one of ``results/run_date=…`` or ``errors/run_date=…``. S3
+credentials and region come from the standard AWS environment or config; ``AWS_ENDPOINT_URL`` points at
+an S3-compatible store. Runs on the Ray cluster in ``RAY_ADDRESS``, or a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+
+from skinray.data.datasets import DatasetError
+from skinray.models import ModelConfigError
+from skinray.score.config import ScoreConfigError, make_score_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--input", required=True, help="s3:// prefix, local folder, or manifest file"
+    )
+    parser.add_argument("--output", required=True, help="output root (local or s3://)")
+    parser.add_argument("--segmenter", required=True, help="saved segmenter (or joint model)")
+    parser.add_argument("--classifier", help="saved ROI classifier (omit for a joint model)")
+    parser.add_argument(
+        "--run-date", type=dt.date.fromisoformat, help="partition date (default today, UTC)"
+    )
+    parser.add_argument("--run-id")
+    parser.add_argument("--incremental", action="store_true", help="skip images already scored")
+    parser.add_argument("--cam", dest="include_cam", action="store_true", help="store CAMs as PNG")
+    parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--max-actors", type=int, help="upper bound of each model's actor pool")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = make_score_config(**{k: v for k, v in vars(args).items()})
+        import ray
+
+        from skinray.score.pipeline import run_scoring
+
+        ray.init(ignore_reinit_error=True)
+        summary = run_scoring(config)
+    except (ScoreConfigError, DatasetError, ModelConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print("\n".join(summary.lines()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

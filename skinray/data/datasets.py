@@ -1,0 +1,289 @@
+"""Readers that turn a labelled dataset (local path or s3://) into a table of samples.
+
+A sample table lists, per image, ``image_uri``, ``mask_uri`` (null where there is none), ``label``
+(class index), ``image_id`` and ``group`` (the lesion for HAM10000, so no lesion lands in both train and
+validation; the image otherwise). Reading and decoding the pixels happens later, in Ray Data
+(:mod:`skinray.data.loading`), so the table is cheap: one directory listing and one CSV per dataset.
+
+Layouts:
+- ISIC 2017 challenge: ``ISIC-2017_{Training,Validation}_Data/<id>.jpg``, masks in
+  ``…_Part1_GroundTruth/<id>_segmentation.png``, labels in ``…_Part3_GroundTruth.csv`` with
+  ``melanoma`` and ``seborrheic_keratosis`` columns (neither: nevus).
+- HAM10000: ``images/<id>.jpg``, ``masks/<id>_segmentation.png``, ``HAM10000_metadata.csv`` with
+  ``lesion_id, image_id, dx``.
+- Manifest: a CSV or Parquet file with ``image``, ``label`` and optionally ``mask``, ``image_id``,
+  ``group`` columns; relative paths are relative to the manifest's folder; labels are class names or
+  indices.
+- Synthetic: ``synthetic:<seed>`` URIs that :mod:`skinray.data.loading` generates on the fly.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from skinray import io
+
+__all__ = [
+    "HAM10000_CLASSES",
+    "ISIC2017_CLASSES",
+    "DatasetError",
+    "SampleTable",
+    "holdout_split",
+    "read_ham10000",
+    "read_isic2017",
+    "read_manifest",
+    "synthetic_samples",
+]
+
+ISIC2017_CLASSES = ("melanoma", "seborrheic_keratosis", "nevus")
+HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+SYNTHETIC_SCHEME = "synthetic:"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read as asked: the message names the file or row at fault."""
+
+
+@dataclass(frozen=True)
+class SampleTable:
+    rows: pa.Table
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return self.rows.num_rows
+
+    def take(self, indices) -> SampleTable:
+        return SampleTable(self.rows.take(pa.array(indices, type=pa.int64())), self.class_names)
+
+
+def _table(image_uris, mask_uris, labels, image_ids, groups, class_names) -> SampleTable:
+    rows = pa.table(
+        {
+            "image_uri": pa.array(image_uris, pa.string()),
+            "mask_uri": pa.array(mask_uris, pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "image_id": pa.array(image_ids, pa.string()),
+            "group": pa.array(groups, pa.string()),
+        }
+    )
+    return SampleTable(rows, tuple(class_names))
+
+
+def _list_names(uri: str) -> set[str]:
+    fs, path = io.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.Directory:
+        raise DatasetError(f"dataset folder not found: {uri}")
+    return {
+        entry.base_name
+        for entry in fs.get_file_info(pafs.FileSelector(path))
+        if entry.type == pafs.FileType.File
+    }
+
+
+def _read_csv(uri: str) -> pa.Table:
+    try:
+        data = io.read_bytes(uri)
+    except FileNotFoundError:
+        raise DatasetError(f"label file not found: {uri}") from None
+    try:
+        return pacsv.read_csv(stdio.BytesIO(data))
+    except pa.ArrowInvalid as error:
+        raise DatasetError(f"{uri}: not a readable CSV ({error})") from error
+
+
+def _require_columns(table: pa.Table, columns: tuple[str, ...], uri: str) -> None:
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise DatasetError(f"{uri}: missing columns {missing}; it has {table.column_names}")
+
+
+def read_isic2017(root: str, split: str = "Training") -> SampleTable:
+    """The ISIC 2017 challenge layout; ``split`` is ``Training`` or ``Validation``."""
+    split = split.capitalize()
+    if not io.exists(root):
+        raise DatasetError(f"dataset root not found: {root}")
+    image_dir = io.join(root, f"ISIC-2017_{split}_Data")
+    mask_dir = io.join(root, f"ISIC-2017_{split}_Part1_GroundTruth")
+    labels_uri = io.join(root, f"ISIC-2017_{split}_Part3_GroundTruth.csv")
+    images = sorted(
+        n for n in _list_names(image_dir) if n.lower().endswith((".jpg", ".jpeg", ".png"))
+    )
+    masks = _list_names(mask_dir)
+    labels = _read_csv(labels_uri)
+    _require_columns(labels, ("image_id", "melanoma", "seborrheic_keratosis"), labels_uri)
+    label_of = {}
+    for image_id, melanoma, keratosis in zip(
+        labels["image_id"].to_pylist(),
+        labels["melanoma"].to_pylist(),
+        labels["seborrheic_keratosis"].to_pylist(),
+        strict=True,
+    ):
+        if melanoma and keratosis:
+            raise DatasetError(f"{labels_uri}: {image_id} is labelled both melanoma and SK")
+        label_of[image_id] = 0 if melanoma else 1 if keratosis else 2
+    rows = ([], [], [], [])
+    for name in images:
+        image_id = name.rsplit(".", 1)[0]
+        if image_id.endswith("_superpixels"):
+            continue
+        mask_name = f"{image_id}_segmentation.png"
+        if mask_name not in masks:
+            raise DatasetError(
+                f"image without a mask: {io.join(image_dir, name)} (expected "
+                f"{io.join(mask_dir, mask_name)})"
+            )
+        if image_id not in label_of:
+            raise DatasetError(
+                f"image without a label: {io.join(image_dir, name)} (not in {labels_uri})"
+            )
+        for column, value in zip(
+            rows,
+            (io.join(image_dir, name), io.join(mask_dir, mask_name), label_of[image_id], image_id),
+            strict=True,
+        ):
+            column.append(value)
+    if not rows[0]:
+        raise DatasetError(f"no images in {image_dir}")
+    return _table(*rows, rows[3], ISIC2017_CLASSES)
+
+
+def read_ham10000(root: str) -> SampleTable:
+    """HAM10000 images, masks and the 7 ``dx`` classes; ``group`` is the ``lesion_id``."""
+    if not io.exists(root):
+        raise DatasetError(f"dataset root not found: {root}")
+    metadata_uri = io.join(root, "HAM10000_metadata.csv")
+    metadata = _read_csv(metadata_uri)
+    _require_columns(metadata, ("lesion_id", "image_id", "dx"), metadata_uri)
+    images = _list_names(io.join(root, "images"))
+    masks = _list_names(io.join(root, "masks"))
+    rows = ([], [], [], [], [])
+    for line, (lesion_id, image_id, dx) in enumerate(
+        zip(
+            metadata["lesion_id"].to_pylist(),
+            metadata["image_id"].to_pylist(),
+            metadata["dx"].to_pylist(),
+            strict=True,
+        ),
+        start=2,
+    ):
+        if dx not in HAM10000_CLASSES:
+            raise DatasetError(
+                f"{metadata_uri} line {line}: unknown class {dx!r} for {image_id}; "
+                f"known: {', '.join(HAM10000_CLASSES)}"
+            )
+        image_uri = io.join(root, "images", f"{image_id}.jpg")
+        if f"{image_id}.jpg" not in images:
+            raise DatasetError(f"{metadata_uri} line {line}: image not found: {image_uri}")
+        if f"{image_id}_segmentation.png" not in masks:
+            raise DatasetError(f"image without a mask: {image_uri}")
+        for column, value in zip(
+            rows,
+            (
+                image_uri,
+                io.join(root, "masks", f"{image_id}_segmentation.png"),
+                HAM10000_CLASSES.index(dx),
+                image_id,
+                lesion_id,
+            ),
+            strict=True,
+        ):
+            column.append(value)
+    return _table(*rows, HAM10000_CLASSES)
+
+
+def read_manifest(
+    uri: str, class_names: tuple[str, ...] | None = None, require_masks: bool = False
+) -> SampleTable:
+    """A CSV or Parquet manifest with ``image``, ``label`` and optional ``mask`` columns."""
+    if uri.endswith(".parquet"):
+        try:
+            fs, path = io.resolve(uri)
+            table = pq.read_table(path, filesystem=fs)
+        except FileNotFoundError:
+            raise DatasetError(f"manifest not found: {uri}") from None
+    else:
+        try:
+            data = io.read_bytes(uri)
+        except FileNotFoundError:
+            raise DatasetError(f"manifest not found: {uri}") from None
+        table = pacsv.read_csv(
+            stdio.BytesIO(data),
+            convert_options=pacsv.ConvertOptions(
+                column_types={"label": pa.string(), "image": pa.string(), "mask": pa.string()}
+            ),
+        )
+    _require_columns(table, ("image", "label"), uri)
+    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
+
+    def absolute(path: str | None) -> str | None:
+        if path is None or path == "":
+            return None
+        if path.startswith(("s3://", "/", SYNTHETIC_SCHEME)):
+            return path
+        return io.join(base, path)
+
+    raw_labels = [str(v) for v in table["label"].to_pylist()]
+    if class_names is None:
+        if all(v.isdigit() for v in raw_labels):
+            class_names = tuple(str(i) for i in range(max(int(v) for v in raw_labels) + 1))
+        else:
+            class_names = tuple(sorted(set(raw_labels)))
+    labels = []
+    for row, value in enumerate(raw_labels, start=2 if not uri.endswith(".parquet") else 0):
+        if value in class_names:
+            labels.append(class_names.index(value))
+        elif value.isdigit() and int(value) < len(class_names):
+            labels.append(int(value))
+        else:
+            where = f"line {row}" if not uri.endswith(".parquet") else f"row {row}"
+            raise DatasetError(
+                f"{uri} {where}: unknown class label {value!r}; known: {', '.join(class_names)}"
+            )
+    images = [absolute(p) for p in table["image"].to_pylist()]
+    masks = (
+        [absolute(p) for p in table["mask"].to_pylist()]
+        if "mask" in table.column_names
+        else [None] * len(images)
+    )
+    if require_masks:
+        for row, (image, mask) in enumerate(zip(images, masks, strict=True)):
+            if mask is None:
+                raise DatasetError(f"{uri}: image without a mask: {image} (row {row})")
+    image_ids = (
+        [str(v) for v in table["image_id"].to_pylist()]
+        if "image_id" in table.column_names
+        else [p.rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in images]
+    )
+    groups = (
+        [str(v) for v in table["group"].to_pylist()] if "group" in table.column_names else image_ids
+    )
+    return _table(images, masks, labels, image_ids, groups, class_names)
+
+
+def synthetic_samples(count: int, num_classes: int = 3, seed: int = 0) -> SampleTable:
+    """``count`` synthetic samples (generated on decode, so nothing is written anywhere)."""
+    uris = [f"{SYNTHETIC_SCHEME}{seed + i}" for i in range(count)]
+    names = tuple(f"class_{c}" for c in range(num_classes))
+    labels = [i % num_classes for i in range(count)]
+    ids = [f"synthetic_{seed + i:06d}" for i in range(count)]
+    return _table(uris, uris, labels, ids, ids, names)
+
+
+def holdout_split(
+    samples: SampleTable, fraction: float, seed: int = 0
+) -> tuple[SampleTable, SampleTable]:
+    """Split by ``group`` (lesion) so no group is on both sides; ``fraction`` of groups to validation."""
+    groups = np.array(samples.rows["group"].to_pylist())
+    unique = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    held = set(rng.permutation(unique)[: max(1, round(fraction * len(unique)))])
+    is_validation = np.array([g in held for g in groups])
+    return samples.take(np.flatnonzero(~is_validation)), samples.take(np.flatnonzero(is_validation))

@@ -1,0 +1,267 @@
+"""Bytes → RGB uint8: the one place every image-format quirk is handled.
+
+``decode(data, target_size)`` returns a ``DecodedImage``: H×W×3 RGB uint8 pixels (resized with
+``INTER_AREA`` to ``target_size`` when given), the image's size as stored (after EXIF orientation),
+and the reduced JPEG decode it used; or it raises an ``ImageDecodeError`` subclass whose message names
+the source and the reason, so a scoring job can turn the failure into a row of its errors table.
+
+Handled here, with OpenCV (checked on opencv-python-headless 5.0):
+- EXIF orientation: every mode used below applies it, the reduced JPEG modes included, in JPEG, PNG
+  and WebP alike. ``IMREAD_UNCHANGED`` is the one mode that skips it, so it is never used.
+- Greyscale and palette images come out as three equal channels; CMYK JPEGs are converted by libjpeg.
+- Alpha is dropped, keeping the colour stored under it (see ``_FULL``).
+- 16-bit samples are scaled to 8 bits (65535 → 255), not truncated to their low byte.
+- Truncated JPEGs: libjpeg pads a cut-off scan with grey and OpenCV returns it without complaint, so
+  a JPEG with no end-of-image marker after its image data is refused.
+- Decompression bombs: JPEG and PNG sizes are read from the header (SOFn, IHDR) before any pixel is
+  decoded. Other formats are checked after decoding, bounded meanwhile by OpenCV's own limit
+  (``OPENCV_IO_MAX_IMAGE_PIXELS``, 2^30 by default).
+- Speed: a JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
+  (``IMREAD_REDUCED_COLOR_n``), several times faster than a full decode and resize.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "CorruptImage",
+    "DecodedImage",
+    "EmptyImage",
+    "ImageDecodeError",
+    "TooManyPixels",
+    "UnsupportedImage",
+    "decode",
+    "encode_png",
+]
+
+#: ISIC archive images reach ~24 MP; 100 MP leaves room for any camera and stops decompression bombs.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+# Three channels in 8 or 16 bits, with EXIF orientation applied. Alpha is dropped rather than
+# composited: only IMREAD_UNCHANGED returns alpha, and it ignores EXIF orientation; and dermoscopy has
+# no meaningful transparency, so a backdrop we would invent (white, black) is no truer than the colour
+# the file stores under its transparent pixels.
+_FULL = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH
+_REDUCED = {
+    2: cv2.IMREAD_REDUCED_COLOR_2,
+    4: cv2.IMREAD_REDUCED_COLOR_4,
+    8: cv2.IMREAD_REDUCED_COLOR_8,
+}
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_SOS, _JPEG_EOI, _JPEG_APP1 = 0xDA, 0xD9, 0xE1
+_EXIF_ORIENTATION_TAG = 0x0112
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that cannot become RGB pixels; the message names the source and why."""
+
+
+class EmptyImage(ImageDecodeError):
+    """Zero bytes."""
+
+
+class CorruptImage(ImageDecodeError):
+    """Not an image, an unreadable one, or a truncated one."""
+
+
+class UnsupportedImage(ImageDecodeError):
+    """A readable image whose samples have no defined mapping to 8-bit RGB (float, signed)."""
+
+
+class TooManyPixels(ImageDecodeError):
+    """More than ``max_pixels`` pixels: refused before decoding where the header tells the size."""
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    rgb: np.ndarray  # H×W×3 uint8, C-contiguous; target_size when one was given
+    original_size: tuple[int, int]  # (height, width) as stored, after EXIF orientation
+    scale_denominator: int  # 1, 2, 4 or 8: the reduced JPEG decode used
+
+
+@dataclass(frozen=True)
+class _JpegHeader:
+    size: tuple[int, int] | None  # (height, width) from the SOFn segment, as stored
+    rotated: bool  # EXIF orientation 5–8: shown with height and width swapped
+    scan_start: int | None  # offset of the first SOS segment; None when the data ends before it
+
+
+def decode(
+    data: bytes,
+    target_size: tuple[int, int] | None = None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    source: str = "<bytes>",
+) -> DecodedImage:
+    """Decode an encoded image to RGB uint8, resized to ``target_size`` (height, width) if given.
+
+    ``source`` (a URI or file name) only labels error messages. Raises ``EmptyImage``,
+    ``CorruptImage``, ``UnsupportedImage`` or ``TooManyPixels``, all ``ImageDecodeError``.
+
+    >>> decode(encode_png(np.zeros((30, 40, 3), np.uint8)), (8, 8)).original_size
+    (30, 40)
+    """
+    if target_size is not None and (len(target_size) != 2 or min(target_size) < 1):
+        raise ValueError(f"target_size must be (height, width) >= 1, got {target_size}")
+    if len(data) == 0:
+        raise EmptyImage(f"{source}: empty file (0 bytes)")
+    jpeg = _read_jpeg_header(data) if data.startswith(_JPEG_MAGIC) else None
+    header_size = jpeg.size if jpeg is not None else _png_size(data)
+    if header_size is not None:
+        _check_pixels(header_size, max_pixels, source)
+    if jpeg is not None and (
+        jpeg.scan_start is None or data.rfind(b"\xff\xd9", jpeg.scan_start) < 0
+    ):
+        # rfind from the scan on: entropy-coded data never holds FFD9, an EXIF thumbnail's EOI comes
+        # before the scan, and bytes some cameras append after the EOI are tolerated.
+        raise CorruptImage(
+            f"{source}: truncated JPEG (no end-of-image marker after the image data)"
+        )
+
+    shown = None
+    if jpeg is not None and jpeg.size is not None:
+        shown = jpeg.size[::-1] if jpeg.rotated else jpeg.size
+    denominator = _reduction(shown, target_size) if shown is not None else 1
+    pixels = _imdecode(data, _REDUCED.get(denominator, _FULL), source)
+    if header_size is None:
+        _check_pixels(pixels.shape[:2], max_pixels, source)
+    rgb = _to_rgb(pixels, source)
+
+    original_size = rgb.shape[:2]
+    if denominator > 1:
+        original_size = shown
+        if rgb.shape[:2] != _reduced_size(shown, denominator):
+            # OpenCV read the EXIF orientation differently from _read_jpeg_header: trust the pixels.
+            original_size = shown[::-1]
+    if target_size is not None and rgb.shape[:2] != tuple(target_size):
+        rgb = cv2.resize(rgb, (target_size[1], target_size[0]), interpolation=cv2.INTER_AREA)
+    return DecodedImage(
+        rgb=np.ascontiguousarray(rgb),
+        original_size=(int(original_size[0]), int(original_size[1])),
+        scale_denominator=denominator,
+    )
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """A uint8 mask (H×W) or RGB image (H×W×3) as PNG bytes, lossless; ``decode`` reads it back."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or not (
+        array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)
+    ):
+        raise ValueError(f"encode_png takes H×W or H×W×3 uint8, got {array.dtype} {array.shape}")
+    if array.ndim == 3:
+        array = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR
+    ok, encoded = cv2.imencode(".png", np.ascontiguousarray(array))
+    if not ok:
+        raise ValueError(f"OpenCV could not encode an array of shape {array.shape} as PNG")
+    return encoded.tobytes()
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, source: str) -> None:
+    height, width = int(size[0]), int(size[1])
+    if height * width > max_pixels:
+        raise TooManyPixels(
+            f"{source}: {width}×{height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,}"
+        )
+
+
+def _reduction(shown: tuple[int, int], target: tuple[int, int] | None) -> int:
+    """The largest of 8, 4, 2 that leaves both sides at least the target's, else 1."""
+    if target is None:
+        return 1
+    for denominator in (8, 4, 2):
+        if all(side // denominator >= want for side, want in zip(shown, target, strict=True)):
+            return denominator
+    return 1
+
+
+def _reduced_size(size: tuple[int, int], denominator: int) -> tuple[int, int]:
+    # libjpeg's scaled output is ceil(side / denominator).
+    return (-(-size[0] // denominator), -(-size[1] // denominator))
+
+
+def _imdecode(data: bytes, flags: int, source: str) -> np.ndarray:
+    kind = "JPEG" if data.startswith(_JPEG_MAGIC) else "PNG" if data.startswith(_PNG_MAGIC) else ""
+    try:
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error as error:
+        reason = str(error).strip().splitlines()[-1]
+        if "validateInputImageSize" in str(error):  # OpenCV's own pixel limit, for other formats
+            raise TooManyPixels(f"{source}: beyond OpenCV's pixel limit ({reason})") from error
+        raise CorruptImage(f"{source}: not a decodable image ({reason})") from error
+    if pixels is None:
+        raise CorruptImage(f"{source}: not a decodable {kind or 'image'} ({len(data):,} bytes)")
+    return pixels
+
+
+def _to_rgb(pixels: np.ndarray, source: str) -> np.ndarray:
+    if pixels.dtype == np.uint16:
+        # round(x / 257) maps 0..65535 onto 0..255 (65535 → 255, 32768 → 128); keeping the low byte
+        # would turn a bright image into noise.
+        pixels = ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif pixels.dtype != np.uint8:
+        raise UnsupportedImage(
+            f"{source}: {pixels.dtype} samples have no fixed range to map onto 8-bit RGB"
+        )
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise UnsupportedImage(f"{source}: decoded to shape {pixels.shape}, not three channels")
+    return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR chunk, which the format requires to come first."""
+    if not data.startswith(_PNG_MAGIC) or len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack_from(">II", data, 16)
+    return height, width
+
+
+def _read_jpeg_header(data: bytes) -> _JpegHeader:
+    """Walk the segments before the first scan: size (SOFn), EXIF rotation (APP1), scan start."""
+    size, rotated, position = None, False, 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            break  # malformed; OpenCV will say so
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            position += 1
+            continue
+        if marker == _JPEG_EOI:
+            break
+        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        if marker == _JPEG_SOS:
+            return _JpegHeader(size, rotated, position)
+        (length,) = struct.unpack_from(">H", data, position + 2)
+        if marker in _JPEG_SOF and position + 9 <= len(data):
+            size = struct.unpack_from(">HH", data, position + 5)
+        elif marker == _JPEG_APP1 and data.startswith(b"Exif\x00\x00", position + 4):
+            rotated = _exif_rotates(data[position + 10 : position + 2 + length])
+        position += 2 + max(length, 2)
+    return _JpegHeader(size, rotated, None)
+
+
+def _exif_rotates(tiff: bytes) -> bool:
+    """True when the EXIF orientation in IFD0 is 5–8, the four that turn the image by 90°."""
+    if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return False
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+    if ifd + 2 > len(tiff):
+        return False
+    (count,) = struct.unpack_from(order + "H", tiff, ifd)
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, _type, _count, value = struct.unpack_from(order + "HHIH", tiff, entry)
+        if tag == _EXIF_ORIENTATION_TAG:
+            return value in (5, 6, 7, 8)
+    return False

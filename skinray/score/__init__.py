@@ -1,0 +1,1 @@
+"""Nightly scoring of image archives on Ray Data."""

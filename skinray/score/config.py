@@ -1,0 +1,65 @@
+"""The scoring job's typed configuration, validated before anything runs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from skinray.data.decode import DEFAULT_MAX_PIXELS
+
+__all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
+
+
+class ScoreConfigError(ValueError):
+    """A scoring configuration that cannot be used; the message names the key."""
+
+
+class ScoreConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``s3://bucket/prefix/``, a local folder, or a manifest (.csv/.txt/.parquet listing URIs).
+    input: str
+    #: Output root (local or s3://): ``results/``, ``errors/`` and ``summaries/`` go under it.
+    output: str
+    #: Saved segmenter (``save_model`` directory); a joint model (MB-DCNN, CLNet) also classifies.
+    segmenter: str
+    #: Saved ROI classifier; None when the segmenter classifies.
+    classifier: str | None = None
+    run_date: dt.date = Field(default_factory=lambda: dt.datetime.now(dt.UTC).date())
+    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    incremental: bool = False
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
+    roi_margin: float = Field(0.1, ge=0, le=1)
+    include_cam: bool = False
+    #: Rows per model call on an actor.
+    batch_size: int = Field(16, ge=1)
+    #: Rows per read/decode task.
+    decode_batch_size: int = Field(8, ge=1)
+    #: Actor pool size bounds per model stage; the upper bound defaults to the cluster's GPUs
+    #: (or 1 actor per 4 CPUs where there are none).
+    min_actors: int = Field(1, ge=1)
+    max_actors: int | None = Field(None, ge=1)
+    #: One GPU per model actor. None: when the cluster has GPUs at start. Say True on an
+    #: autoscaling cluster whose GPU nodes start from zero, so the request brings them up.
+    use_gpu: bool | None = None
+    #: Target rows per output Parquet file (few large files, not thousands of small ones).
+    rows_per_file: int = Field(100_000, ge=1)
+
+    @field_validator("input", "output", "segmenter", "classifier")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+def make_score_config(**values) -> ScoreConfig:
+    try:
+        return ScoreConfig(**{k: v for k, v in values.items() if v is not None})
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors()
+        )
+        raise ScoreConfigError(f"invalid scoring config: {problems}") from None

@@ -1,0 +1,275 @@
+"""The training job's typed configuration, validated at the door.
+
+A config is YAML (a recipe shipped in ``skinray/train/recipes/`` or a user file) plus ``key=value``
+overrides with dotted keys (``optim.lr=1e-3``). Every mistake — an unknown key, a value of the wrong
+type, a model that is not registered, an unknown loss or dataset — is one ``ConfigError`` naming the key
+and what is allowed, raised before anything starts on the cluster.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "OptimConfig",
+    "ScalingSettings",
+    "TrainConfig",
+    "apply_overrides",
+    "list_recipes",
+    "load_config",
+    "smoke_test_config",
+]
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot be used, with the key at fault and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Where the images come from and how they are split."""
+
+    source: Literal["isic2017", "ham10000", "manifest", "synthetic"] = "synthetic"
+    #: Dataset root (local path or s3://); for ``manifest`` the CSV/Parquet file.
+    root: str | None = None
+    #: Validation data: a held-out fraction of the training data (by lesion where lesions are
+    #: known), or the dataset's own validation split (ISIC 2017) / a second manifest.
+    validation: Literal["holdout", "split"] = "holdout"
+    validation_fraction: float = Field(0.15, gt=0, lt=1)
+    validation_manifest: str | None = None
+    image_size: tuple[int, int] = (224, 224)
+    class_names: tuple[str, ...] | None = None
+    #: Use at most this many training images (None: all); for quick runs.
+    limit: int | None = Field(None, gt=0)
+    synthetic_count: int = Field(64, gt=1)
+    augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet"] = "flips"
+    #: What the model sees: the whole image, or the ROI = lesion mask × image (the two-step
+    #: classifier, Innani et al. Sec. 3.2), made from the dataset's lesion masks.
+    input: Literal["image", "roi"] = "image"
+
+    @model_validator(mode="after")
+    def _root_needed(self) -> DataConfig:
+        if self.source != "synthetic" and not self.root:
+            raise ValueError(f"data.root is required for data.source={self.source!r}")
+        if (
+            self.validation == "split"
+            and self.source == "manifest"
+            and not self.validation_manifest
+        ):
+            raise ValueError("data.validation=split with a manifest needs data.validation_manifest")
+        return self
+
+
+class OptimConfig(_Strict):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    #: ``poly``: lr · (1 - step/total)^power per iteration (ASNet, CLNet); ``constant`` otherwise.
+    schedule: Literal["poly", "constant"] = "constant"
+    poly_power: float = Field(0.9, gt=0)
+    grad_clip_norm: float | None = Field(1.0, gt=0)
+
+
+class ScalingSettings(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)
+
+
+class CheckpointConfig(_Strict):
+    #: Validation metric that picks the best checkpoint (``val_`` + a metrics name, or ``val_loss``).
+    metric: str = "val_jaccard"
+    mode: Literal["max", "min"] = "max"
+    num_to_keep: int = Field(2, ge=1)
+
+
+class TrainConfig(_Strict):
+    model: str
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    #: ImageNet weights for the encoder (local or s3:// safetensors); None: random initialisation.
+    encoder_weights: str | None = None
+    #: Loss names from ``skinray.losses.LOSSES``; None takes the paper's loss from the registry.
+    segmentation_loss: str | None = None
+    classification_loss: str | None = None
+    #: Weight of the classification loss for models with both heads.
+    classification_weight: float = Field(1.0, ge=0)
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    scaling: ScalingSettings = ScalingSettings()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    #: bf16 autocast on GPU (no effect on CPU).
+    amp: bool = True
+    seed: int = 0
+    #: Where the final model, metrics.json and the training curve go (local or s3://).
+    output: str = "runs/latest"
+    #: Ray Train's run storage (checkpoints); default: ``<output>/ray``.
+    storage_path: str | None = None
+    max_failures: int = Field(2, ge=0)
+    #: A checkpoint directory to resume from (model, optimiser, scheduler and epoch).
+    resume: str | None = None
+    #: Cap on training batches per epoch (None: the whole shard); for smoke runs.
+    max_steps_per_epoch: int | None = Field(None, gt=0)
+
+    @field_validator("model")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from skinray.models import list_models
+
+        known = list_models()
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}; known models: {', '.join(known)}")
+        return name
+
+    @field_validator("segmentation_loss", "classification_loss")
+    @classmethod
+    def _known_loss(cls, name: str | None) -> str | None:
+        from skinray.losses import LOSSES
+
+        if name is not None and name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r}; known losses: {', '.join(sorted(LOSSES))}")
+        return name
+
+    @model_validator(mode="after")
+    def _model_kwargs_accepted(self) -> TrainConfig:
+        from skinray.models import get_model_spec
+
+        accepted = get_model_spec(self.model).accepted_kwargs()
+        unknown = sorted(set(self.model_kwargs) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"model_kwargs {unknown} not taken by {self.model!r}; it takes: "
+                + ", ".join(k for k in accepted if k != "encoder_weights")
+            )
+        if "encoder_weights" in self.model_kwargs:
+            raise ValueError("set encoder_weights at the top level, not in model_kwargs")
+        return self
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = []
+    for problem in error.errors():
+        key = ".".join(str(part) for part in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = f"unknown key; {_allowed_at(problem['loc'], key)}"
+        elif problem["type"] == "literal_error":
+            message = f"{message} (got {problem['input']!r})"
+        lines.append(f"{key}: {message}")
+    return f"{source}: invalid training config\n  " + "\n  ".join(lines)
+
+
+def _allowed_at(loc: tuple, key: str) -> str:
+    model: type[BaseModel] = TrainConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if issubclass(field.annotation, BaseModel):
+            model = field.annotation
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"allowed keys here: {', '.join(allowed)}{hint}"
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    result = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} is not key=value (e.g. optim.lr=0.001)")
+        node = result
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node[leaf] = _parse_scalar(value)
+    return result
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped with skinray (one per paper)."""
+    folder = resources.files("skinray.train") / "recipes"
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _read_yaml(path_or_recipe: str) -> tuple[dict[str, Any], str]:
+    path = Path(path_or_recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        text, source = path.read_text(), str(path)
+    else:
+        if path_or_recipe not in list_recipes():
+            raise ConfigError(
+                f"unknown recipe {path_or_recipe!r}; recipes: {', '.join(list_recipes())} "
+                "(or give a path to a .yaml file)"
+            )
+        text = (resources.files("skinray.train") / "recipes" / f"{path_or_recipe}.yaml").read_text()
+        source = f"recipe {path_or_recipe}"
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({error})") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys")
+    return raw, source
+
+
+def validate(raw: dict[str, Any], source: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def load_config(recipe_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """A recipe name (``unet_two_step``) or YAML path, with ``key=value`` overrides applied."""
+    raw, source = _read_yaml(recipe_or_path)
+    return validate(apply_overrides(raw, overrides or []), source)
+
+
+def smoke_test_config(
+    model: str = "unet", output: str = "runs/smoke", overrides: list[str] | None = None
+) -> TrainConfig:
+    """The same code path on synthetic data, a small model and 2 short epochs: < 1 minute on a CPU."""
+    from skinray.models import get_model_spec
+
+    spec = get_model_spec(model)
+    raw = {
+        "model": model,
+        "model_kwargs": dict(spec.smoke_kwargs),
+        "data": {"source": "synthetic", "synthetic_count": 48, "image_size": [64, 64]},
+        "optim": {"name": "adam", "lr": 1e-3},
+        "epochs": 2,
+        "batch_size": 8,
+        "output": output,
+        "checkpoint": {
+            "metric": "val_jaccard" if spec.segments else "val_balanced_accuracy",
+        },
+    }
+    return validate(apply_overrides(raw, overrides or []), "smoke test")

@@ -1,0 +1,193 @@
+"""Ray Train wiring: datasets in, ``TorchTrainer`` fit, the best checkpoint out as a saved model.
+
+``run_training(config)`` is what ``jobs/train.py`` calls. It reads the sample tables (so a missing
+dataset, an image without a mask or an unknown label fails here, before any worker starts), hands Ray
+Data pipelines to ``TorchTrainer``, and after the fit writes the best checkpoint with ``save_model``,
+``metrics.json`` and ``training_curve.png`` to ``config.output``.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from skinray import io
+from skinray.data.datasets import (
+    DatasetError,
+    SampleTable,
+    holdout_split,
+    read_ham10000,
+    read_isic2017,
+    read_manifest,
+    synthetic_samples,
+)
+from skinray.data.loading import to_ray_dataset
+from skinray.models import get_model_spec, save_model
+from skinray.train.checkpoint import read_checkpoint
+from skinray.train.config import TrainConfig
+from skinray.train.loop import build_model, fault_injection_from_environment, train_func
+
+__all__ = ["TrainingOutcome", "load_samples", "run_training", "training_curve_png"]
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    model_uri: str
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]]
+    best_checkpoint: str
+    wall_time_s: float
+
+
+def load_samples(config: TrainConfig) -> tuple[SampleTable, SampleTable]:
+    """(training, validation) sample tables as the config asks."""
+    data = config.data
+    spec = get_model_spec(config.model)
+    if data.source == "synthetic":
+        num_classes = len(data.class_names) if data.class_names else 3
+        samples = synthetic_samples(data.synthetic_count, num_classes=num_classes, seed=config.seed)
+        validation = None
+    elif data.source == "isic2017":
+        samples = read_isic2017(data.root, "Training")
+        validation = read_isic2017(data.root, "Validation") if data.validation == "split" else None
+    elif data.source == "ham10000":
+        if data.validation == "split":
+            raise DatasetError("HAM10000 has no validation split here: use data.validation=holdout")
+        samples, validation = read_ham10000(data.root), None
+    else:
+        samples = read_manifest(data.root, data.class_names, require_masks=spec.segments)
+        validation = (
+            read_manifest(
+                data.validation_manifest, samples.class_names, require_masks=spec.segments
+            )
+            if data.validation == "split"
+            else None
+        )
+    if validation is None:
+        samples, validation = holdout_split(samples, data.validation_fraction, config.seed)
+    if data.limit is not None and data.limit < len(samples):
+        samples = samples.take(range(data.limit))
+    return samples, validation
+
+
+def _storage(config: TrainConfig) -> tuple[str, Any]:
+    path = config.storage_path or io.join(config.output, "ray")
+    if path.startswith("s3://"):
+        return path.removeprefix("s3://"), io.s3_filesystem()
+    return str(Path(path).expanduser().resolve()), None
+
+
+def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcome:
+    import ray.data
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    # Per-epoch lines from the workers are the progress to follow; Ray Data's bars for the
+    # training and validation reads (re-run every epoch) would bury them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    train_samples, validation_samples = load_samples(config)
+    class_names = list(config.data.class_names or train_samples.class_names)
+    storage_path, storage_filesystem = _storage(config)
+    resources = {"CPU": config.scaling.cpus_per_worker}
+    if config.scaling.use_gpu:
+        resources["GPU"] = config.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "class_names": class_names,
+            "train_count": len(train_samples),
+            "fault_injection": fault_injection_from_environment(),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.scaling.num_workers,
+            use_gpu=config.scaling.use_gpu,
+            resources_per_worker=resources,
+        ),
+        datasets={
+            "train": to_ray_dataset(train_samples, config.data.image_size),
+            "validation": to_ray_dataset(validation_samples, config.data.image_size),
+        },
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        run_config=ray.train.RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=config.checkpoint.num_to_keep,
+                checkpoint_score_attribute=config.checkpoint.metric,
+                checkpoint_score_order=config.checkpoint.mode,
+            ),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    scored = result.best_checkpoints or [(result.checkpoint, result.metrics)]
+    best_checkpoint, best_metrics = scored[0]
+    if len(scored) > 1:
+        sign = 1 if config.checkpoint.mode == "max" else -1
+        best_checkpoint, best_metrics = max(
+            scored, key=lambda pair: sign * pair[1].get(config.checkpoint.metric, float("-inf"))
+        )
+    model = build_model(config, len(class_names))
+    with result.checkpoint.as_directory() as directory:
+        history = read_checkpoint(directory).history  # the latest has the whole run's history
+    with best_checkpoint.as_directory() as directory:
+        read_checkpoint(directory, model)
+    model_uri = io.join(config.output, "model")
+    save_model(model.eval(), model_uri, input_size=config.data.image_size, class_names=class_names)
+    wall_time_s = time.perf_counter() - started
+    summary = {
+        "model": config.model,
+        "model_uri": model_uri,
+        "best_checkpoint": best_checkpoint.path,
+        "selected_by": {config.checkpoint.metric: best_metrics.get(config.checkpoint.metric)},
+        "best_metrics": best_metrics,
+        "history": history,
+        "class_names": class_names,
+        "train_images": len(train_samples),
+        "validation_images": len(validation_samples),
+        "wall_time_s": wall_time_s,
+        "config": config.model_dump(mode="json"),
+    }
+    io.write_bytes(io.join(config.output, "metrics.json"), json.dumps(summary, indent=2).encode())
+    io.write_bytes(io.join(config.output, "training_curve.png"), training_curve_png(history))
+    return TrainingOutcome(model_uri, best_metrics, history, best_checkpoint.path, wall_time_s)
+
+
+def training_curve_png(history: list[dict[str, float]]) -> bytes:
+    """Loss (train, validation) and validation metrics per epoch, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], marker="o", label="train")
+    loss_axis.plot(epochs, [row["val_loss"] for row in history], marker="o", label="validation")
+    loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_axis.legend()
+    for key in (
+        "val_jaccard",
+        "val_dice",
+        "val_threshold_jaccard",
+        "val_auc_mean",
+        "val_balanced_accuracy",
+    ):
+        if history and key in history[0]:
+            metric_axis.plot(epochs, [row[key] for row in history], marker="o", label=key[4:])
+    metric_axis.set(xlabel="epoch", title="Validation", ylim=(0, 1))
+    metric_axis.legend()
+    figure.tight_layout()
+    buffer = stdio.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

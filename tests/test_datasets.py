@@ -1,0 +1,127 @@
+"""Dataset readers: the real layouts, lesion-grouped splits, and clear errors naming the file at fault."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from skinray.data.datasets import (
+    HAM10000_CLASSES,
+    ISIC2017_CLASSES,
+    DatasetError,
+    holdout_split,
+    read_ham10000,
+    read_isic2017,
+    read_manifest,
+    synthetic_samples,
+)
+from skinray.data.synthetic import synthetic_sample
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _write_isic_layout(root: Path, ids: list[str], labels: list[tuple[float, float]]) -> None:
+    (root / "ISIC-2017_Training_Data").mkdir(parents=True)
+    (root / "ISIC-2017_Training_Part1_GroundTruth").mkdir()
+    rows = ["image_id,melanoma,seborrheic_keratosis"]
+    for i, (image_id, (mel, sk)) in enumerate(zip(ids, labels, strict=True)):
+        sample = synthetic_sample(i, 32)
+        cv2.imwrite(
+            str(root / "ISIC-2017_Training_Data" / f"{image_id}.jpg"), sample.image[..., ::-1]
+        )
+        cv2.imwrite(
+            str(root / "ISIC-2017_Training_Part1_GroundTruth" / f"{image_id}_segmentation.png"),
+            sample.mask * 255,
+        )
+        rows.append(f"{image_id},{mel},{sk}")
+    (root / "ISIC-2017_Training_Part3_GroundTruth.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_isic2017_layout_gives_uris_masks_and_three_classes(tmp_path):
+    _write_isic_layout(
+        tmp_path, ["ISIC_0000001", "ISIC_0000002", "ISIC_0000003"], [(1, 0), (0, 1), (0, 0)]
+    )
+    samples = read_isic2017(str(tmp_path))
+    assert samples.class_names == ISIC2017_CLASSES
+    assert samples.rows["label"].to_pylist() == [0, 1, 2]
+    assert samples.rows["mask_uri"][0].as_py().endswith("ISIC_0000001_segmentation.png")
+
+
+def test_isic2017_image_without_mask_names_the_image(tmp_path):
+    _write_isic_layout(tmp_path, ["ISIC_0000001", "ISIC_0000002"], [(0, 0), (0, 0)])
+    (tmp_path / "ISIC-2017_Training_Part1_GroundTruth" / "ISIC_0000002_segmentation.png").unlink()
+    with pytest.raises(DatasetError, match=r"image without a mask: .*ISIC_0000002\.jpg"):
+        read_isic2017(str(tmp_path))
+
+
+def test_missing_dataset_path_is_named(tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset root not found: .*nowhere"):
+        read_isic2017(str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match=r"dataset root not found: .*nowhere"):
+        read_ham10000(str(tmp_path / "nowhere"))
+
+
+def test_manifest_unknown_label_names_the_file_and_line(tmp_path):
+    manifest = tmp_path / "train.csv"
+    manifest.write_text(
+        "image,mask,label\na.jpg,a.png,nevus\nb.jpg,b.png,melanoma\nc.jpg,c.png,wart\n"
+    )
+    with pytest.raises(DatasetError, match=r"train\.csv line 4: unknown class label 'wart'"):
+        read_manifest(str(manifest), class_names=("melanoma", "nevus"))
+
+
+def test_manifest_paths_are_relative_to_the_manifest(tmp_path):
+    manifest = tmp_path / "sub" / "m.csv"
+    manifest.parent.mkdir()
+    manifest.write_text("image,mask,label\nimg/a.jpg,masks/a.png,1\n")
+    samples = read_manifest(str(manifest))
+    assert samples.rows["image_uri"][0].as_py() == f"{manifest.parent}/img/a.jpg"
+    assert samples.class_names == ("0", "1")
+
+
+def test_manifest_without_mask_for_a_segmenter_names_the_image(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,mask,label\na.jpg,a.png,0\nb.jpg,,0\n")
+    with pytest.raises(DatasetError, match=r"image without a mask: .*b\.jpg"):
+        read_manifest(str(manifest), require_masks=True)
+
+
+def test_holdout_split_keeps_each_group_on_one_side():
+    samples = synthetic_samples(40)
+    groups = [f"lesion_{i // 3}" for i in range(40)]  # three images per lesion
+    import pyarrow as pa
+
+    grouped = type(samples)(
+        samples.rows.set_column(4, "group", pa.array(groups)), samples.class_names
+    )
+    train, validation = holdout_split(grouped, 0.25, seed=1)
+    train_groups = set(train.rows["group"].to_pylist())
+    validation_groups = set(validation.rows["group"].to_pylist())
+    assert not train_groups & validation_groups
+    assert len(train) + len(validation) == 40
+    assert round(0.25 * 14) == len(validation_groups)
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "isic2017").exists(), reason="../shared/data/isic2017 absent"
+)
+def test_real_isic2017_training_and_validation_splits():
+    training = read_isic2017(str(SHARED_DATA / "isic2017"), "Training")
+    validation = read_isic2017(str(SHARED_DATA / "isic2017"), "Validation")
+    assert len(training) == 1808 and len(validation) == 150  # ../shared/data/README.md
+    labels = np.array(training.rows["label"].to_pylist())
+    assert (labels == 0).sum() == 342 and (labels == 1).sum() == 236
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "ham10000").exists(), reason="../shared/data/ham10000 absent"
+)
+def test_real_ham10000_lesions_never_straddle_the_split():
+    samples = read_ham10000(str(SHARED_DATA / "ham10000"))
+    assert len(samples) == 8525 and samples.class_names == HAM10000_CLASSES
+    train, validation = holdout_split(samples, 0.15)
+    assert not set(train.rows["group"].to_pylist()) & set(validation.rows["group"].to_pylist())
+    assert 0.12 < len(validation) / len(samples) < 0.18

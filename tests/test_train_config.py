@@ -1,0 +1,108 @@
+"""The training config is validated at the door, with errors that name the key and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from skinray.losses import LOSSES
+from skinray.models import get_model_spec, list_models
+from skinray.train.config import (
+    ConfigError,
+    apply_overrides,
+    list_recipes,
+    load_config,
+    smoke_test_config,
+)
+
+
+def test_every_recipe_loads_and_names_a_registered_model_and_known_losses():
+    recipes = list_recipes()
+    assert {"unet_two_step", "classifier_two_step", "fcn_multiscale", "asnet", "clnet"} <= set(
+        recipes
+    )
+    for recipe in recipes:
+        config = load_config(recipe)
+        assert config.model in list_models()
+        for loss in (config.segmentation_loss, config.classification_loss):
+            assert loss is None or loss in LOSSES
+
+
+def test_recipes_carry_the_papers_hyperparameters():
+    asnet = load_config("asnet")
+    assert (asnet.optim.name, asnet.optim.lr, asnet.optim.schedule) == ("sgd", 0.01, "poly")
+    assert asnet.optim.poly_power == 0.9 and asnet.batch_size == 12
+    assert asnet.data.image_size == (192, 256)
+    clnet = load_config("clnet")
+    assert (clnet.optim.lr, clnet.optim.poly_power, clnet.optim.weight_decay) == (1e-4, 0.96, 5e-4)
+    assert (clnet.classification_loss, clnet.segmentation_loss) == ("focal", "focal_dice")
+    fcn = load_config("fcn_multiscale")
+    assert (fcn.optim.name, fcn.optim.lr, fcn.batch_size, fcn.data.image_size) == (
+        "sgd",
+        1e-3,
+        6,
+        (384, 384),
+    )
+    coarse = load_config("mbdcnn_coarse_sn")
+    assert coarse.segmentation_loss == get_model_spec("mbdcnn_coarse_sn").segmentation_loss
+
+
+def test_overrides_reach_nested_keys_and_parse_values_as_yaml():
+    config = load_config("asnet", ["optim.lr=0.5", "epochs=3", "data.image_size=[64, 96]"])
+    assert config.optim.lr == 0.5 and config.epochs == 3
+    assert config.data.image_size == (64, 96)
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(
+        ConfigError, match=r"optim\.lrr: unknown key; allowed keys here: name, lr"
+    ) as caught:
+        load_config("asnet", ["optim.lrr=0.1"])
+    assert "did you mean 'lr'" in str(caught.value)
+
+
+def test_bad_value_names_the_key():
+    with pytest.raises(
+        ConfigError, match=r"optim\.name: .*'adam', 'adamw' or 'sgd'.*got 'rmsprop'"
+    ):
+        load_config("asnet", ["optim.name=rmsprop"])
+    with pytest.raises(ConfigError, match=r"epochs: .*greater than or equal to 1"):
+        load_config("asnet", ["epochs=0"])
+
+
+def test_unknown_model_and_loss_list_the_known_ones():
+    with pytest.raises(ConfigError, match=r"model: unknown model 'segformer'; known models: asnet"):
+        load_config("asnet", ["model=segformer"])
+    with pytest.raises(
+        ConfigError, match=r"segmentation_loss: unknown loss 'iou'; known losses: .*dice"
+    ):
+        load_config("asnet", ["segmentation_loss=iou"])
+
+
+def test_model_kwargs_are_checked_against_the_model():
+    with pytest.raises(
+        ConfigError, match=r"model_kwargs \['widht'\] not taken by 'asnet'; it takes: encoder"
+    ):
+        load_config("asnet", ["model_kwargs.widht=3"])
+
+
+def test_a_dataset_source_needs_a_root():
+    with pytest.raises(ConfigError, match="data.root is required for data.source='isic2017'"):
+        load_config("asnet", ["data.root=null"])
+
+
+def test_missing_file_and_unknown_recipe_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="unknown recipe 'unet_3step'; recipes: asnet"):
+        load_config("unet_3step")
+
+
+def test_malformed_override_is_rejected():
+    with pytest.raises(ConfigError, match="not key=value"):
+        apply_overrides({}, ["epochs"])
+
+
+@pytest.mark.parametrize("model", list_models())
+def test_smoke_config_exists_for_every_model(model):
+    config = smoke_test_config(model)
+    assert config.data.source == "synthetic" and config.epochs == 2
