@@ -37,6 +37,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-actors", type=int, help="upper bound of each model's actor pool")
+    parser.add_argument(
+        "--use-gpu",
+        action="store_true",
+        default=None,
+        help="a GPU per model actor even if none is up yet (autoscaling from zero)",
+    )
     return parser.parse_args(argv)
 
 

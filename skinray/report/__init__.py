@@ -1,0 +1,1 @@
+"""Human-readable reports on the scoring job's output."""

@@ -1,0 +1,211 @@
+"""The scoring job end to end on a real local Ray cluster, reading from and writing to a real S3 server
+(moto): every input lands in exactly one of results or errors, bad files are named with their stage,
+DuckDB reads what was written, a dying actor loses nothing, re-runs replace and --incremental adds."""
+
+from __future__ import annotations
+
+import io as stdio
+import re
+from pathlib import Path
+
+import cv2
+import duckdb
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pytest
+import torch
+from PIL import Image
+
+from skinray import io
+from skinray.data.synthetic import synthetic_sample
+from skinray.models import create_model, get_model_spec, save_model
+from skinray.score.config import make_score_config
+from skinray.score.pipeline import run_scoring
+from skinray.score.stages import KILL_ACTOR_MARKER_ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+CLASSES = ["melanoma", "seborrheic_keratosis", "nevus"]
+GOOD = 24
+MAX_PIXELS = 2_000_000
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    return cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _pil(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = stdio.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _archive(prefix: str, start: int = 0, count: int = GOOD) -> dict[str, str]:
+    """Synthetic dermoscopy JPEGs plus one file of every awkward kind; returns name -> expectation."""
+    expected = {}
+    for seed in range(start, start + count):
+        io.write_bytes(f"{prefix}/good/{seed:04d}.jpg", _jpeg(synthetic_sample(seed, 160).image))
+        expected[f"good/{seed:04d}.jpg"] = "result"
+    if start:
+        return expected
+    image = synthetic_sample(999, 160).image
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    awkward = {
+        "bad/zero.jpg": (b"", "decode:EmptyImage"),
+        "bad/truncated.jpg": (_jpeg(image)[:2000], "decode:CorruptImage"),
+        "bad/random.jpg": (np.random.default_rng(0).bytes(5000), "decode:CorruptImage"),
+        "bad/notes.txt": (b"clinic notes, not an image\n", "decode:CorruptImage"),
+        "bad/huge.jpg": (_jpeg(np.zeros((1500, 1500, 3), np.uint8)), "decode:TooManyPixels"),
+        "odd/alpha.png": (_pil(Image.fromarray(rgba, "RGBA"), "PNG"), "result"),
+        "odd/sixteen_bit.png": (
+            cv2.imencode(".png", image.astype(np.uint16) * 257)[1].tobytes(),
+            "result",
+        ),
+        "odd/grey.jpg": (
+            cv2.imencode(".jpg", image.mean(2).astype(np.uint8))[1].tobytes(),
+            "result",
+        ),
+        "odd/cmyk.jpg": (_pil(Image.fromarray(image).convert("CMYK"), "JPEG"), "result"),
+        "odd/exif_rotated.jpg": (
+            _pil(Image.fromarray(image[:, :120]), "JPEG", exif=exif),
+            "result",
+        ),
+    }
+    for name, (data, outcome) in awkward.items():
+        io.write_bytes(f"{prefix}/{name}", data)
+        expected[name] = outcome
+    return expected
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
+    classifier = create_model("classifier", encoder="resnet18", num_classes=3)
+    save_model(segmenter, str(folder / "segmenter"), input_size=(64, 64))
+    save_model(classifier, str(folder / "classifier"), input_size=(64, 64), class_names=CLASSES)
+    return str(folder / "segmenter"), str(folder / "classifier")
+
+
+def _config(bucket, models, **extra):
+    segmenter, classifier = models
+    return make_score_config(
+        input=f"{bucket}/archive/",
+        output=f"{bucket}/scored",
+        segmenter=segmenter,
+        classifier=classifier,
+        run_date="2026-11-24",
+        max_pixels=MAX_PIXELS,
+        include_cam=True,
+        max_actors=1,
+        **extra,
+    )
+
+
+def _read(bucket: str, table: str):
+    fs, path = io.resolve(f"{bucket}/scored/{table}")
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+
+
+def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, tmp_path):
+    expected = _archive(f"{s3_bucket}/archive")
+    summary = run_scoring(_config(s3_bucket, models))
+
+    results, errors = _read(s3_bucket, "results"), _read(s3_bucket, "errors")
+    result_uris = results["source_uri"].to_pylist()
+    error_uris = errors["source_uri"].to_pylist()
+    inputs = {f"{s3_bucket}/archive/{name}" for name in expected}
+    assert summary.inputs_listed == len(inputs)
+    assert len(result_uris) + len(error_uris) == len(inputs)
+    assert set(result_uris) | set(error_uris) == inputs
+    assert not set(result_uris) & set(error_uris)
+    assert len(set(result_uris)) == len(result_uris) and len(set(error_uris)) == len(error_uris)
+
+    by_uri = {row["source_uri"]: row for row in errors.to_pylist()}
+    for name, outcome in expected.items():
+        uri = f"{s3_bucket}/archive/{name}"
+        if outcome == "result":
+            assert uri in result_uris, f"{name} should have been scored: {by_uri.get(uri)}"
+        else:
+            stage, error_type = outcome.split(":")
+            row = by_uri[uri]
+            assert (row["stage"], row["error_type"]) == (stage, error_type), name
+            assert uri in row["error_message"]  # the message names the file
+
+    rows = {r["source_uri"]: r for r in results.to_pylist()}
+    rotated = rows[f"{s3_bucket}/archive/odd/exif_rotated.jpg"]
+    assert (rotated["height"], rotated["width"]) == (120, 160)  # EXIF turned 160 tall × 120 wide
+    assert all(r["predicted_class"] in CLASSES for r in rows.values())
+    probabilities = np.array([[r[f"prob_{c}"] for c in CLASSES] for r in rows.values()])
+    assert np.allclose(probabilities.sum(1), 1, atol=1e-5)
+    some = next(iter(rows.values()))
+    mask = cv2.imdecode(np.frombuffer(some["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
+    assert some["cam_png"] is None  # the ROI classifier yields no CAM of its own
+    assert summary.errors_by_type == {"CorruptImage": 3, "EmptyImage": 1, "TooManyPixels": 1}
+
+    # DuckDB reads the output as written, partition column included.
+    local = _download(f"{s3_bucket}/scored", tmp_path / "scored")
+    counts = duckdb.sql(
+        f"SELECT predicted_class, count(*) FROM read_parquet('{local}/results/*/*.parquet', "
+        "hive_partitioning = true) WHERE run_date = DATE '2026-11-24' GROUP BY 1"
+    ).fetchall()
+    written = {c: sum(r["predicted_class"] == c for r in rows.values()) for c in CLASSES}
+    assert dict(counts) == {c: n for c, n in written.items() if n}
+    assert sum(n for _, n in counts) == summary.results
+
+    # The README's example queries run as written (against this output instead of runs/scored).
+    queries = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    assert len(queries) == 3
+    per_class, melanoma, failures = (
+        duckdb.sql(q.replace("runs/scored", str(local))).fetchall() for q in queries
+    )
+    assert sum(row[2] for row in per_class) == summary.results
+    assert len(melanoma) == min(10, written["melanoma"])
+    assert {(stage, kind): n for stage, kind, n, _ in failures} == {
+        ("decode", "CorruptImage"): 3,
+        ("decode", "EmptyImage"): 1,
+        ("decode", "TooManyPixels"): 1,
+    }
+
+
+def _download(uri: str, target: Path) -> Path:
+    fs, path = io.resolve(uri)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            local = target / info.path.removeprefix(path + "/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(io.read_bytes("s3://" + info.path))
+    return target
+
+
+def test_a_dying_actor_loses_nothing(ray_cluster, s3_bucket, models, tmp_path, monkeypatch):
+    expected = _archive(f"{s3_bucket}/archive")
+    marker = tmp_path / "actor-killed"
+    monkeypatch.setenv(KILL_ACTOR_MARKER_ENV, str(marker))
+    summary = run_scoring(_config(s3_bucket, models))
+    assert marker.exists()  # an actor really exited mid-run
+    results, errors = _read(s3_bucket, "results"), _read(s3_bucket, "errors")
+    uris = results["source_uri"].to_pylist() + errors["source_uri"].to_pylist()
+    assert sorted(uris) == sorted(f"{s3_bucket}/archive/{name}" for name in expected)
+    assert summary.results == sum(v == "result" for v in expected.values())
+
+
+def test_rerun_replaces_and_incremental_scores_only_new_images(ray_cluster, s3_bucket, models):
+    _archive(f"{s3_bucket}/archive")
+    first = run_scoring(_config(s3_bucket, models))
+    second = run_scoring(_config(s3_bucket, models))
+    assert _read(s3_bucket, "results").num_rows == first.results == second.results
+    assert _read(s3_bucket, "errors").num_rows == first.errors
+
+    _archive(f"{s3_bucket}/archive", start=GOOD, count=5)
+    incremental = run_scoring(_config(s3_bucket, models, incremental=True))
+    assert incremental.skipped_already_scored == first.results
+    assert incremental.results == 5  # the errors are retried and fail again; nothing else is scored
+    assert incremental.errors == first.errors
+    results = _read(s3_bucket, "results")
+    assert results.num_rows == first.results + 5
+    assert len(set(results["source_uri"].to_pylist())) == results.num_rows
