@@ -42,6 +42,7 @@ def main() -> None:
             "batch_size=16",
             f"scaling.cpus_per_worker={args.cpus}",
             "checkpoint.num_to_keep=1",
+            "max_failures=10",
             f"output={args.output}",
         ],
     )

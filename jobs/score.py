@@ -50,11 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = make_score_config(**{k: v for k, v in vars(args).items()})
-        import ray
-
         from skinray.score.pipeline import run_scoring
 
-        ray.init(ignore_reinit_error=True)
         summary = run_scoring(config)
     except (ScoreConfigError, DatasetError, ModelConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -3,9 +3,11 @@
     python jobs/train.py unet_two_step --set epochs=5 --set scaling.num_workers=2
     python jobs/train.py my_config.yaml --resume runs/x/ray/train/checkpoint_000003
     python jobs/train.py --smoke-test
+    python jobs/train.py mbdcnn --output runs/mbdcnn       # a staged chain: every stage in order
     ray job submit --working-dir . -- python jobs/train.py --smoke-test
 
-The first argument is a recipe shipped with skinray (one per paper; ``--list-recipes``) or a YAML file;
+The first argument is a recipe shipped with skinray (one per paper; ``--list-recipes``), a staged
+chain (``mbdcnn``, ``two_step``: each stage in turn, finished stages skipped), or a YAML file;
 ``--set key=value`` overrides any key (dotted for nested keys). Runs on the Ray cluster in
 ``RAY_ADDRESS`` (as under ``ray job submit``), or on a local one started for the run.
 """
@@ -18,6 +20,7 @@ import sys
 from skinray.data.datasets import DatasetError
 from skinray.models import ModelConfigError, PretrainedWeightsError
 from skinray.train.config import ConfigError, list_recipes, load_config, smoke_test_config
+from skinray.train.staged import STAGED, run_staged
 
 USER_ERRORS = (
     ConfigError,
@@ -43,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_recipes:
-        print("\n".join(list_recipes()))
+        print("\n".join([*list_recipes(), *(f"{name} (staged)" for name in STAGED)]))
         return 0
     overrides = list(args.overrides)
     if args.resume:
@@ -51,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         overrides.append(f"output={args.output}")
     try:
+        if args.config in STAGED:
+            output = args.output or f"runs/{args.config}"
+            overrides = [o for o in overrides if not o.startswith("output=")]
+            models = run_staged(args.config, output, overrides, smoke=args.smoke_test)
+            print("\n".join(f"{stage}: {uri}" for stage, uri in models.items()))
+            return 0
         if args.smoke_test:
             config = smoke_test_config(args.model, overrides=overrides)
         elif args.config:
@@ -58,11 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("error: give a recipe or config file, or --smoke-test", file=sys.stderr)
             return 2
-        import ray
-
         from skinray.train.trainer import run_training
 
-        ray.init(ignore_reinit_error=True)
         outcome = run_training(config)
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

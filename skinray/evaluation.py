@@ -28,19 +28,28 @@ def model_input(
     std: Sequence[float],
     device: torch.device | str = "cpu",
     roi: bool = False,
+    guidance: torch.Tensor | None = None,
+    roi_masks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 images (N,3,H,W) → normalised float input, with guidance channels when the model takes
-    them (the lesion mask repeated, as MB-DCNN's mask-CN gets it).
+    them: ``guidance`` (N,C,H,W) from a guidance chain, or else the lesion mask repeated.
 
-    ``roi``: the image is multiplied by its lesion mask first (the two-step paper's ROI).
+    ``roi``: the image is multiplied by a lesion mask first (the two-step paper's ROI): ``roi_masks``
+    (a segmenter's prediction) when given, else ``masks``.
     """
     if roi:
-        images = images * masks[:, None].to(images.dtype)
+        cut = roi_masks if roi_masks is not None else masks
+        images = images * cut[:, None].to(images.device, images.dtype)
     x = normalise(images.to(device), mean, std)
     extra = input_channels - 3
     if extra > 0:
-        guidance = masks.to(device).float()[:, None].expand(-1, extra, -1, -1)
-        x = torch.cat([x, guidance], dim=1)
+        if guidance is None:
+            guidance = masks.to(device).float()[:, None].expand(-1, extra, -1, -1)
+        if guidance.shape[1] != extra:
+            raise ValueError(
+                f"the model takes {extra} guidance channels, the chain gives {guidance.shape[1]}"
+            )
+        x = torch.cat([x, guidance.to(device)], dim=1)
     return x
 
 

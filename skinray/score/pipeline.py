@@ -126,14 +126,9 @@ def _list_folder(uri: str) -> pa.Table:
 
 def _list_manifest(uri: str) -> pa.Table:
     data = io.read_bytes(uri)
-    if uri.endswith(".parquet"):
-        table = pq.read_table(stdio.BytesIO(data))
-        column = next((c for c in ("uri", "source_uri", "image") if c in table.column_names), None)
-        if column is None:
-            raise ScoreConfigError(f"{uri}: needs a 'uri' column, has {table.column_names}")
-        uris = [str(u) for u in table[column].to_pylist()]
-    elif uri.endswith(".csv"):
-        table = pacsv.read_csv(stdio.BytesIO(data))
+    if uri.endswith((".parquet", ".csv")):
+        reader = pq.read_table if uri.endswith(".parquet") else pacsv.read_csv
+        table = reader(stdio.BytesIO(data))
         column = next((c for c in ("uri", "source_uri", "image") if c in table.column_names), None)
         if column is None:
             raise ScoreConfigError(f"{uri}: needs a 'uri' column, has {table.column_names}")
@@ -252,6 +247,7 @@ def _num_classes(config) -> int:
 
 def run_scoring(config: ScoreConfig) -> RunSummary:
     """Score ``config.input`` into ``config.output``; every listed image ends in results or errors."""
+    import ray
     import ray.data
 
     started = time.perf_counter()
@@ -271,6 +267,8 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
         skipped = len(keep) - sum(keep)
         listing = listing.filter(pa.array(keep, pa.bool_()))
 
+    if not ray.is_initialized():
+        ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
     staging = io.join(config.output, "_staging", config.run_id)
     kill_marker = os.environ.get(KILL_ACTOR_MARKER_ENV)
     actor_args = dict(batch_size=config.batch_size, **_actor_pool(config))
@@ -347,6 +345,9 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     )
     if staging_fs is not None:
         staging_fs.delete_dir(staging_path)
+        parent = staging_path.rsplit("/", 1)[0]
+        if not staging_fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
+            staging_fs.delete_dir(parent)
 
     wall_time_s = time.perf_counter() - started
     error_types = errors["error_type"].to_pylist()

@@ -58,6 +58,13 @@ class DataConfig(_Strict):
     #: What the model sees: the whole image, or the ROI = lesion mask × image (the two-step
     #: classifier, Innani et al. Sec. 3.2), made from the dataset's lesion masks.
     input: Literal["image", "roi"] = "image"
+    #: For ``input: roi``: a saved segmenter whose predicted masks make the ROIs (the two-step
+    #: pipeline); None uses the dataset's masks.
+    roi_segmenter: str | None = None
+    #: Saved models run in order on each batch whose last output becomes the extra input channels
+    #: (MB-DCNN: [coarse-SN] for mask-CN, [coarse-SN, mask-CN] for enhanced-SN); empty: the
+    #: dataset's lesion mask fills them.
+    guidance_models: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _root_needed(self) -> DataConfig:
@@ -123,6 +130,9 @@ class TrainConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     #: A checkpoint directory to resume from (model, optimiser, scheduler and epoch).
     resume: str | None = None
+    #: A saved model whose weights start this one where names and shapes match (enhanced-SN starts
+    #: from coarse-SN); every weight it holds must find its place.
+    init_from: str | None = None
     #: Cap on training batches per epoch (None: the whole shard); for smoke runs.
     max_steps_per_epoch: int | None = Field(None, gt=0)
 

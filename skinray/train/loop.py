@@ -17,15 +17,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.distributed as dist
 
+from skinray import io
 from skinray.data.transforms import augment_batch, augmentation
 from skinray.evaluation import Evaluator, model_input
 from skinray.losses import LOSSES
 from skinray.models import CLASS_LOGITS, MASK_LOGITS, create_model, get_model_spec
+from skinray.models.serialization import WEIGHTS_FILE
 from skinray.train.checkpoint import TrainingState, read_checkpoint, write_checkpoint
 from skinray.train.config import OptimConfig, TrainConfig
+from skinray.train.guidance import GuidanceChain, RoiSegmenter
 
 __all__ = [
     "build_model",
@@ -34,6 +38,15 @@ __all__ = [
     "poly_schedule",
     "train_func",
 ]
+
+#: Validation figures shown per epoch and drawn in the training curve, where a model has them.
+HEADLINE_METRICS = (
+    "val_jaccard",
+    "val_dice",
+    "val_threshold_jaccard",
+    "val_auc_mean",
+    "val_balanced_accuracy",
+)
 
 # Fault injection for the recovery test: the worker of this rank exits hard (as a crashed or
 # preempted process would) at the start of this epoch, once, leaving a marker file behind.
@@ -86,6 +99,37 @@ def _kill_if_asked(fault: dict[str, str] | None, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
+class ModelInputs:
+    """Decoded batches → model input, with a guidance chain's channels or a ROI segmenter's masks
+    where the config names them (MB-DCNN's later stages, the two-step classifier)."""
+
+    def __init__(self, config: TrainConfig, device: torch.device) -> None:
+        self.roi = config.data.input == "roi"
+        models = config.data.guidance_models
+        self.chain = GuidanceChain(models, device) if models else None
+        segmenter = config.data.roi_segmenter
+        self.segmenter = RoiSegmenter(segmenter, device) if segmenter and self.roi else None
+
+    def __call__(self, images, masks, model, mean, std, device) -> torch.Tensor:
+        images = images.to(device)
+        guidance = self.chain(images) if self.chain else None
+        roi_masks = self.segmenter(images) if self.segmenter else None
+        return model_input(
+            images, masks, model.input_channels, mean, std, device, self.roi, guidance, roi_masks
+        )
+
+
+def initialise_from(model: torch.nn.Module, uri: str) -> None:
+    """Copy a saved model's weights into ``model`` where names match; all of them must fit."""
+    state = safetensors.torch.load(io.read_bytes(io.join(uri, WEIGHTS_FILE)))
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(
+            f"init_from {uri}: {len(result.unexpected_keys)} weights have no place in "
+            f"{model.skinray_model_name}, e.g. {result.unexpected_keys[:3]}"
+        )
+
+
 class _Objective:
     def __init__(self, config: TrainConfig):
         spec = get_model_spec(config.model)
@@ -106,8 +150,12 @@ class _Objective:
         return loss
 
 
-def _batches(shard, batch_size: int):
-    for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
+def _batches(shard, batch_size: int, drop_last: bool = False):
+    # Training drops a last short batch: BatchNorm cannot train on a batch of one (DeepLabv3+'s
+    # image-pooling branch sees one value per channel per image).
+    for batch in shard.iter_batches(
+        batch_size=batch_size, batch_format="numpy", drop_last=drop_last
+    ):
         ok = batch["ok"]
         yield (
             torch.from_numpy(np.ascontiguousarray(batch["image"][ok])).permute(0, 3, 1, 2),
@@ -125,7 +173,9 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def validate(model, shard, objective, config, class_names, device, mean, std) -> dict[str, float]:
+def validate(
+    model, shard, objective, config, class_names, device, mean, std, inputs
+) -> dict[str, float]:
     """The whole validation set on this worker (rank 0): loss and the metrics of ``Evaluator``.
 
     Runs the unwrapped module: a DDP forward may broadcast buffers, a collective the other ranks,
@@ -138,9 +188,7 @@ def validate(model, shard, objective, config, class_names, device, mean, std) ->
         skipped += bad
         if len(images) == 0:
             continue
-        x = model_input(
-            images, masks, model.input_channels, mean, std, device, config.data.input == "roi"
-        )
+        x = inputs(images, masks, model, mean, std, device)
         with _autocast(config, device):
             outputs = {k: v.float() for k, v in model(x).items()}
         masks, labels = masks.to(device), labels.to(device)
@@ -174,6 +222,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
 
     model = build_model(config, num_classes)
+    if config.init_from:
+        initialise_from(model, config.init_from)
     mean, std = model.normalization
     state = TrainingState()
     checkpoint = ray.train.get_checkpoint()
@@ -200,6 +250,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             optimizer, schedule, last_epoch=state.global_step - 1
         )
     objective = _Objective(config)
+    inputs = ModelInputs(config, device)
     transform = augmentation(config.data.augment, config.data.image_size)
     history, global_step = list(state.history), state.global_step
     train_shard = ray.train.get_dataset_shard("train")
@@ -210,20 +261,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
         model.train()
         started, loss_sum, seen, skipped, steps = time.perf_counter(), 0.0, 0, 0, 0
         lr_at_start = optimizer.param_groups[0]["lr"]
-        for images, masks, labels, bad in _batches(train_shard, config.batch_size):
+        for images, masks, labels, bad in _batches(train_shard, config.batch_size, drop_last=True):
             skipped += bad
             if steps >= steps_per_epoch or len(images) == 0:
                 continue  # drain the shard so every worker finishes the epoch together
             images, masks = augment_batch(transform, images, masks)
-            x = model_input(
-                images,
-                masks,
-                _unwrap(model).input_channels,
-                mean,
-                std,
-                device,
-                roi=config.data.input == "roi",
-            )
+            x = inputs(images, masks, _unwrap(model), mean, std, device)
             masks, labels = masks.to(device), labels.to(device)
             with _autocast(config, device):
                 outputs = model(x)
@@ -260,6 +303,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
                     device,
                     mean,
                     std,
+                    inputs,
                 )
             )
             history.append(results)
@@ -284,13 +328,7 @@ def _progress_line(results: dict[str, float], epochs: int) -> str:
         f"lr {results['lr']:.2e}",
         f"val_loss {results['val_loss']:.4f}",
     ]
-    for key in (
-        "val_jaccard",
-        "val_dice",
-        "val_threshold_jaccard",
-        "val_auc_mean",
-        "val_balanced_accuracy",
-    ):
+    for key in HEADLINE_METRICS:
         if key in results:
             parts.append(f"{key.removeprefix('val_')} {results[key]:.4f}")
     if results.get("train_skipped") or results.get("val_skipped"):

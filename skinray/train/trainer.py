@@ -29,7 +29,12 @@ from skinray.data.loading import to_ray_dataset
 from skinray.models import get_model_spec, save_model
 from skinray.train.checkpoint import read_checkpoint
 from skinray.train.config import TrainConfig
-from skinray.train.loop import build_model, fault_injection_from_environment, train_func
+from skinray.train.loop import (
+    HEADLINE_METRICS,
+    build_model,
+    fault_injection_from_environment,
+    train_func,
+)
 
 __all__ = ["TrainingOutcome", "load_samples", "run_training", "training_curve_png"]
 
@@ -82,15 +87,19 @@ def _storage(config: TrainConfig) -> tuple[str, Any]:
 
 
 def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcome:
+    import ray
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
+    # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
+    train_samples, validation_samples = load_samples(config)
+    if not ray.is_initialized():
+        ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
     # Per-epoch lines from the workers are the progress to follow; Ray Data's bars for the
     # training and validation reads (re-run every epoch) would bury them.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    train_samples, validation_samples = load_samples(config)
     class_names = list(config.data.class_names or train_samples.class_names)
     storage_path, storage_filesystem = _storage(config)
     resources = {"CPU": config.scaling.cpus_per_worker}
@@ -175,13 +184,7 @@ def training_curve_png(history: list[dict[str, float]]) -> bytes:
     loss_axis.plot(epochs, [row["val_loss"] for row in history], marker="o", label="validation")
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
     loss_axis.legend()
-    for key in (
-        "val_jaccard",
-        "val_dice",
-        "val_threshold_jaccard",
-        "val_auc_mean",
-        "val_balanced_accuracy",
-    ):
+    for key in HEADLINE_METRICS:
         if history and key in history[0]:
             metric_axis.plot(epochs, [row[key] for row in history], marker="o", label=key[4:])
     metric_axis.set(xlabel="epoch", title="Validation", ylim=(0, 1))

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -25,7 +28,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A throwaway head node on loopback (token auth off: a private test cluster)."""
+    """A throwaway head node on loopback (token auth off: a private test cluster).
+
+    ``ray start --block`` keeps the head in this process's child, so the teardown stops exactly this
+    cluster; ``ray stop`` would stop every Ray instance on the machine."""
     # The job's ``python`` must be this environment's, as on a cluster set up by cluster.yaml.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     dashboard_port = _free_port()
@@ -34,6 +40,7 @@ def ray_head(tmp_path):
         str(BIN / "ray"),
         "start",
         "--head",
+        "--block",
         f"--port={_free_port()}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
@@ -41,44 +48,55 @@ def ray_head(tmp_path):
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ]
-    subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+    head = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        yield f"http://127.0.0.1:{dashboard_port}", env
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=5):
+                    break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        yield address, env
     finally:
-        subprocess.run(
-            [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
-        )
+        head.terminate()
+        head.wait(timeout=120)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_smoke_test_succeeds_and_writes_the_model(ray_head, tmp_path):
+def test_ray_job_submit_smoke_test_succeeds_and_writes_the_model(ray_head, tmp_path, monkeypatch):
     address, env = ray_head
     output = tmp_path / "smoke"
     started = time.monotonic()
-    result = subprocess.run(
-        [
-            str(BIN / "ray"),
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "jobs/train.py",
-            "--smoke-test",
-            "--output",
-            str(output),
-        ],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "jobs/train.py",
+        "--smoke-test",
+        "--output",
+        str(output),
+    ]
+    for _ in range(12):  # the head's job agent may still be starting right after `ray start`
+        result = subprocess.run(
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        if "No available agent to submit job" not in result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "SUCCEEDED" in result.stdout, result.stdout[-4000:]
+    job_id = re.search(r"Job '(raysubmit_\w+)' succeeded", result.stdout).group(1)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    client = JobSubmissionClient(address)
+    assert client.get_job_status(job_id) == JobStatus.SUCCEEDED
     assert "epoch 2/2" in result.stdout  # the per-epoch progress line reaches the submitter
     summary = json.loads((output / "metrics.json").read_text())
     assert [row["epoch"] for row in summary["history"]] == [1, 2]

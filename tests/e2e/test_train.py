@@ -22,9 +22,15 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 
 
-def _upload_synthetic(prefix: str, name: str, seeds: range) -> str:
-    """Write synthetic JPEG images, PNG masks and a manifest CSV under ``prefix``; return its URI."""
+def _upload_synthetic(prefix: str, name: str, seeds: range, corrupt: int = 0) -> str:
+    """Write synthetic JPEG images, PNG masks and a manifest CSV under ``prefix``; return its URI.
+    ``corrupt`` more rows point at files that are not images (with valid masks)."""
     lines = ["image,mask,label"]
+    for index in range(corrupt):
+        _, png = cv2.imencode(".png", synthetic_sample(index, SIZE).mask * 255)
+        io.write_bytes(f"{prefix}/images/{name}-corrupt-{index}.jpg", b"\xff\xd8\xff not a jpeg")
+        io.write_bytes(f"{prefix}/masks/{name}-corrupt-{index}.png", png.tobytes())
+        lines.append(f"images/{name}-corrupt-{index}.jpg,masks/{name}-corrupt-{index}.png,class_0")
     for seed in seeds:
         sample = synthetic_sample(seed, SIZE, label=seed % 3)
         _, jpeg = cv2.imencode(".jpg", cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR))
@@ -56,7 +62,7 @@ def _config(output: str, train: str, validation: str, extra: list[str] = ()):
 
 @pytest.fixture
 def s3_dataset(s3_bucket):
-    train = _upload_synthetic(f"{s3_bucket}/data", "train", range(0, 24))
+    train = _upload_synthetic(f"{s3_bucket}/data", "train", range(0, 24), corrupt=2)
     validation = _upload_synthetic(f"{s3_bucket}/data", "validation", range(100, 108))
     return s3_bucket, train, validation
 
@@ -70,6 +76,8 @@ def test_two_workers_train_from_s3_and_the_saved_model_scores_the_same(
 
     assert [row["epoch"] for row in outcome.history] == [1, 2]
     assert all(row["train_images"] == 24 for row in outcome.history)  # both shards together
+    # Two unreadable images among 26 are skipped, logged and counted, every epoch.
+    assert all(row["train_skipped"] == 2 for row in outcome.history)
     assert all(row["val_images"] == 8 for row in outcome.history)
     summary = json.loads(io.read_bytes(f"{output}/metrics.json"))
     assert summary["train_images"] == 24 and len(summary["history"]) == 2

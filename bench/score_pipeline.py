@@ -1,0 +1,738 @@
+"""Scoring pipeline benchmark: memory over N and 10×N images, throughput against its parts.
+
+    .venv/bin/python bench/score_pipeline.py [--n 44] [--workdir /work/runs/bench_score] \\
+        [--json /work/runs/bench_score/results.json]
+
+Inputs: N and 10×N real full-resolution ISIC images (symlinks with distinct names to
+../shared/data/isic2017_fullres/images; the N set spans the archive's pixel counts evenly, the 10×N
+set is the N set repeated ten times, so both have the same mix of sizes). Models: a U-Net
+(ResNet-34 encoder, 256×256) and a ROI classifier (ResNet-18, 224×224, 3 classes), freshly
+initialised and saved with ``save_model``; random weights cost the same time and memory as trained
+ones (the masks differ, so the ROIs differ, but the ROI stage's cost barely depends on them).
+
+Memory: ``run_scoring`` over N and over 10×N images, each in its own Python process and its own
+``ray.init(num_cpus=2)``, while a thread samples every 0.25 s the driver's RSS, the summed RSS of
+the Ray worker processes (``ray::…`` workers and actors, Ray Data's own actors included; the GCS,
+raylet, dashboard and agents are summed apart as "system") and the object store's bytes in use
+(the raylet's ``GetNodeStats`` store stats, as ``ray memory --stats-only`` reads them).
+
+Throughput on the N set, in one further process and ``ray.init``: (a) the pipeline's
+``read_and_decode`` stage alone as a Ray Data ``map_batches``; (b) the segmenter and the classifier
+alone on pre-decoded images in the driver (same batch size); (c) the full pipeline; (d) the plain
+pattern of Ray's batch-inference docs: ``read_images(size=(256, 256))`` then ``map_batches`` with a
+callable class running the same two models (the classifier on the resized whole image, no ROI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SOURCE_IMAGES = SHARED / "data" / "isic2017_fullres" / "images"
+CLASS_NAMES = ("melanoma", "seborrheic_keratosis", "nevus")
+MIB = 1024 * 1024
+TARGET_MEMORY_RATIO = 1.2
+TARGET_VS_PARTS = 0.8
+TARGET_VS_PLAIN = 1.5
+# Ray's own processes that are not workers running our tasks or actors.
+SYSTEM_PROCESS_TITLES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def image_pixels(path: Path) -> int:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size[0] * image.size[1]
+
+
+def pick_images(sources: list[Path], n: int) -> list[Path]:
+    """``n`` images spread evenly over the sources ranked by pixel count (cycled if n exceeds them)."""
+    ranked = sorted(sources, key=lambda p: (image_pixels(p), p.name))
+    if n >= len(ranked):
+        return [ranked[i % len(ranked)] for i in range(n)]
+    picks = np.round(np.linspace(0, len(ranked) - 1, n)).astype(int)
+    return [ranked[i] for i in picks]
+
+
+def link_images(images: list[Path], folder: Path, repeat: int) -> Path:
+    """``folder`` holding ``repeat`` × ``images`` as symlinks with distinct names."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for copy in range(repeat):
+        for index, source in enumerate(images):
+            (folder / f"r{copy:02d}_{index:04d}_{source.name}").symlink_to(source)
+    return folder
+
+
+def describe_images(images: list[Path]) -> dict:
+    pixels = np.array([image_pixels(p) for p in images], dtype=float) / 1e6
+    sizes = np.array([p.stat().st_size for p in images], dtype=float) / MIB
+    return {
+        "count": len(images),
+        "megapixels_min": round(float(pixels.min()), 3),
+        "megapixels_mean": round(float(pixels.mean()), 3),
+        "megapixels_max": round(float(pixels.max()), 3),
+        "jpeg_mib_mean": round(float(sizes.mean()), 3),
+        "jpeg_mib_total": round(float(sizes.sum()), 2),
+    }
+
+
+def save_models(folder: Path) -> dict[str, str]:
+    """A fresh U-Net (ResNet-34) and ROI classifier (ResNet-18), random weights, saved."""
+    import torch
+
+    from skinray.models import create_model, save_model
+
+    torch.manual_seed(0)
+    segmenter, classifier = folder / "unet_resnet34", folder / "classifier_resnet18"
+    save_model(create_model("unet", encoder="resnet34"), str(segmenter), input_size=(256, 256))
+    save_model(
+        create_model("classifier", encoder="resnet18", num_classes=len(CLASS_NAMES)),
+        str(classifier),
+        input_size=(224, 224),
+        class_names=CLASS_NAMES,
+    )
+    return {"segmenter": str(segmenter), "classifier": str(classifier)}
+
+
+def prepare_inputs(workdir: Path, n: int) -> dict:
+    sources = sorted(SOURCE_IMAGES.glob("*.jpg"))
+    if not sources:
+        raise SystemExit(f"no JPEGs in {SOURCE_IMAGES}")
+    for path in sources:  # the files in the page cache, so no run pays for a cold disk read
+        path.read_bytes()
+    images = pick_images(sources, n)
+    small = link_images(images, workdir / f"images_{n}", repeat=1)
+    large = link_images(images, workdir / f"images_{10 * n}", repeat=10)
+    return {
+        "source": str(SOURCE_IMAGES),
+        "small": str(small),
+        "large": str(large),
+        "distinct_images": describe_images(images),
+        "all_source_images": describe_images(sources),
+        "models": save_models(workdir / "models"),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def load_psutil():
+    """psutil as Ray bundles it: ``import ray`` puts ray/thirdparty_files on sys.path."""
+    import ray  # noqa: F401
+
+    return importlib.import_module("psutil")
+
+
+def is_worker(cmdline: list[str]) -> bool:
+    """A Ray worker process (idle, task or actor), as opposed to a Ray system process."""
+    title = cmdline[0] if cmdline else ""
+    if title.startswith("ray::"):
+        return not title.startswith(SYSTEM_PROCESS_TITLES)
+    return any("default_worker.py" in part for part in cmdline)
+
+
+class MemorySampler(threading.Thread):
+    """Peaks of driver RSS, summed worker RSS, summed system RSS and object-store bytes in use."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__(daemon=True)
+        import ray
+        from ray._private.grpc_utils import init_grpc_channel
+        from ray.core.generated import node_manager_pb2_grpc
+
+        node = next(n for n in ray.nodes() if n["Alive"])
+        channel = init_grpc_channel(f"{node['NodeManagerAddress']}:{node['NodeManagerPort']}")
+        self.stub = node_manager_pb2_grpc.NodeManagerServiceStub(channel)
+        self.store_capacity = int(ray.cluster_resources()["object_store_memory"])
+        self.interval_s = interval_s
+        self.driver = load_psutil().Process()
+        self.done = threading.Event()
+        self.samples: list[dict] = []
+        self.store_stats_error: str | None = None
+        self.spilled_bytes = 0
+
+    def object_store(self) -> dict:
+        import ray
+        from ray.core.generated import node_manager_pb2
+
+        available = ray.available_resources().get("object_store_memory", self.store_capacity)
+        out = {"resources_used": self.store_capacity - int(available), "store_used": None}
+        try:
+            reply = self.stub.GetNodeStats(
+                node_manager_pb2.GetNodeStatsRequest(include_memory_info=False), timeout=5
+            )
+        except Exception as error:  # a slow raylet: keep the other figures of this sample
+            self.store_stats_error = f"{type(error).__name__}: {error}"
+            return out
+        out["store_used"] = int(reply.store_stats.object_store_bytes_used)
+        self.spilled_bytes = int(reply.store_stats.spilled_bytes_total)
+        return out
+
+    def sample(self) -> dict:
+        psutil = load_psutil()
+        workers = {"rss": 0, "anon": 0, "count": 0}
+        system = {"rss": 0, "count": 0}
+        for process in self.driver.children(recursive=True):
+            try:
+                cmdline = process.cmdline()
+                memory = process.memory_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            if is_worker(cmdline):
+                workers["rss"] += memory.rss
+                workers["anon"] += memory.rss - memory.shared
+                workers["count"] += 1
+            else:
+                system["rss"] += memory.rss
+                system["count"] += 1
+        return {
+            "t": time.perf_counter(),
+            "driver_rss": self.driver.memory_info().rss,
+            "workers_rss": workers["rss"],
+            "workers_anon_rss": workers["anon"],
+            "workers": workers["count"],
+            "system_rss": system["rss"],
+            "system_processes": system["count"],
+            **self.object_store(),
+        }
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append(self.sample())
+            self.done.wait(self.interval_s)
+
+    def stop(self) -> dict:
+        self.done.set()
+        self.join()
+        return self.summary()
+
+    def summary(self) -> dict:
+        def peak(key: str) -> float | None:
+            values = [s[key] for s in self.samples if s[key] is not None]
+            return round(max(values) / MIB, 1) if values else None
+
+        start = self.samples[0]["t"] if self.samples else 0.0
+        return {
+            "samples": len(self.samples),
+            "peak_driver_rss_mib": peak("driver_rss"),
+            "peak_workers_rss_mib": peak("workers_rss"),
+            "peak_workers_anon_rss_mib": peak("workers_anon_rss"),
+            "peak_worker_processes": max((s["workers"] for s in self.samples), default=0),
+            "peak_system_rss_mib": peak("system_rss"),
+            "peak_object_store_used_mib": peak("store_used"),
+            "peak_object_store_resources_used_mib": peak("resources_used"),
+            "object_store_capacity_mib": round(self.store_capacity / MIB, 1),
+            "spilled_mib": round(self.spilled_bytes / MIB, 1),
+            "store_stats_error": self.store_stats_error,
+            # One sample a second, for plots: seconds, then MiB.
+            "timeline": [
+                [
+                    round(s["t"] - start, 2),
+                    round(s["driver_rss"] / MIB),
+                    round(s["workers_rss"] / MIB),
+                    None if s["store_used"] is None else round(s["store_used"] / MIB),
+                ]
+                for s in self.samples[:: max(1, round(1 / self.interval_s))]
+            ],
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Sessions (each runs in its own process: python bench/score_pipeline.py --session …)
+# ---------------------------------------------------------------------------------------------
+
+
+def start_ray(cpus: int) -> None:
+    import ray
+
+    ray.init(num_cpus=cpus, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def score_config(images: str, output: Path, models: dict, run_id: str):
+    from skinray.score.config import make_score_config
+
+    if output.exists():
+        shutil.rmtree(output)
+    return make_score_config(
+        input=images,
+        output=str(output),
+        segmenter=models["segmenter"],
+        classifier=models["classifier"],
+        run_id=run_id,
+    )
+
+
+def run_pipeline(config) -> dict:
+    from skinray.score.pipeline import run_scoring
+
+    started = time.perf_counter()
+    summary = run_scoring(config)
+    wall_s = time.perf_counter() - started
+    return {
+        "images": summary.inputs_listed,
+        "results": summary.results,
+        "errors": summary.errors,
+        "errors_by_type": summary.errors_by_type,
+        "summary_wall_s": round(summary.wall_time_s, 2),
+        "summary_images_per_s": round(summary.images_per_s, 3),
+        "timed_wall_s": round(wall_s, 2),
+        "timed_images_per_s": round(summary.inputs_listed / wall_s, 3),
+    }
+
+
+def memory_session(args: argparse.Namespace) -> dict:
+    import ray
+
+    models = json.loads(args.models)
+    config = score_config(args.images, Path(args.output), models, Path(args.images).name)
+    start_ray(args.cpus)
+    try:
+        sampler = MemorySampler(args.sample_interval)
+        sampler.start()
+        try:
+            pipeline = run_pipeline(config)
+        finally:
+            memory = sampler.stop()
+    finally:
+        ray.shutdown()
+    return {"pipeline": pipeline, "memory": memory}
+
+
+def actor_threads(num_cpus: float) -> dict:
+    """torch's intra-op threads and OMP_NUM_THREADS inside a Ray Data actor of ``num_cpus``."""
+    import ray
+
+    class Probe:
+        def __call__(self, batch: dict) -> dict:
+            import torch
+
+            return {
+                "torch_threads": np.array([torch.get_num_threads()]),
+                "omp_num_threads": np.array([os.environ.get("OMP_NUM_THREADS", "")]),
+            }
+
+    row = (
+        ray.data.range(1)
+        .map_batches(Probe, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=num_cpus)
+        .take(1)[0]
+    )
+    return {"torch_threads": int(row["torch_threads"]), "omp_num_threads": row["omp_num_threads"]}
+
+
+def decode_only(images: str, config, segment_size: tuple[int, int]) -> dict:
+    """(a) The pipeline's listing and read/decode stage, as it builds them, consumed in the driver."""
+    import ray
+
+    from skinray.score.pipeline import list_inputs
+    from skinray.score.stages import read_and_decode
+
+    started = time.perf_counter()
+    listing = list_inputs(images)
+    dataset = (
+        ray.data.from_arrow(listing)
+        .repartition(max(1, listing.num_rows // config.decode_batch_size))
+        .map_batches(
+            read_and_decode,
+            batch_size=config.decode_batch_size,
+            fn_kwargs={"image_size": segment_size, "max_pixels": config.max_pixels},
+        )
+    )
+    count = errors = 0
+    for batch in dataset.iter_batches(batch_size=None):
+        count += len(batch["source_uri"])
+        errors += sum(stage != "" for stage in batch["error_stage"])
+    wall_s = time.perf_counter() - started
+    return {
+        "images": count,
+        "errors": errors,
+        "wall_s": round(wall_s, 2),
+        "images_per_s": count / wall_s,
+    }
+
+
+def rows(batch: dict, start: int, stop: int) -> dict:
+    return {key: np.array(value[start:stop], copy=True) for key, value in batch.items()}
+
+
+def time_stage(stage, batch: dict, batch_size: int) -> tuple[float, list[dict]]:
+    """Seconds ``stage`` takes over ``batch`` in chunks of ``batch_size``, and its outputs."""
+    seconds, outputs = 0.0, []
+    for start in range(0, len(batch["source_uri"]), batch_size):
+        chunk = rows(batch, start, start + batch_size)
+        started = time.perf_counter()
+        outputs.append(stage(chunk))
+        seconds += time.perf_counter() - started
+    return seconds, outputs
+
+
+def concat(batches: list[dict]) -> dict:
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
+
+
+def model_only(images: str, config, segment_size, roi_size, threads: int) -> dict:
+    """(b) The pipeline's SegmentActor and ClassifyActor code in the driver, on pre-decoded images
+    (ROIs made by the pipeline's own ROI stage, untimed)."""
+    import torch
+
+    from skinray.score.pipeline import list_inputs
+    from skinray.score.stages import (
+        ClassifyActor,
+        SegmentActor,
+        read_and_decode,
+        roi_and_descriptors,
+    )
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        listing = list_inputs(images).to_pydict()
+        decoded = read_and_decode(listing, segment_size, config.max_pixels)
+        segment = SegmentActor(config.segmenter, config.batch_size)
+        classify = ClassifyActor(config.classifier, config.batch_size)
+        # Each pass runs twice, timing the second: oneDNN builds its kernels per batch shape.
+        time_stage(segment, decoded, config.batch_size)
+        segment_s, segmented = time_stage(segment, decoded, config.batch_size)
+        with_roi = roi_and_descriptors(
+            concat(segmented), roi_size=roi_size, margin=config.roi_margin
+        )
+        time_stage(classify, with_roi, config.batch_size)
+        classify_s, _ = time_stage(classify, with_roi, config.batch_size)
+    finally:
+        torch.set_num_threads(previous)
+    count = len(listing["source_uri"])
+    return {
+        "images": count,
+        "torch_threads": threads,
+        "segment_s": round(segment_s, 2),
+        "classify_s": round(classify_s, 2),
+        "segment_images_per_s": count / segment_s,
+        "classify_images_per_s": count / classify_s,
+        "images_per_s": count / (segment_s + classify_s),
+    }
+
+
+class PlainPredictor:
+    """Ray's batch-inference pattern: the segmenter, then the classifier on the resized image."""
+
+    def __init__(self, segmenter: str, classifier: str) -> None:
+        from skinray.models import load_model
+
+        self.segmenter = load_model(segmenter)
+        self.classifier = load_model(classifier)
+
+    def __call__(self, batch: dict) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        from skinray.data.transforms import normalise
+        from skinray.models import CLASS_LOGITS, MASK_LOGITS
+
+        seg, cls = self.segmenter.saved_config, self.classifier.saved_config
+        images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            mask_logits = self.segmenter(normalise(images, seg.mean, seg.std))[MASK_LOGITS]
+            resized = F.interpolate(
+                images.float(), size=tuple(cls.input_size), mode="bilinear", antialias=True
+            )
+            logits = self.classifier(normalise(resized, cls.mean, cls.std))[CLASS_LOGITS]
+        return {
+            "mask": (mask_logits[:, 0] > 0).to(torch.uint8).numpy(),
+            "probabilities": torch.softmax(logits, 1).numpy(),
+        }
+
+
+def plain_pattern(images: str, config, segment_size) -> dict:
+    """(d) read_images + map_batches(callable class), one CPU actor (the docs' default num_cpus=1),
+    consumed by iteration (``count()`` may skip a UDF that keeps the row count)."""
+    import ray
+
+    started = time.perf_counter()
+    dataset = ray.data.read_images(images, size=tuple(segment_size), mode="RGB").map_batches(
+        PlainPredictor,
+        fn_constructor_kwargs={
+            "segmenter": config.segmenter,
+            "classifier": config.classifier,
+        },
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_size=config.batch_size,
+    )
+    count = sum(len(batch["mask"]) for batch in dataset.iter_batches(batch_size=None))
+    wall_s = time.perf_counter() - started
+    return {"images": count, "wall_s": round(wall_s, 2), "images_per_s": count / wall_s}
+
+
+def throughput_session(args: argparse.Namespace) -> dict:
+    import ray
+
+    from skinray.models import read_model_config
+
+    models = json.loads(args.models)
+    config = score_config(args.images, Path(args.output), models, "throughput")
+    segment_size = tuple(read_model_config(config.segmenter).input_size)
+    roi_size = tuple(read_model_config(config.classifier).input_size)
+    start_ray(args.cpus)
+    try:
+        threads = {"half_cpu_actor": actor_threads(0.5), "one_cpu_actor": actor_threads(1)}
+        # Warm-up: Ray Data's first job starts the task workers and imports skinray in them.
+        warm = Path(args.output).parent / "warmup_images"
+        if warm.exists():
+            shutil.rmtree(warm)
+        warm.mkdir(parents=True)
+        for path in sorted(Path(args.images).iterdir())[: config.decode_batch_size]:
+            (warm / path.name).symlink_to(path.resolve())
+        decode_only(str(warm), config, segment_size)
+        out = {
+            "actor_threads": threads,
+            "decode_only": decode_only(args.images, config, segment_size),
+            "model_only": model_only(
+                args.images, config, segment_size, roi_size, os.cpu_count() or 1
+            ),
+            "model_only_1_thread": model_only(args.images, config, segment_size, roi_size, 1),
+            "pipeline": run_pipeline(config),
+            "plain": plain_pattern(args.images, config, segment_size),
+        }
+    finally:
+        ray.shutdown()
+    return out
+
+
+SESSIONS = {"memory": memory_session, "throughput": throughput_session}
+
+
+def run_session(kind: str, images: str, output: Path, models: dict, args) -> dict:
+    """A session in a fresh Python process (fresh driver memory, fresh ``ray.init``)."""
+    result = output.with_suffix(".session.json")
+    command = [
+        sys.executable,
+        __file__,
+        "--session",
+        kind,
+        "--images",
+        images,
+        "--output",
+        str(output),
+        "--models",
+        json.dumps(models),
+        "--result",
+        str(result),
+        "--cpus",
+        str(args.cpus),
+        "--sample-interval",
+        str(args.sample_interval),
+    ]
+    print(f"… {kind} session over {images}", flush=True)
+    subprocess.run(command, check=True)
+    return json.loads(result.read_text())
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import ray
+    import torch
+
+    psutil = load_psutil()
+
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "nproc": int(subprocess.run(["nproc"], capture_output=True, text=True).stdout),
+        "ram_gib": round(psutil.virtual_memory().total / 1024**3, 1),
+        "cpu_model": cpu_model,
+        "python": platform.python_version(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+        "torch_threads_driver": torch.get_num_threads(),
+    }
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def memory_ratios(small: dict, large: dict) -> dict:
+    keys = [k for k in small if k.startswith("peak_") and k.endswith("_mib")]
+    return {k: ratio(large[k], small[k]) for k in keys}
+
+
+def throughput_ratios(t: dict) -> dict:
+    parts = min(t["decode_only"]["images_per_s"], t["model_only"]["images_per_s"])
+    pipeline = t["pipeline"]["timed_images_per_s"]
+    vs_parts, vs_plain = pipeline / parts, pipeline / t["plain"]["images_per_s"]
+    return {
+        "pipeline_over_min_decode_model": round(vs_parts, 3),
+        "pipeline_over_plain": round(vs_plain, 3),
+        "target_pipeline_over_min_decode_model": TARGET_VS_PARTS,
+        "target_pipeline_over_plain": TARGET_VS_PLAIN,
+        "met_pipeline_over_min_decode_model": vs_parts >= TARGET_VS_PARTS,
+        "met_pipeline_over_plain": vs_plain >= TARGET_VS_PLAIN,
+    }
+
+
+def marginal_throughput(small: dict, large: dict) -> dict:
+    """The pipeline's rate net of its fixed costs (actor start-up, model loading, listing, the
+    final split): extra images over extra seconds between the N and 10×N memory runs."""
+    extra_s = large["timed_wall_s"] - small["timed_wall_s"]
+    extra = large["images"] - small["images"]
+    return {
+        "extra_images": extra,
+        "extra_s": round(extra_s, 2),
+        "images_per_s": round(extra / extra_s, 3) if extra_s > 0 else None,
+        "fixed_cost_s": round(small["timed_wall_s"] - small["images"] * extra_s / extra, 2),
+    }
+
+
+def print_report(results: dict) -> None:
+    n, memory = results["settings"]["n"], results["memory"]
+    small, large = memory["n"]["memory"], memory["10n"]["memory"]
+    print(f"\nMemory (peaks, MiB) — {n} vs {10 * n} images")
+    print(f"{'':34}{n:>10}{10 * n:>10}{'ratio':>9}")
+    labels = {
+        "peak_driver_rss_mib": "driver RSS",
+        "peak_workers_rss_mib": "Ray workers, summed RSS",
+        "peak_workers_anon_rss_mib": "Ray workers, summed anon RSS",
+        "peak_system_rss_mib": "Ray system processes, summed RSS",
+        "peak_object_store_used_mib": "object store in use",
+        "peak_object_store_resources_used_mib": "object_store_memory resource used",
+    }
+    for key, label in labels.items():
+        r = memory["ratios"][key]
+        print(f"{label:34}{small[key]!s:>10}{large[key]!s:>10}{r!s:>9}")
+    print(f"(target ratio ≤ {TARGET_MEMORY_RATIO}; {small['samples']}/{large['samples']} samples)")
+    for name, run in (("N", memory["n"]), ("10N", memory["10n"])):
+        p = run["pipeline"]
+        print(
+            f"pipeline {name}: {p['images']} images, {p['results']} results, {p['errors']} errors, "
+            f"{p['timed_wall_s']} s, {p['timed_images_per_s']:.2f} images/s"
+        )
+    t = results["throughput"]
+    print(f"\nThroughput on {n} images (images/s)")
+    rows_ = [
+        ("(a) decode only (read_and_decode)", t["decode_only"]["images_per_s"]),
+        (
+            f"(b) models only, driver, {t['model_only']['torch_threads']} threads",
+            t["model_only"]["images_per_s"],
+        ),
+        ("    models only, driver, 1 thread", t["model_only_1_thread"]["images_per_s"]),
+        ("(c) full pipeline (own timing)", t["pipeline"]["timed_images_per_s"]),
+        ("    full pipeline (run summary)", t["pipeline"]["summary_images_per_s"]),
+        ("(d) read_images + map_batches", t["plain"]["images_per_s"]),
+    ]
+    for label, value in rows_:
+        print(f"{label:44}{value:>8.2f}")
+    m = results["pipeline_marginal"]
+    print(
+        f"    full pipeline, marginal N→10N (memory runs) {m['images_per_s']!s:>8}"
+        f"  (fixed cost ≈ {m['fixed_cost_s']} s a run)"
+    )
+    r = results["throughput_ratios"]
+    print(
+        f"(c)/min(a,b) = {r['pipeline_over_min_decode_model']:.2f} (target ≥ {TARGET_VS_PARTS}: "
+        f"{'met' if r['met_pipeline_over_min_decode_model'] else 'not met'}); "
+        f"(c)/(d) = {r['pipeline_over_plain']:.2f} (target ≥ {TARGET_VS_PLAIN}: "
+        f"{'met' if r['met_pipeline_over_plain'] else 'not met'})"
+    )
+
+
+def main_benchmark(args: argparse.Namespace) -> None:
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()
+    started = dt.datetime.now(dt.UTC)
+    inputs = prepare_inputs(workdir, args.n)
+    models = inputs["models"]
+    small = run_session("memory", inputs["small"], workdir / "out_memory_n", models, args)
+    large = run_session("memory", inputs["large"], workdir / "out_memory_10n", models, args)
+    throughput = run_session(
+        "throughput", inputs["small"], workdir / "out_throughput", models, args
+    )
+    results = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {
+            "n": args.n,
+            "ray_init_num_cpus": args.cpus,
+            "sample_interval_s": args.sample_interval,
+            "batch_size": 16,
+            "decode_batch_size": 8,
+            "segmenter": "unet, encoder resnet34, 256×256, random weights",
+            "classifier": "classifier, encoder resnet18, 224×224, 3 classes, random weights",
+            "worker_processes": "ray:: workers and actors (Ray Data's own actors included); "
+            "system = GCS, raylet, dashboard and its modules, log monitor, agents",
+            "object_store_used": "raylet GetNodeStats store_stats.object_store_bytes_used",
+        },
+        "inputs": inputs,
+        "memory": {"n": small, "10n": large},
+        "throughput": throughput,
+        "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
+    }
+    results["memory"]["ratios"] = memory_ratios(small["memory"], large["memory"])
+    results["memory"]["target_ratio"] = TARGET_MEMORY_RATIO
+    results["throughput_ratios"] = throughput_ratios(throughput)
+    results["pipeline_marginal"] = marginal_throughput(small["pipeline"], large["pipeline"])
+    print_report(results)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nwrote {args.json}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--n", type=int, default=44, help="images in the small set (10× in the large)"
+    )
+    parser.add_argument("--workdir", default="/work/runs/bench_score")
+    parser.add_argument("--json", default=None, help="default: <workdir>/results.json")
+    parser.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=…)")
+    parser.add_argument("--sample-interval", type=float, default=0.25, help="seconds")
+    # One measurement in a fresh process; the benchmark runs itself with these.
+    for name in ("--session", "--images", "--output", "--models", "--result"):
+        parser.add_argument(name, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.json = args.json or str(Path(args.workdir) / "results.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.session:
+        Path(args.result).write_text(json.dumps(SESSIONS[args.session](args), default=str))
+    else:
+        main_benchmark(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Staged training: one command runs a paper's chain of models, each stage resumable.
+
+- ``mbdcnn`` (Xie et al.): coarse-SN; then mask-CN on the image + coarse-SN's lesion probability; then
+  enhanced-SN, started from coarse-SN's weights, on the image + mask-CN's CAMs; finally the three are
+  assembled into the ``mbdcnn`` chain and saved as ``<output>/model``.
+- ``two_step`` (Innani et al.): the U-Net segmenter; then the ROI classifier on image × the segmenter's
+  predicted mask. The scoring job takes the two saved models.
+
+Stage ``s`` writes to ``<output>/<s>``; a stage whose model is already saved there is skipped, so a
+re-run after an interruption continues at the first unfinished stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from skinray import io
+from skinray.models import load_model, save_model
+from skinray.models.mbdcnn import MBDCNN
+from skinray.models.serialization import CONFIG_FILE
+from skinray.train.config import TrainConfig, load_config, smoke_test_config
+
+__all__ = ["STAGED", "Stage", "run_staged"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    recipe: str  # recipe name; for --smoke-test, the model of the same name's smoke config
+    model: str
+    guidance: tuple[str, ...] = ()  # earlier stages whose models feed this one's extra channels
+    roi_from: str | None = None  # earlier stage whose segmenter makes this one's ROIs
+    init_from: str | None = None  # earlier stage whose weights start this one
+
+
+STAGED: dict[str, tuple[Stage, ...]] = {
+    "mbdcnn": (
+        Stage("coarse_sn", "mbdcnn_coarse_sn", "mbdcnn_coarse_sn"),
+        Stage("mask_cn", "mbdcnn_mask_cn", "mbdcnn_mask_cn", guidance=("coarse_sn",)),
+        Stage(
+            "enhanced_sn",
+            "mbdcnn_enhanced_sn",
+            "mbdcnn_enhanced_sn",
+            guidance=("coarse_sn", "mask_cn"),
+            init_from="coarse_sn",
+        ),
+    ),
+    "two_step": (
+        Stage("segmenter", "unet_two_step", "unet"),
+        Stage("classifier", "classifier_two_step", "classifier", roi_from="segmenter"),
+    ),
+}
+
+
+def _stage_config(
+    stage: Stage, output: str, overrides: list[str], smoke: bool, model_uris: dict[str, str]
+) -> TrainConfig:
+    wired = [f"output={io.join(output, stage.name)}"]
+    if stage.guidance:
+        wired.append(f"data.guidance_models=[{', '.join(model_uris[g] for g in stage.guidance)}]")
+    if stage.roi_from:
+        wired += ["data.input=roi", f"data.roi_segmenter={model_uris[stage.roi_from]}"]
+    if stage.init_from:
+        wired.append(f"init_from={model_uris[stage.init_from]}")
+    if smoke:
+        return smoke_test_config(stage.model, overrides=[*overrides, *wired])
+    return load_config(stage.recipe, [*overrides, *wired])
+
+
+def run_staged(
+    chain: str, output: str, overrides: list[str] | None = None, smoke: bool = False
+) -> dict[str, str]:
+    """Train every stage of ``chain`` not yet saved under ``output``; return stage → model URI."""
+    from skinray.train.trainer import run_training
+
+    if chain not in STAGED:
+        raise ValueError(f"unknown staged recipe {chain!r}; staged recipes: {', '.join(STAGED)}")
+    model_uris: dict[str, str] = {}
+    for stage in STAGED[chain]:
+        config = _stage_config(stage, output, overrides or [], smoke, model_uris)
+        model_uri = io.join(config.output, "model")
+        if io.exists(io.join(model_uri, CONFIG_FILE)):
+            print(f"stage {stage.name}: already trained ({model_uri}), skipped", flush=True)
+        else:
+            print(f"stage {stage.name}: training {config.model}", flush=True)
+            model_uri = run_training(config).model_uri
+        model_uris[stage.name] = model_uri
+    if chain == "mbdcnn":
+        stages = [load_model(model_uris[s.name]) for s in STAGED["mbdcnn"]]
+        assembled = MBDCNN.from_stages(*stages)
+        config = stages[0].saved_config
+        model_uris["mbdcnn"] = io.join(output, "model")
+        save_model(
+            assembled,
+            model_uris["mbdcnn"],
+            input_size=config.input_size,
+            class_names=stages[1].saved_config.class_names,
+            mask_threshold=config.mask_threshold,
+        )
+    return model_uris

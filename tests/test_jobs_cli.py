@@ -1,0 +1,90 @@
+"""The jobs' command lines turn user mistakes into one clear line and exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            [
+                "--smoke-test",
+                "--set",
+                "data.source=isic2017",
+                "--set",
+                "data.root=/nonexistent/isic",
+            ],
+            "error: dataset root not found: /nonexistent/isic",
+        ),
+        (["--smoke-test", "--set", "optim.lrr=0.1"], "optim.lrr: unknown key"),
+        (["--smoke-test", "--set", "model=segformer"], "unknown model 'segformer'"),
+        (["no_such_recipe"], "unknown recipe 'no_such_recipe'"),
+    ],
+    ids=["missing-dataset", "bad-key", "unknown-model", "unknown-recipe"],
+)
+def test_train_job_reports_user_errors_in_one_line(args, message):
+    result = _run("train.py", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_job_names_an_image_without_a_mask(tmp_path):
+    manifest = tmp_path / "train.csv"
+    manifest.write_text("image,mask,label\na.jpg,a.png,0\nb.jpg,,1\n")
+    result = _run(
+        "train.py",
+        "--smoke-test",
+        "--set",
+        "data.source=manifest",
+        "--set",
+        f"data.root={manifest}",
+    )
+    assert result.returncode == 2
+    assert f"image without a mask: {tmp_path}/b.jpg" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_score_job_reports_a_missing_input(tmp_path):
+    result = _run(
+        "score.py",
+        "--input",
+        str(tmp_path / "nowhere"),
+        "--output",
+        str(tmp_path / "out"),
+        "--segmenter",
+        str(tmp_path / "model"),
+    )
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_job_reports_a_missing_model(tmp_path):
+    result = _run(
+        "evaluate.py",
+        str(tmp_path / "no-model"),
+        "--data",
+        "manifest",
+        "--root",
+        str(tmp_path / "m.csv"),
+    )
+    assert result.returncode == 2
+    assert "no-model/config.json" in result.stderr and "Traceback" not in result.stderr
