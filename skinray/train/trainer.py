@@ -177,6 +177,7 @@ def training_curve_png(history: list[dict[str, float]]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))
@@ -189,6 +190,8 @@ def training_curve_png(history: list[dict[str, float]]) -> bytes:
             metric_axis.plot(epochs, [row[key] for row in history], marker="o", label=key[4:])
     metric_axis.set(xlabel="epoch", title="Validation", ylim=(0, 1))
     metric_axis.legend()
+    for axis in (loss_axis, metric_axis):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     buffer = stdio.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
