@@ -20,7 +20,9 @@ Throughput on the N set, in one further process and ``ray.init``: (a) the pipeli
 ``read_and_decode`` stage alone as a Ray Data ``map_batches``; (b) the segmenter and the classifier
 alone on pre-decoded images in the driver (same batch size); (c) the full pipeline; (d) the plain
 pattern of Ray's batch-inference docs: ``read_images(size=(256, 256))`` then ``map_batches`` with a
-callable class running the same two models (the classifier on the resized whole image, no ROI).
+callable class running the same two models (the classifier on the resized whole image, no ROI), run
+over 10×N too. The rates net of fixed costs (actor start-up, model loading) come from the runs over
+N and 10×N: (10×N − N) images over the extra seconds.
 """
 
 from __future__ import annotations
@@ -514,6 +516,8 @@ def throughput_session(args: argparse.Namespace) -> dict:
             "pipeline": run_pipeline(config),
             "plain": plain_pattern(args.images, config, segment_size),
         }
+        if args.more_images:  # (d) over 10×N too, for its rate net of fixed costs
+            out["plain_10n"] = plain_pattern(args.more_images, config, segment_size)
     finally:
         ray.shutdown()
     return out
@@ -522,7 +526,9 @@ def throughput_session(args: argparse.Namespace) -> dict:
 SESSIONS = {"memory": memory_session, "throughput": throughput_session}
 
 
-def run_session(kind: str, images: str, output: Path, models: dict, args) -> dict:
+def run_session(
+    kind: str, images: str, output: Path, models: dict, args, more_images: str | None = None
+) -> dict:
     """A session in a fresh Python process (fresh driver memory, fresh ``ray.init``)."""
     result = output.with_suffix(".session.json")
     command = [
@@ -542,6 +548,7 @@ def run_session(kind: str, images: str, output: Path, models: dict, args) -> dic
         str(args.cpus),
         "--sample-interval",
         str(args.sample_interval),
+        *(["--more-images", more_images] if more_images else []),
     ]
     print(f"… {kind} session over {images}", flush=True)
     subprocess.run(command, check=True)
@@ -601,17 +608,35 @@ def throughput_ratios(t: dict) -> dict:
     }
 
 
-def marginal_throughput(small: dict, large: dict) -> dict:
-    """The pipeline's rate net of its fixed costs (actor start-up, model loading, listing, the
-    final split): extra images over extra seconds between the N and 10×N memory runs."""
-    extra_s = large["timed_wall_s"] - small["timed_wall_s"]
-    extra = large["images"] - small["images"]
+def marginal(small: tuple[int, float], large: tuple[int, float]) -> dict:
+    """A rate net of fixed costs (actor start-up, model loading, listing, the final split): extra
+    images over extra seconds between a run over N and one over 10×N."""
+    extra, extra_s = large[0] - small[0], large[1] - small[1]
+    rate = extra / extra_s if extra_s > 0 else None
     return {
         "extra_images": extra,
         "extra_s": round(extra_s, 2),
-        "images_per_s": round(extra / extra_s, 3) if extra_s > 0 else None,
-        "fixed_cost_s": round(small["timed_wall_s"] - small["images"] * extra_s / extra, 2),
+        "images_per_s": round(rate, 3) if rate else None,
+        "fixed_cost_s": round(small[1] - small[0] / rate, 2) if rate else None,
     }
+
+
+def marginal_rates(small: dict, large: dict, throughput: dict) -> dict:
+    """(c) from the two memory runs; (d) from its runs over N and 10×N."""
+    out = {
+        "pipeline": marginal(
+            (small["images"], small["timed_wall_s"]), (large["images"], large["timed_wall_s"])
+        )
+    }
+    if "plain_10n" in throughput:
+        plain, plain_10n = throughput["plain"], throughput["plain_10n"]
+        out["plain"] = marginal(
+            (plain["images"], plain["wall_s"]), (plain_10n["images"], plain_10n["wall_s"])
+        )
+        out["pipeline_over_plain"] = ratio(
+            out["pipeline"]["images_per_s"], out["plain"]["images_per_s"]
+        )
+    return out
 
 
 def print_report(results: dict) -> None:
@@ -652,11 +677,18 @@ def print_report(results: dict) -> None:
     ]
     for label, value in rows_:
         print(f"{label:44}{value:>8.2f}")
-    m = results["pipeline_marginal"]
-    print(
-        f"    full pipeline, marginal N→10N (memory runs) {m['images_per_s']!s:>8}"
-        f"  (fixed cost ≈ {m['fixed_cost_s']} s a run)"
-    )
+    if "plain_10n" in t:
+        print(f"{'    read_images + map_batches, 10×N':44}{t['plain_10n']['images_per_s']:>8.2f}")
+    m = results["marginal"]
+    print("Net of fixed costs ((10×N − N) images / extra seconds):")
+    for key, label in (("pipeline", "(c) full pipeline (memory runs)"), ("plain", "(d) plain")):
+        if key in m:
+            print(
+                f"    {label:40}{m[key]['images_per_s']!s:>8}"
+                f"  (fixed cost ≈ {m[key]['fixed_cost_s']} s a run)"
+            )
+    if "pipeline_over_plain" in m:
+        print(f"    (c)/(d) net of fixed costs = {m['pipeline_over_plain']}")
     r = results["throughput_ratios"]
     print(
         f"(c)/min(a,b) = {r['pipeline_over_min_decode_model']:.2f} (target ≥ {TARGET_VS_PARTS}: "
@@ -676,7 +708,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
     small = run_session("memory", inputs["small"], workdir / "out_memory_n", models, args)
     large = run_session("memory", inputs["large"], workdir / "out_memory_10n", models, args)
     throughput = run_session(
-        "throughput", inputs["small"], workdir / "out_throughput", models, args
+        "throughput", inputs["small"], workdir / "out_throughput", models, args, inputs["large"]
     )
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -702,7 +734,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
     results["memory"]["ratios"] = memory_ratios(small["memory"], large["memory"])
     results["memory"]["target_ratio"] = TARGET_MEMORY_RATIO
     results["throughput_ratios"] = throughput_ratios(throughput)
-    results["pipeline_marginal"] = marginal_throughput(small["pipeline"], large["pipeline"])
+    results["marginal"] = marginal_rates(small["pipeline"], large["pipeline"], throughput)
     print_report(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=str))
@@ -719,7 +751,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=…)")
     parser.add_argument("--sample-interval", type=float, default=0.25, help="seconds")
     # One measurement in a fresh process; the benchmark runs itself with these.
-    for name in ("--session", "--images", "--output", "--models", "--result"):
+    for name in ("--session", "--images", "--more-images", "--output", "--models", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.json = args.json or str(Path(args.workdir) / "results.json")
