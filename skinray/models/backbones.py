@@ -12,9 +12,9 @@ from __future__ import annotations
 import difflib
 from collections.abc import Mapping
 
-import safetensors.torch
 import timm
 import torch
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 from skinray import io
@@ -51,7 +51,7 @@ def read_backbone_weights(timm_name: str, uri: str) -> dict[str, torch.Tensor]:
     """
     require_timm_model(timm_name)
     try:
-        state = safetensors.torch.load(io.read_bytes(uri))
+        state = load_safetensors(io.read_bytes(uri))
     except FileNotFoundError:
         raise
     except Exception as error:  # safetensors raises its own error types for bad headers

@@ -17,6 +17,7 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from safetensors.torch import load as load_safetensors
 from torch import nn
 
 import skinray
@@ -140,6 +141,6 @@ def load_model(uri: str, *, device: str | torch.device = "cpu", filesystem=None)
             f"({config.weights_sha256}); the directory mixes two saves"
         )
     model = create_model(config.model, **config.kwargs)
-    model.load_state_dict(safetensors.torch.load(weights), strict=True)
+    model.load_state_dict(load_safetensors(weights), strict=True)
     model.saved_config = config
     return model.to(device).eval()

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
 
 from skinray import io
 from skinray.data.transforms import augment_batch, augmentation
@@ -121,7 +121,7 @@ class ModelInputs:
 
 def initialise_from(model: torch.nn.Module, uri: str) -> None:
     """Copy a saved model's weights into ``model`` where names match; all of them must fit."""
-    state = safetensors.torch.load(io.read_bytes(io.join(uri, WEIGHTS_FILE)))
+    state = load_safetensors(io.read_bytes(io.join(uri, WEIGHTS_FILE)))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
         raise ValueError(
