@@ -699,6 +699,8 @@ def print_report(results: dict) -> None:
 
 
 def main_benchmark(args: argparse.Namespace) -> None:
+    from skinray.score.config import ScoreConfig
+
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
@@ -718,8 +720,9 @@ def main_benchmark(args: argparse.Namespace) -> None:
             "n": args.n,
             "ray_init_num_cpus": args.cpus,
             "sample_interval_s": args.sample_interval,
-            "batch_size": 16,
-            "decode_batch_size": 8,
+            # ScoreConfig's defaults, which every run here uses.
+            "batch_size": ScoreConfig.model_fields["batch_size"].default,
+            "decode_batch_size": ScoreConfig.model_fields["decode_batch_size"].default,
             "segmenter": "unet, encoder resnet34, 256×256, random weights",
             "classifier": "classifier, encoder resnet18, 224×224, 3 classes, random weights",
             "worker_processes": "ray:: workers and actors (Ray Data's own actors included); "

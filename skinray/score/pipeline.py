@@ -2,7 +2,9 @@
 
 Decoding runs as CPU tasks; each model runs on an actor pool sized from the cluster (one GPU per actor
 where there are GPUs, CPU actors otherwise) that Ray restarts if an actor dies, retrying its batches.
-Rows stream: memory holds a few batches per stage whatever the archive's size. The rows land in a
+Rows stream; decoded images wait in the object store up to Ray Data's backpressure budget
+when decoding outruns the models (docs/benchmarks.md), and the driver reads the staged rows (no
+images, small PNG masks) to split them. The rows land in a
 staging Parquet directory in one pass, then are split into ``results/run_date=…`` and
 ``errors/run_date=…`` with a fixed schema and a bounded number of files, replacing the partition of a
 re-run (or adding to it with ``incremental``), and the staging directory is removed.
@@ -198,7 +200,8 @@ def _actor_pool(config: ScoreConfig) -> dict:
         compute=ray.data.ActorPoolStrategy(min_size=min(config.min_actors, upper), max_size=upper),
         num_gpus=1 if use_gpu else 0,
         # On CPU a model actor takes half a CPU, so that on a small machine both model stages and
-        # the decode tasks all get to run (torch's threads are not bound by this number). Ray Data
+        # the decode tasks all get to run. Ray sets OMP_NUM_THREADS from this (minimum 1), so each
+        # CPU actor runs torch on one thread (measured: bench/score_pipeline.py). Ray Data
         # restarts a dead actor and retries its batches by default (max_restarts=-1).
         num_cpus=1 if use_gpu else 0.5,
     )
