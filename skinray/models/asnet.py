@@ -30,17 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from skinray.models.backbones import create_timm_model, normalization_of
+from skinray.models.layers import conv_bn_relu
 from skinray.models.registry import MASK_LOGITS, register_model
 
 __all__ = ["ASNet", "AdaptiveScaleModule", "ScaleAwareModule"]
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class ScaleAwareModule(nn.Module):
@@ -49,8 +42,8 @@ class ScaleAwareModule(nn.Module):
     def __init__(self, channels: int, reduction: int = 4) -> None:
         super().__init__()
         hidden = max(channels // reduction, 8)
-        self.score_a = nn.Sequential(_conv_bn_relu(channels, hidden), nn.Conv2d(hidden, 1, 1))
-        self.score_b = nn.Sequential(_conv_bn_relu(channels, hidden), nn.Conv2d(hidden, 1, 1))
+        self.score_a = nn.Sequential(conv_bn_relu(channels, hidden), nn.Conv2d(hidden, 1, 1))
+        self.score_b = nn.Sequential(conv_bn_relu(channels, hidden), nn.Conv2d(hidden, 1, 1))
 
     def forward(self, features_a: torch.Tensor, features_b: torch.Tensor) -> torch.Tensor:
         attention = torch.cat([self.score_a(features_a), self.score_b(features_b)], 1).softmax(1)
@@ -85,8 +78,8 @@ class _DecoderStage(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            _conv_bn_relu(in_channels + skip_channels, out_channels),
-            _conv_bn_relu(out_channels, out_channels),
+            conv_bn_relu(in_channels + skip_channels, out_channels),
+            conv_bn_relu(out_channels, out_channels),
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None, size) -> torch.Tensor:

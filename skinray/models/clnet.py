@@ -32,17 +32,10 @@ from timm.layers import SqueezeExcite
 from torch import nn
 
 from skinray.models.backbones import create_timm_model, normalization_of
+from skinray.models.layers import conv_bn_relu
 from skinray.models.registry import CLASS_LOGITS, MASK_LOGITS, register_model
 
 __all__ = ["CLNet", "FeatureFusion"]
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 class FeatureFusion(nn.Module):
@@ -50,12 +43,10 @@ class FeatureFusion(nn.Module):
 
     def __init__(self, classification_channels: int, segmentation_channels: int, out_channels: int):
         super().__init__()
-        self.reduce = _conv_bn_relu(
-            classification_channels + segmentation_channels, out_channels, 1
-        )
+        self.reduce = conv_bn_relu(classification_channels + segmentation_channels, out_channels, 1)
         self.squeeze_excite = SqueezeExcite(out_channels, rd_ratio=1 / 16)
         self.refine = nn.Sequential(
-            _conv_bn_relu(out_channels, out_channels), _conv_bn_relu(out_channels, out_channels)
+            conv_bn_relu(out_channels, out_channels), conv_bn_relu(out_channels, out_channels)
         )
 
     def forward(self, classification: torch.Tensor, segmentation: torch.Tensor) -> torch.Tensor:
@@ -82,8 +73,8 @@ class _DecoderBlock(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
         self.convs = nn.Sequential(
-            _conv_bn_relu(in_channels + skip_channels, out_channels),
-            _conv_bn_relu(out_channels, out_channels),
+            conv_bn_relu(in_channels + skip_channels, out_channels),
+            conv_bn_relu(out_channels, out_channels),
         )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
