@@ -1,11 +1,14 @@
 """Scoring pipeline benchmark: memory over N and 10×N images, throughput against its parts.
 
-    .venv/bin/python bench/score_pipeline.py [--n 44] [--workdir /work/runs/bench_score] \\
+    .venv/bin/python bench/score_pipeline.py [--n 110] [--workdir /work/runs/bench_score] \\
         [--json /work/runs/bench_score/results.json]
 
 Inputs: N and 10×N real full-resolution ISIC images (symlinks with distinct names to
-../shared/data/isic2017_fullres/images; the N set spans the archive's pixel counts evenly, the 10×N
-set is the N set repeated ten times, so both have the same mix of sizes). Models: a U-Net
+../shared/data/isic2017_fullres/images; the N set spans the archive's pixel counts evenly — at the
+default N = 110 it is every image there once —, the 10×N set is the N set repeated ten times, so
+both have the same mix of sizes). N must be large enough for the pipeline to reach its steady state
+(decoding runs ahead of the models until the object-store budget holds it); at N = 44 the whole
+decoded set fits under the budget, so the N figure would be the data size, not the ceiling. Models: a U-Net
 (ResNet-34 encoder, 256×256) and a ROI classifier (ResNet-18, 224×224, 3 classes), freshly
 initialised and saved with ``save_model``; random weights cost the same time and memory as trained
 ones (the masks differ, so the ROIs differ, but the ROI stage's cost barely depends on them).
@@ -20,8 +23,8 @@ Throughput on the N set, in one further process and ``ray.init``: (a) the pipeli
 ``read_and_decode`` stage alone as a Ray Data ``map_batches``; (b) the segmenter and the classifier
 alone on pre-decoded images in the driver (same batch size); (c) the full pipeline; (d) the plain
 pattern of Ray's batch-inference docs: ``read_images(size=(256, 256))`` then ``map_batches`` with a
-callable class running the same two models (the classifier on the resized whole image, no ROI), run
-over 10×N too. The rates net of fixed costs (actor start-up, model loading) come from the runs over
+callable class running the same two models (the classifier on the resized whole image, no ROI) with
+the same torch threads as (b) and the pipeline's actors, run over 10×N too. The rates net of fixed costs (actor start-up, model loading) come from the runs over
 N and 10×N: (10×N − N) images over the extra seconds.
 """
 
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +306,9 @@ def run_pipeline(config) -> dict:
         "summary_images_per_s": round(summary.images_per_s, 3),
         "timed_wall_s": round(wall_s, 2),
         "timed_images_per_s": round(summary.inputs_listed / wall_s, 3),
+        "object_store_budget_mib": summary.object_store_budget_mib,
+        "stages": [asdict(stage) for stage in summary.stages],
+        "stage_lines": [stage.line() for stage in summary.stages],
     }
 
 
@@ -348,19 +355,15 @@ def decode_only(images: str, config, segment_size: tuple[int, int]) -> dict:
     """(a) The pipeline's listing and read/decode stage, as it builds them, consumed in the driver."""
     import ray
 
-    from skinray.score.pipeline import list_inputs
+    from skinray.score.pipeline import _slices, list_inputs
     from skinray.score.stages import read_and_decode
 
     started = time.perf_counter()
     listing = list_inputs(images)
-    dataset = (
-        ray.data.from_arrow(listing)
-        .repartition(max(1, listing.num_rows // config.decode_batch_size))
-        .map_batches(
-            read_and_decode,
-            batch_size=config.decode_batch_size,
-            fn_kwargs={"image_size": segment_size, "max_pixels": config.max_pixels},
-        )
+    dataset = ray.data.from_arrow(_slices(listing, config.decode_batch_size)).map_batches(
+        read_and_decode,
+        batch_size=config.decode_batch_size,
+        fn_kwargs={"image_size": segment_size, "max_pixels": config.max_pixels},
     )
     count = errors = 0
     for batch in dataset.iter_batches(batch_size=None):
@@ -399,13 +402,9 @@ def model_only(images: str, config, segment_size, roi_size, threads: int) -> dic
     (ROIs made by the pipeline's own ROI stage, untimed)."""
     import torch
 
+    from skinray.score.actors import ClassifyActor, SegmentActor
     from skinray.score.pipeline import list_inputs
-    from skinray.score.stages import (
-        ClassifyActor,
-        SegmentActor,
-        read_and_decode,
-        roi_and_descriptors,
-    )
+    from skinray.score.stages import read_and_decode, roi_and_descriptors
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -440,8 +439,13 @@ class PlainPredictor:
     """Ray's batch-inference pattern: the segmenter, then the classifier on the resized image."""
 
     def __init__(self, segmenter: str, classifier: str) -> None:
+        import torch
+
         from skinray.models import load_model
 
+        # The same torch threads as (b) and the pipeline's CPU actors (Ray would set 1 from the
+        # actor's num_cpus=1), so that (c)/(d) compares the pipelines, not thread settings.
+        torch.set_num_threads(os.cpu_count() or 1)
         self.segmenter = load_model(segmenter)
         self.classifier = load_model(classifier)
 
@@ -747,7 +751,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--n", type=int, default=44, help="images in the small set (10× in the large)"
+        "--n", type=int, default=110, help="images in the small set (10× in the large)"
     )
     parser.add_argument("--workdir", default="/work/runs/bench_score")
     parser.add_argument("--json", default=None, help="default: <workdir>/results.json")

@@ -38,6 +38,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-actors", type=int, help="upper bound of each model's actor pool")
     parser.add_argument(
+        "--roi-margin", type=float, help="ROI box margin, a fraction of the lesion box (0.1)"
+    )
+    parser.add_argument(
+        "--prefetch-batches",
+        type=int,
+        help="model batches queued per actor; with the pool, bounds the object store (8)",
+    )
+    parser.add_argument(
+        "--object-store-mib",
+        dest="object_store_memory_mib",
+        type=float,
+        help="object-store bound for the run, instead of the one derived from the pool",
+    )
+    parser.add_argument(
+        "--cpu-threads",
+        dest="cpu_threads_per_actor",
+        type=int,
+        help="torch threads per model actor on CPU (default: node CPUs / actors per node)",
+    )
+    parser.add_argument(
         "--use-gpu",
         action="store_true",
         default=None,

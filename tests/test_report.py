@@ -30,7 +30,8 @@ from skinray.report.html import (
     latest_run_date,
     stratified_sample,
 )
-from skinray.score.schema import error_schema, probability_column, result_schema
+from skinray.score.roi import extract_roi
+from skinray.score.schema import ROI_BOX_COLUMNS, error_schema, probability_column, result_schema
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["melanoma", "seborrheic_keratosis", "nevus"]
@@ -113,6 +114,8 @@ def _result_row(images: Path, image_id, class_index, seed, size, with_cam) -> di
         "mask_png": encode_png(mask * 255),
         "mask_height": MASK_PX,
         "mask_width": MASK_PX,
+        # The scoring job's ROI box with its default 10 % margin.
+        **dict(zip(ROI_BOX_COLUMNS, extract_roi(mask, mask, margin=0.1).box, strict=True)),
         "cam_png": encode_png((cam / cam.max() * 255).astype(np.uint8)) if with_cam else None,
         "segmenter": "unet",
         "segmenter_sha256": SEGMENTER_SHA,

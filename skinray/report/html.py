@@ -15,10 +15,9 @@
 Everything is inside the page (images as base64 ``data:`` URIs, inline CSS, no script), so it can be
 mailed or archived and opens without a network. Every string taken from the data is HTML-escaped.
 
-Where the CAM lies: a joint model's CAM (no ``classifier``) covers the whole segmenter input; a
-two-step run's covers the classifier's ROI, the mask's bounding box enlarged by the ROI margin
-(``skinray.score.roi.extract_roi``). The output does not record the margin, so the scoring default
-(``ScoreConfig.roi_margin``) is assumed.
+Where the CAM lies: a joint model's CAM (no ROI box) covers the whole segmenter input; a two-step
+run's covers the classifier's ROI, whose box in mask pixels the results record (``roi_top`` …
+``roi_right``).
 """
 
 from __future__ import annotations
@@ -42,9 +41,7 @@ from matplotlib.figure import Figure
 
 from skinray import io
 from skinray.data.decode import ImageDecodeError, decode, encode_png
-from skinray.score.config import ScoreConfig
-from skinray.score.roi import extract_roi
-from skinray.score.schema import ERROR_STAGES
+from skinray.score.schema import ERROR_STAGES, ROI_BOX_COLUMNS
 
 __all__ = ["ReportError", "build_report", "latest_run_date", "stratified_sample"]
 
@@ -55,7 +52,6 @@ CAM_ALPHA = 0.4
 MISSING_SOURCE_GREY = 128
 MAX_ERROR_ROWS = 50
 SHA256_PREFIX = 12
-ROI_MARGIN = ScoreConfig.model_fields["roi_margin"].default
 NO_CLASS = "(no class)"
 PLOT_COLOUR = "#3b6ea8"
 
@@ -84,7 +80,9 @@ _TILE_COLUMNS = [
     "border_irregularity",
     "mask_png",
     "cam_png",
-    "classifier",
+    "mask_height",
+    "mask_width",
+    *ROI_BOX_COLUMNS,
 ]
 _ERROR_COLUMNS = ["source_uri", "stage", "error_type", "error_message", "run_id"]
 
@@ -250,7 +248,7 @@ def _tile_image(row: dict, images_uri_root: str | None) -> tuple[np.ndarray, lis
         rgb = _grey_canvas(stored_mask, size)
         notes.append(f"source image not readable, mask shown on grey: {error}")
     if row["cam_png"]:
-        rgb = _overlay_cam(rgb, row["cam_png"], _cam_box(stored_mask, row["classifier"]))
+        rgb = _overlay_cam(rgb, row["cam_png"], _cam_box(row))
     if stored_mask is not None:
         _draw_contour(rgb, _resize_mask(stored_mask, size))
     return rgb, notes
@@ -297,13 +295,14 @@ def _grey_canvas(mask: np.ndarray | None, size: tuple[int, int]) -> np.ndarray:
     return canvas
 
 
-def _cam_box(mask: np.ndarray | None, classifier: str | None) -> tuple[float, float, float, float]:
+def _cam_box(row: dict) -> tuple[float, float, float, float]:
     """(top, left, bottom, right) of the CAM's frame as fractions of the image."""
-    if mask is None or classifier is None:  # a joint model's CAM covers the whole input
-        return 0.0, 0.0, 1.0, 1.0
-    y0, x0, y1, x1 = extract_roi(np.zeros(mask.shape, np.uint8), mask, margin=ROI_MARGIN).box
-    height, width = mask.shape
-    return y0 / height, x0 / width, y1 / height, x1 / width
+    box = [row[name] for name in ROI_BOX_COLUMNS]
+    if any(v is None for v in box) or not row["mask_height"] or not row["mask_width"]:
+        return 0.0, 0.0, 1.0, 1.0  # a joint model's CAM covers its whole input
+    top, left, bottom, right = box
+    height, width = row["mask_height"], row["mask_width"]
+    return top / height, left / width, bottom / height, right / width
 
 
 def _overlay_cam(

@@ -29,12 +29,11 @@ import pyarrow.parquet as pq
 
 from skinray import io
 from skinray.models import read_model_config
+from skinray.score.actors import ClassifyActor, SegmentActor
 from skinray.score.config import ScoreConfig, ScoreConfigError
 from skinray.score.schema import error_schema, result_schema
 from skinray.score.stages import (
     KILL_ACTOR_MARKER_ENV,
-    ClassifyActor,
-    SegmentActor,
     finish_rows,
     read_and_decode,
     roi_and_descriptors,
@@ -50,6 +49,41 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 MANIFEST_SUFFIXES = (".csv", ".txt", ".parquet")
+#: CPUs claimed by the ROI, row-building and write tasks: milliseconds an image, they must not wait for a
+#: whole free CPU behind the decode tasks (on 2 CPUs, 440 images: 45.0 s at 0.25, 49.2 s at 1).
+LIGHT_TASK_CPUS = 0.25
+
+
+#: The stages an image passes, in order, and the Ray Data operator that runs each (None: the driver).
+STAGES = (
+    ("list", None),
+    ("read", "read_and_decode"),
+    ("decode", "read_and_decode"),
+    ("segment", "SegmentActor"),
+    ("roi", "roi_and_descriptors"),
+    ("classify", "ClassifyActor"),
+    ("write", "Write"),
+)
+
+
+@dataclass
+class StageSummary:
+    """One stage of a run: images that reached it, errors it recorded, and the Ray Data operator's
+    task time (summed over tasks) and span (first task start to last task end)."""
+
+    stage: str
+    images_in: int
+    errors: int
+    task_s: float | None = None
+    span_s: float | None = None
+
+    def line(self) -> str:
+        timing = (
+            f"{self.task_s:8.1f} s in tasks, {self.span_s:6.1f} s span"
+            if self.task_s is not None and self.span_s is not None
+            else ""
+        )
+        return f"  {self.stage:9}{self.images_in:>9} in {self.errors:>7} errors  {timing}".rstrip()
 
 
 @dataclass
@@ -66,6 +100,9 @@ class RunSummary:
     images_per_s: float = 0.0
     results_uri: str = ""
     errors_uri: str = ""
+    stages: list[StageSummary] = field(default_factory=list)
+    #: The object-store bound the run's Ray Data execution ran under; 0 when nothing was scored.
+    object_store_budget_mib: float = 0.0
 
     def lines(self) -> list[str]:
         by_type = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_type.items())) or "none"
@@ -80,6 +117,7 @@ class RunSummary:
             f"  results  {self.results} → {self.results_uri}",
             f"  errors   {self.errors} ({by_type}) → {self.errors_uri}",
             f"  time     {self.wall_time_s:.1f} s, {self.images_per_s:.1f} images/s",
+            *(stage.line() for stage in self.stages),
         ]
 
 
@@ -168,6 +206,10 @@ def list_inputs(uri: str) -> pa.Table:
     return table.take(pa.array(np.sort(first)))
 
 
+def _slices(table: pa.Table, rows: int) -> list[pa.Table]:
+    return [table.slice(start, rows) for start in range(0, table.num_rows, rows)]
+
+
 def _partition(output: str, table: str, run_date: str) -> str:
     return io.join(output, table, f"run_date={run_date}")
 
@@ -188,23 +230,65 @@ def _already_scored(config: ScoreConfig, models: dict[str, str]) -> set[tuple[st
     return set(zip(table["source_uri"].to_pylist(), table["source_etag"].to_pylist(), strict=True))
 
 
-def _actor_pool(config: ScoreConfig) -> dict:
-    """map_batches arguments for a model stage: pool bounds, and a GPU per actor where wanted."""
+@dataclass(frozen=True)
+class _Placement:
+    """Where the model stages run: actors per stage, a GPU each or CPU threads each."""
+
+    use_gpu: bool
+    max_actors: int
+    cpu_threads: int
+    decode_slots: int
+
+    def pool_args(self, config: ScoreConfig) -> dict:
+        """map_batches arguments for a model stage."""
+        import ray
+
+        return dict(
+            compute=ray.data.ActorPoolStrategy(
+                min_size=min(config.min_actors, self.max_actors), max_size=self.max_actors
+            ),
+            num_gpus=1 if self.use_gpu else 0,
+            # On CPU a model actor claims half a CPU so that both model stages and the decode
+            # tasks get scheduled on a small node; its torch threads are set apart (Ray would set
+            # OMP_NUM_THREADS to 1 from this). Ray Data restarts a dead actor and retries its
+            # batches (max_restarts=-1).
+            num_cpus=1 if self.use_gpu else 0.5,
+        )
+
+
+def _placement(config: ScoreConfig) -> _Placement:
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    node_cpus = max(
+        (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1
+    )
     use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
     upper = config.max_actors or (max(1, gpus) if use_gpu else max(1, cpus // 4))
-    return dict(
-        compute=ray.data.ActorPoolStrategy(min_size=min(config.min_actors, upper), max_size=upper),
-        num_gpus=1 if use_gpu else 0,
-        # On CPU a model actor takes half a CPU, so that on a small machine both model stages and
-        # the decode tasks all get to run. Ray sets OMP_NUM_THREADS from this (minimum 1), so each
-        # CPU actor runs torch on one thread (measured: bench/score_pipeline.py). Ray Data
-        # restarts a dead actor and retries its batches by default (max_restarts=-1).
-        num_cpus=1 if use_gpu else 0.5,
-    )
+    nodes = max(1, round(cpus / max(node_cpus, 1)))
+    per_node = -(-upper // nodes)
+    threads = config.cpu_threads_per_actor or max(1, node_cpus // per_node)
+    return _Placement(use_gpu, upper, threads, decode_slots=max(1, cpus))
+
+
+def _object_store_budget(
+    config: ScoreConfig,
+    placement: _Placement,
+    segment_size: tuple[int, int],
+    roi_size: tuple[int, int] | None,
+) -> int:
+    """Bytes of object store the run may hold: ``prefetch_batches`` batches queued for every
+    model actor (a decoded image and its mask, then its ROI) and one output per decode task. A
+    bound that depends on the pool, not on the archive, keeps memory flat however many images
+    there are; decoding runs ahead of the models only that far."""
+    if config.object_store_memory_mib:
+        return int(config.object_store_memory_mib * 2**20)
+    segment_row = 4 * segment_size[0] * segment_size[1]  # RGB + mask, uint8
+    roi_row = 3 * roi_size[0] * roi_size[1] if roi_size else 0
+    queued = config.prefetch_batches * config.batch_size * (segment_row + roi_row)
+    decoding = placement.decode_slots * config.decode_batch_size * segment_row
+    return queued * placement.max_actors + decoding
 
 
 def _write_table(table: pa.Table, uri: str, run_id: str, rows_per_file: int, replace: bool) -> None:
@@ -274,11 +358,12 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
         ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
     staging = io.join(config.output, "_staging", config.run_id)
     kill_marker = os.environ.get(KILL_ACTOR_MARKER_ENV)
-    actor_args = dict(batch_size=config.batch_size, **_actor_pool(config))
+    placement = _placement(config)
+    actor_args = dict(batch_size=config.batch_size, **placement.pool_args(config))
     if listing.num_rows:
         rows = (
-            ray.data.from_arrow(listing)
-            .repartition(max(1, listing.num_rows // config.decode_batch_size))
+            # One block per decode task, cut here: a repartition would be an all-to-all barrier.
+            ray.data.from_arrow(_slices(listing, config.decode_batch_size))
             .map_batches(
                 read_and_decode,
                 batch_size=config.decode_batch_size,
@@ -290,12 +375,14 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
                     "model_uri": config.segmenter,
                     "batch_size": config.batch_size,
                     "kill_marker": kill_marker,
+                    "cpu_threads": placement.cpu_threads,
                 },
                 **actor_args,
             )
             .map_batches(
                 roi_and_descriptors,
                 batch_size=config.decode_batch_size,
+                num_cpus=LIGHT_TASK_CPUS,
                 fn_kwargs={
                     "roi_size": tuple(roi_size) if roi_size else None,
                     "margin": config.roi_margin,
@@ -309,12 +396,14 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
                     "model_uri": config.classifier,
                     "batch_size": config.batch_size,
                     "kill_marker": kill_marker,
+                    "cpu_threads": placement.cpu_threads,
                 },
                 **actor_args,
             )
         rows = rows.map_batches(
             finish_rows,
             batch_size=config.decode_batch_size,
+            num_cpus=LIGHT_TASK_CPUS,
             fn_kwargs={
                 "class_names": class_names,
                 "models": models,
@@ -323,13 +412,19 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
             },
         )
         staging_fs, staging_path = io.resolve(staging)
+        # Datasets snapshot the DataContext when created: this run's budget goes on its own copy.
+        options = rows.context.execution_options
+        budget = _object_store_budget(config, placement, segment_size, roi_size)
+        options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
         rows.write_parquet(
             staging if staging.startswith("s3://") else staging_path,
             filesystem=staging_fs if staging.startswith("s3://") else None,
+            ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
         )
+        operator_times = _operator_times(rows)
         staged = pads.dataset(staging_path, filesystem=staging_fs, format="parquet").to_table()
     else:
-        staging_fs, staging_path, staged = None, None, None
+        staging_fs, staging_path, staged, operator_times, budget = None, None, None, {}, 0
 
     results, errors = _split(staged, class_names, config)
     _write_table(
@@ -368,6 +463,15 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
         images_per_s=(listed - skipped) / wall_time_s if wall_time_s else 0.0,
         results_uri=_partition(config.output, "results", run_date),
         errors_uri=_partition(config.output, "errors", run_date),
+        stages=_stage_summaries(
+            listed,
+            skipped,
+            {s: error_stages.count(s) for s in set(error_stages)},
+            results.num_rows + errors.num_rows,
+            config.classifier is not None,
+            operator_times,
+        ),
+        object_store_budget_mib=round(budget / 2**20, 1),
     )
     io.write_bytes(
         io.join(
@@ -376,6 +480,52 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
         json.dumps(asdict(summary), indent=2).encode(),
     )
     return summary
+
+
+def _operator_times(dataset) -> dict[str, tuple[float, float]]:
+    """Ray Data operator name → (summed task wall time, span), from the executed dataset."""
+
+    def operators_of(summary):  # the write's summary holds the stages before it as parents
+        for parent in summary.parents:
+            yield from operators_of(parent)
+        yield from summary.operators_stats
+
+    try:
+        operators = list(operators_of(dataset.get_stats_summary()))
+    except Exception:  # stats are a report, never a reason to fail a finished run
+        return {}
+    times = {}
+    for op in operators:
+        if op.wall_time is None or op.earliest_start_time is None or op.latest_end_time is None:
+            continue
+        times[op.operator_name] = (
+            float(op.wall_time.sum),
+            float(op.latest_end_time - op.earliest_start_time),
+        )
+    return times
+
+
+def _stage_summaries(
+    listed: int,
+    skipped: int,
+    errors_by_stage: dict[str, int],
+    written: int,
+    with_classifier: bool,
+    operator_times: dict[str, tuple[float, float]],
+) -> list[StageSummary]:
+    stages, reaching = [], listed
+    for stage, operator in STAGES:
+        if stage == "classify" and not with_classifier:
+            continue
+        errors = errors_by_stage.get(stage, 0)
+        summary = StageSummary(stage, written if stage == "write" else reaching, errors)
+        if operator and stage != "read":  # read and decode are one task, timed as decode
+            match = next((t for name, t in operator_times.items() if operator in name), None)
+            if match:
+                summary.task_s, summary.span_s = match
+        stages.append(summary)
+        reaching = (reaching - skipped if stage == "list" else reaching) - errors
+    return stages
 
 
 def _split(staged: pa.Table | None, class_names: list[str], config: ScoreConfig):

@@ -20,12 +20,15 @@ from skinray.score.roi import DESCRIPTOR_NAMES
 
 __all__ = [
     "ERROR_STAGES",
+    "ROI_BOX_COLUMNS",
     "error_schema",
     "probability_column",
     "result_schema",
 ]
 
 ERROR_STAGES = ("list", "read", "decode", "segment", "classify", "write")
+#: The classifier's ROI in mask pixels (bottom and right exclusive), as ``extract_roi`` cut it.
+ROI_BOX_COLUMNS = ("roi_top", "roi_left", "roi_bottom", "roi_right")
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
 _RESULT_HEAD = [
@@ -45,6 +48,7 @@ _RESULT_TAIL = [
     pa.field("mask_png", pa.binary()),
     pa.field("mask_height", pa.int32()),
     pa.field("mask_width", pa.int32()),
+    *(pa.field(name, pa.int32()) for name in ROI_BOX_COLUMNS),
     pa.field("cam_png", pa.binary()),
     pa.field("segmenter", pa.string()),
     pa.field("segmenter_sha256", pa.string()),

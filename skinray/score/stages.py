@@ -6,7 +6,8 @@ and an ``error_stage`` that is empty while the row is healthy; a stage that fail
 So every listed image ends as exactly one row: a result or an error.
 
 read → decode (CPU tasks) → segment (model actor) → roi + descriptors (CPU tasks) → classify (model
-actor) → finish (rows in the output schema).
+actor) → finish (rows in the output schema). The model actors live in ``skinray.score.actors``; this
+module does not import torch, so the CPU tasks' workers never load it.
 """
 
 from __future__ import annotations
@@ -14,23 +15,16 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-import os
-from pathlib import Path
 
 import numpy as np
 import pyarrow.fs as pafs
-import torch
 
 from skinray import io
 from skinray.data.decode import ImageDecodeError, decode, encode_png
-from skinray.data.transforms import normalise
-from skinray.models import CAM, CLASS_LOGITS, MASK_LOGITS, load_model
 from skinray.score.roi import DESCRIPTOR_NAMES, extract_roi, lesion_descriptors
-from skinray.score.schema import probability_column
+from skinray.score.schema import ROI_BOX_COLUMNS, probability_column
 
 __all__ = [
-    "ClassifyActor",
-    "SegmentActor",
     "finish_rows",
     "read_and_decode",
     "roi_and_descriptors",
@@ -49,13 +43,13 @@ def _errors(count: int) -> dict[str, np.ndarray]:
     }
 
 
-def _fail(batch: dict, index: int, stage: str, error: BaseException) -> None:
+def mark_failed(batch: dict, index: int, stage: str, error: BaseException) -> None:
     batch["error_stage"][index] = stage
     batch["error_type"][index] = type(error).__name__
     batch["error_message"][index] = str(error)
 
 
-def _healthy(batch: dict) -> np.ndarray:
+def healthy_rows(batch: dict) -> np.ndarray:
     return np.array([stage == "" for stage in batch["error_stage"]], dtype=bool)
 
 
@@ -89,93 +83,18 @@ def read_and_decode(
         try:
             data = io.read_bytes(uri, _filesystem("s3" if uri.startswith("s3://") else "local"))
         except (OSError, FileNotFoundError) as error:
-            _fail(out, i, "read", error)
+            mark_failed(out, i, "read", error)
             continue
         out["source_size_bytes"][i] = len(data)
         out["content_sha256"][i] = hashlib.sha256(data).hexdigest()
         try:
             decoded = decode(data, (height, width), max_pixels=max_pixels, source=uri)
         except ImageDecodeError as error:
-            _fail(out, i, "decode", error)
+            mark_failed(out, i, "decode", error)
             continue
         out["image"][i] = decoded.rgb
         out["height"][i], out["width"][i] = decoded.original_size
     return out
-
-
-def _kill_once_if_asked() -> None:
-    marker = os.environ.get(KILL_ACTOR_MARKER_ENV)
-    if marker and not Path(marker).exists():
-        Path(marker).write_text(f"actor pid {os.getpid()} exited on purpose\n")
-        os._exit(1)
-
-
-class _ModelActor:
-    """A saved model on this actor's device, run in ``inference_mode`` (bf16 autocast on GPU)."""
-
-    def __init__(self, model_uri: str, batch_size: int, kill_marker: str | None = None) -> None:
-        if kill_marker:
-            os.environ[KILL_ACTOR_MARKER_ENV] = kill_marker
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(model_uri, device=self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.config = self.model.saved_config
-        self.batch_size = batch_size
-
-    @torch.inference_mode()
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        outputs: dict[str, list[np.ndarray]] = {}
-        for start in range(0, len(images), self.batch_size):
-            chunk = torch.from_numpy(images[start : start + self.batch_size]).permute(0, 3, 1, 2)
-            x = normalise(chunk.to(self.device), self.config.mean, self.config.std)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(
-                self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"
-            ):
-                result = self.model(x)
-            for key, value in result.items():
-                outputs.setdefault(key, []).append(value.float().cpu().numpy())
-        return {key: np.concatenate(chunks) for key, chunks in outputs.items()}
-
-
-def _probabilities(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(1, keepdims=True)
-
-
-class SegmentActor(_ModelActor):
-    """Lesion mask at the model's resolution; class probabilities too when the model classifies."""
-
-    def __call__(self, batch: dict) -> dict:
-        _kill_once_if_asked()
-        count = len(batch["source_uri"])
-        height, width = batch["image"].shape[1:3]
-        batch["mask"] = np.zeros((count, height, width), np.uint8)
-        healthy = np.flatnonzero(_healthy(batch))
-        if len(healthy):
-            try:
-                outputs = self.run(batch["image"][healthy])
-            except (
-                Exception
-            ) as error:  # one bad batch must not fail the job: its rows become errors
-                for i in healthy:
-                    _fail(batch, i, "segment", error)
-                return batch
-            probability = 1 / (1 + np.exp(-outputs[MASK_LOGITS][:, 0]))
-            batch["mask"][healthy] = (probability > self.config.mask_threshold).astype(np.uint8)
-            if CLASS_LOGITS in outputs:
-                probabilities = np.zeros((count, outputs[CLASS_LOGITS].shape[1]), np.float32)
-                probabilities[healthy] = _probabilities(outputs[CLASS_LOGITS])
-                batch["class_probabilities"] = probabilities
-            if CAM in outputs:
-                cams = np.zeros((count, *outputs[CAM].shape[2:]), np.float32)
-                picked = outputs[CAM][np.arange(len(healthy)), outputs[CLASS_LOGITS].argmax(1)]
-                cams[healthy] = picked
-                batch["cam"] = cams
-        return batch
 
 
 def roi_and_descriptors(
@@ -184,9 +103,11 @@ def roi_and_descriptors(
     """ABCD descriptors and the mask PNG for every healthy row; ROIs for the classifier when one
     follows (``roi_size``). The full-size image is dropped here: later stages need only the ROI."""
     count = len(batch["source_uri"])
-    healthy = _healthy(batch)
+    healthy = healthy_rows(batch)
     descriptors = {name: np.full(count, np.nan, np.float32) for name in DESCRIPTOR_NAMES}
     mask_png = np.array([b""] * count, dtype=object)
+    # The ROI's box in mask pixels, NaN (null in the output) where no ROI classifier follows.
+    box = {name: np.full(count, np.nan, np.float32) for name in ROI_BOX_COLUMNS}
     if roi_size is not None:
         batch["roi"] = np.zeros((count, *roi_size, 3), np.uint8)
     for i in np.flatnonzero(healthy):
@@ -195,42 +116,17 @@ def roi_and_descriptors(
             descriptors[name][i] = value
         mask_png[i] = encode_png(mask * 255)
         if roi_size is not None:
-            batch["roi"][i] = extract_roi(image, mask, margin=margin, output_size=roi_size).image
+            roi = extract_roi(image, mask, margin=margin, output_size=roi_size)
+            batch["roi"][i] = roi.image
+            for name, value in zip(ROI_BOX_COLUMNS, roi.box, strict=True):
+                box[name][i] = value
     batch.update(descriptors)
+    batch.update(box)
     batch["mask_png"] = mask_png
     batch["mask_height"] = np.full(count, batch["mask"].shape[1], np.int32)
     batch["mask_width"] = np.full(count, batch["mask"].shape[2], np.int32)
     del batch["image"], batch["mask"]
     return batch
-
-
-class ClassifyActor(_ModelActor):
-    """Class probabilities of each ROI (and its CAM where the classifier yields one)."""
-
-    def __call__(self, batch: dict) -> dict:
-        _kill_once_if_asked()
-        count = len(batch["source_uri"])
-        healthy = np.flatnonzero(_healthy(batch))
-        probabilities = np.zeros((count, len(self.config.class_names or ())), np.float32)
-        if len(healthy):
-            try:
-                outputs = self.run(batch["roi"][healthy])
-            except Exception as error:  # the batch's rows become errors; the job goes on
-                for i in healthy:
-                    _fail(batch, i, "classify", error)
-                del batch["roi"]
-                batch["class_probabilities"] = probabilities
-                return batch
-            probabilities[healthy] = _probabilities(outputs[CLASS_LOGITS])
-            if CAM in outputs:
-                cams = np.zeros((count, *outputs[CAM].shape[2:]), np.float32)
-                cams[healthy] = outputs[CAM][
-                    np.arange(len(healthy)), outputs[CLASS_LOGITS].argmax(1)
-                ]
-                batch["cam"] = cams
-        batch["class_probabilities"] = probabilities
-        del batch["roi"]
-        return batch
 
 
 def _cam_png(cam: np.ndarray) -> bytes:
@@ -250,7 +146,7 @@ def finish_rows(
     """Rows in the output schema: result columns filled for healthy rows, error columns for others
     (``error_stage`` says which table a row goes to)."""
     count = len(batch["source_uri"])
-    healthy = _healthy(batch)
+    healthy = healthy_rows(batch)
     probabilities = batch.get(
         "class_probabilities", np.zeros((count, len(class_names)), np.float32)
     )
@@ -284,6 +180,7 @@ def finish_rows(
         "mask_png": batch["mask_png"],
         "mask_height": batch["mask_height"],
         "mask_width": batch["mask_width"],
+        **{name: batch[name] for name in ROI_BOX_COLUMNS},
         "cam_png": np.array(
             [
                 _cam_png(batch["cam"][i]) if include_cam and "cam" in batch and healthy[i] else None

@@ -22,6 +22,8 @@ from skinray.data.synthetic import synthetic_sample
 from skinray.models import create_model, get_model_spec, save_model
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import run_scoring
+from skinray.score.roi import extract_roi
+from skinray.score.schema import ROI_BOX_COLUMNS
 from skinray.score.stages import KILL_ACTOR_MARKER_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,7 +147,23 @@ def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, 
     mask = cv2.imdecode(np.frombuffer(some["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
     assert some["cam_png"] is None  # the ROI classifier yields no CAM of its own
+    for row in rows.values():  # the recorded ROI box is the one cut from the stored mask
+        stored = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
+        box = extract_roi(stored, stored > 0, margin=0.1).box
+        assert tuple(row[c] for c in ROI_BOX_COLUMNS) == box, row["source_uri"]
     assert summary.errors_by_type == {"CorruptImage": 3, "EmptyImage": 1, "TooManyPixels": 1}
+
+    # One line per stage: the images that reached it, its errors, and Ray Data's task time.
+    stages = {s.stage: s for s in summary.stages}
+    assert list(stages) == ["list", "read", "decode", "segment", "roi", "classify", "write"]
+    assert [stages[s].images_in for s in stages] == [len(inputs)] * 3 + [len(inputs) - 5] * 3 + [
+        len(inputs)
+    ]
+    assert {s: stages[s].errors for s in stages if stages[s].errors} == {"decode": 5}
+    for timed in ("decode", "segment", "roi", "classify"):
+        assert stages[timed].task_s > 0 and stages[timed].span_s > 0, (timed, summary.lines())
+    assert all(stage.line() in summary.lines() for stage in summary.stages)
+    assert summary.object_store_budget_mib > 0
 
     # DuckDB reads the output as written, partition column included.
     local = _download(f"{s3_bucket}/scored", tmp_path / "scored")
