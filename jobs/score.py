@@ -38,6 +38,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--max-actors", type=int, help="upper bound of each model's actor pool")
     parser.add_argument(
+        "--jpeg-decode-in-segmenter",
+        action="store_true",
+        default=None,
+        help="decode JPEGs in the segmenter actor (nvJPEG on its GPU), not in the CPU tasks",
+    )
+    parser.add_argument(
         "--roi-margin", type=float, help="ROI box margin, a fraction of the lesion box (0.1)"
     )
     parser.add_argument(

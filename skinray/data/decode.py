@@ -34,10 +34,12 @@ __all__ = [
     "DecodedImage",
     "EmptyImage",
     "ImageDecodeError",
+    "JpegScreen",
     "TooManyPixels",
     "UnsupportedImage",
     "decode",
     "encode_png",
+    "screen_jpeg",
 ]
 
 #: ISIC archive images reach ~24 MP; 100 MP leaves room for any camera and stops decompression bombs.
@@ -88,9 +90,20 @@ class DecodedImage:
 
 
 @dataclass(frozen=True)
+class JpegScreen:
+    shown_size: tuple[int, int]  # (height, width) after EXIF orientation
+    orientation: int  # EXIF orientation 1–8, still to be applied to the decoded pixels
+
+
+@dataclass(frozen=True)
 class _JpegHeader:
     size: tuple[int, int] | None  # (height, width) from the SOFn segment, as stored
-    rotated: bool  # EXIF orientation 5–8: shown with height and width swapped
+    orientation: int  # EXIF orientation, 1 (as stored) to 8
+
+    @property
+    def rotated(self) -> bool:  # orientations 5–8: shown with height and width swapped
+        return self.orientation in (5, 6, 7, 8)
+
     scan_start: int | None  # offset of the first SOS segment; None when the data ends before it
 
 
@@ -117,14 +130,8 @@ def decode(
     header_size = jpeg.size if jpeg is not None else _png_size(data)
     if header_size is not None:
         _check_pixels(header_size, max_pixels, source)
-    if jpeg is not None and (
-        jpeg.scan_start is None or data.rfind(b"\xff\xd9", jpeg.scan_start) < 0
-    ):
-        # rfind from the scan on: entropy-coded data never holds FFD9, an EXIF thumbnail's EOI comes
-        # before the scan, and bytes some cameras append after the EOI are tolerated.
-        raise CorruptImage(
-            f"{source}: truncated JPEG (no end-of-image marker after the image data)"
-        )
+    if jpeg is not None:
+        _check_complete(jpeg, data, source)
 
     shown = None
     if jpeg is not None and jpeg.size is not None:
@@ -150,6 +157,26 @@ def decode(
     )
 
 
+def screen_jpeg(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "<bytes>"
+) -> JpegScreen | None:
+    """For decoding elsewhere (nvJPEG on a GPU): the checks ``decode`` makes before any pixel is
+    decoded, and the EXIF orientation to apply after. None when ``data`` is no JPEG with a
+    readable header, for ``decode`` to handle. Raises ``EmptyImage``, ``TooManyPixels`` or
+    ``CorruptImage`` (truncated) as ``decode`` would.
+    """
+    if len(data) == 0:
+        raise EmptyImage(f"{source}: empty file (0 bytes)")
+    if not data.startswith(_JPEG_MAGIC):
+        return None
+    jpeg = _read_jpeg_header(data)
+    if jpeg.size is None:
+        return None
+    _check_pixels(jpeg.size, max_pixels, source)
+    _check_complete(jpeg, data, source)
+    return JpegScreen(jpeg.size[::-1] if jpeg.rotated else jpeg.size, jpeg.orientation)
+
+
 def encode_png(array: np.ndarray) -> bytes:
     """A uint8 mask (H×W) or RGB image (H×W×3) as PNG bytes, lossless; ``decode`` reads it back."""
     array = np.asarray(array)
@@ -163,6 +190,15 @@ def encode_png(array: np.ndarray) -> bytes:
     if not ok:
         raise ValueError(f"OpenCV could not encode an array of shape {array.shape} as PNG")
     return encoded.tobytes()
+
+
+def _check_complete(jpeg: _JpegHeader, data: bytes, source: str) -> None:
+    # rfind from the scan on: entropy-coded data never holds FFD9, an EXIF thumbnail's EOI comes
+    # before the scan, and bytes some cameras append after the EOI are tolerated.
+    if jpeg.scan_start is None or data.rfind(b"\xff\xd9", jpeg.scan_start) < 0:
+        raise CorruptImage(
+            f"{source}: truncated JPEG (no end-of-image marker after the image data)"
+        )
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, source: str) -> None:
@@ -227,7 +263,7 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
 
 def _read_jpeg_header(data: bytes) -> _JpegHeader:
     """Walk the segments before the first scan: size (SOFn), EXIF rotation (APP1), scan start."""
-    size, rotated, position = None, False, 2
+    size, orientation, position = None, 1, 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
             break  # malformed; OpenCV will say so
@@ -241,27 +277,27 @@ def _read_jpeg_header(data: bytes) -> _JpegHeader:
             position += 2
             continue
         if marker == _JPEG_SOS:
-            return _JpegHeader(size, rotated, position)
+            return _JpegHeader(size, orientation, position)
         (length,) = struct.unpack_from(">H", data, position + 2)
         if marker in _JPEG_SOF and position + 9 <= len(data):
             size = struct.unpack_from(">HH", data, position + 5)
         elif marker == _JPEG_APP1 and data.startswith(b"Exif\x00\x00", position + 4):
-            rotated = _exif_rotates(data[position + 10 : position + 2 + length])
+            orientation = _exif_orientation(data[position + 10 : position + 2 + length])
         position += 2 + max(length, 2)
-    return _JpegHeader(size, rotated, None)
+    return _JpegHeader(size, orientation, None)
 
 
-def _exif_rotates(tiff: bytes) -> bool:
-    """True when the EXIF orientation in IFD0 is 5–8, the four that turn the image by 90°."""
+def _exif_orientation(tiff: bytes) -> int:
+    """The EXIF orientation in IFD0, 1–8; 1 (as stored) when absent or out of range."""
     if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
-        return False
+        return 1
     order = "<" if tiff[:2] == b"II" else ">"
     (ifd,) = struct.unpack_from(order + "I", tiff, 4)
     if ifd + 2 > len(tiff):
-        return False
+        return 1
     (count,) = struct.unpack_from(order + "H", tiff, ifd)
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
         tag, _type, _count, value = struct.unpack_from(order + "HHIH", tiff, entry)
         if tag == _EXIF_ORIENTATION_TAG:
-            return value in (5, 6, 7, 8)
-    return False
+            return value if 1 <= value <= 8 else 1
+    return 1

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from skinray.data.decode import ImageDecodeError, decode
+from skinray.data.device_decode import decode_jpegs
 from skinray.data.transforms import normalise
 from skinray.models import CAM, CLASS_LOGITS, MASK_LOGITS, load_model
 from skinray.score.stages import KILL_ACTOR_MARKER_ENV, healthy_rows, mark_failed
@@ -77,6 +79,8 @@ class SegmentActor(_ModelActor):
         _kill_once_if_asked()
         count = len(batch["source_uri"])
         height, width = batch["image"].shape[1:3]
+        if "jpeg" in batch:
+            self._decode_jpegs(batch)
         batch["mask"] = np.zeros((count, height, width), np.uint8)
         healthy = np.flatnonzero(healthy_rows(batch))
         if len(healthy):
@@ -100,6 +104,28 @@ class SegmentActor(_ModelActor):
                 cams[healthy] = picked
                 batch["cam"] = cams
         return batch
+
+    def _decode_jpegs(self, batch: dict) -> None:
+        """The JPEGs the read tasks passed on undecoded, decoded on this actor's device; one the
+        device refuses is decoded on CPU, and one that fails there too becomes a decode error."""
+        jpegs, orientations = batch.pop("jpeg"), batch.pop("orientation")
+        rows = [i for i in np.flatnonzero(healthy_rows(batch)) if len(jpegs[i])]
+        if not rows:
+            return
+        batch["image"] = np.array(batch["image"])  # Ray hands batches over read-only
+        size = batch["image"].shape[1:3]
+        decoded = decode_jpegs(
+            [jpegs[i] for i in rows], [int(orientations[i]) for i in rows], size, self.device
+        )
+        for i, pixels in zip(rows, decoded, strict=True):
+            if pixels is None:
+                uri = str(batch["source_uri"][i])
+                try:
+                    pixels = decode(jpegs[i], size, source=uri).rgb
+                except ImageDecodeError as error:
+                    mark_failed(batch, i, "decode", error)
+                    continue
+            batch["image"][i] = pixels
 
 
 class ClassifyActor(_ModelActor):

@@ -44,6 +44,10 @@ class ScoreConfig(BaseModel):
     #: One GPU per model actor. None: when the cluster has GPUs at start. Say True on an
     #: autoscaling cluster whose GPU nodes start from zero, so the request brings them up.
     use_gpu: bool | None = None
+    #: Decode JPEGs in the segmenter actor, on its device (nvJPEG on a GPU), instead of in the
+    #: CPU read tasks, which then only screen the header. For GPU nodes whose CPUs cannot decode
+    #: full-resolution JPEGs as fast as the GPU segments; other formats still decode on CPU.
+    jpeg_decode_in_segmenter: bool = False
     #: torch threads of a model actor on a CPU-only node. None: the node's CPUs over the actors a
     #: stage may place there, so each stage's pool can use every core (the OS shares them with
     #: the decode tasks, which cost a fraction of the models on CPU).

@@ -277,14 +277,18 @@ def _object_store_budget(
     placement: _Placement,
     segment_size: tuple[int, int],
     roi_size: tuple[int, int] | None,
+    mean_source_bytes: float = 0.0,
 ) -> int:
     """Bytes of object store the run may hold: ``prefetch_batches`` batches queued for every
     model actor (a decoded image and its mask, then its ROI) and one output per decode task. A
     bound that depends on the pool, not on the archive, keeps memory flat however many images
-    there are; decoding runs ahead of the models only that far."""
+    there are; decoding runs ahead of the models only that far. Where the segmenter decodes the
+    JPEGs, their bytes (``mean_source_bytes`` a file) queue for it too."""
     if config.object_store_memory_mib:
         return int(config.object_store_memory_mib * 2**20)
     segment_row = 4 * segment_size[0] * segment_size[1]  # RGB + mask, uint8
+    if config.jpeg_decode_in_segmenter:
+        segment_row += int(mean_source_bytes)
     roi_row = 3 * roi_size[0] * roi_size[1] if roi_size else 0
     queued = config.prefetch_batches * config.batch_size * (segment_row + roi_row)
     decoding = placement.decode_slots * config.decode_batch_size * segment_row
@@ -367,7 +371,11 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
             .map_batches(
                 read_and_decode,
                 batch_size=config.decode_batch_size,
-                fn_kwargs={"image_size": tuple(segment_size), "max_pixels": config.max_pixels},
+                fn_kwargs={
+                    "image_size": tuple(segment_size),
+                    "max_pixels": config.max_pixels,
+                    "jpeg_to_segmenter": config.jpeg_decode_in_segmenter,
+                },
             )
             .map_batches(
                 SegmentActor,
@@ -414,7 +422,8 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
         staging_fs, staging_path = io.resolve(staging)
         # Datasets snapshot the DataContext when created: this run's budget goes on its own copy.
         options = rows.context.execution_options
-        budget = _object_store_budget(config, placement, segment_size, roi_size)
+        sizes = pc.mean(listing["source_size_bytes"]).as_py() or 0.0
+        budget = _object_store_budget(config, placement, segment_size, roi_size, sizes)
         options.resource_limits = options.resource_limits.copy(object_store_memory=budget)
         rows.write_parquet(
             staging if staging.startswith("s3://") else staging_path,

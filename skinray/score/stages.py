@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from skinray import io
-from skinray.data.decode import ImageDecodeError, decode, encode_png
+from skinray.data.decode import ImageDecodeError, decode, encode_png, screen_jpeg
 from skinray.score.roi import DESCRIPTOR_NAMES, extract_roi, lesion_descriptors
 from skinray.score.schema import ROI_BOX_COLUMNS, probability_column
 
@@ -59,9 +59,13 @@ def _filesystem(scheme: str) -> pafs.FileSystem:
 
 
 def read_and_decode(
-    batch: dict, image_size: tuple[int, int], max_pixels: int
+    batch: dict, image_size: tuple[int, int], max_pixels: int, jpeg_to_segmenter: bool = False
 ) -> dict[str, np.ndarray]:
-    """Bytes from storage, decoded and resized to the segmenter's input."""
+    """Bytes from storage, decoded and resized to the segmenter's input.
+
+    With ``jpeg_to_segmenter``, a JPEG is only screened here (size limit, truncation; its shown
+    size recorded) and its bytes go on in ``jpeg`` with its EXIF ``orientation``, for the
+    segmenter actor to decode on its device; other formats are decoded here as usual."""
     uris = [str(u) for u in batch["source_uri"]]
     count = len(uris)
     height, width = image_size
@@ -79,6 +83,9 @@ def read_and_decode(
         "image": np.zeros((count, height, width, 3), np.uint8),
         **_errors(count),
     }
+    if jpeg_to_segmenter:
+        out["jpeg"] = np.array([b""] * count, dtype=object)
+        out["orientation"] = np.ones(count, np.int8)
     for i, uri in enumerate(uris):
         try:
             data = io.read_bytes(uri, _filesystem("s3" if uri.startswith("s3://") else "local"))
@@ -88,6 +95,13 @@ def read_and_decode(
         out["source_size_bytes"][i] = len(data)
         out["content_sha256"][i] = hashlib.sha256(data).hexdigest()
         try:
+            screened = (
+                screen_jpeg(data, max_pixels=max_pixels, source=uri) if jpeg_to_segmenter else None
+            )
+            if screened is not None:
+                out["jpeg"][i], out["orientation"][i] = data, screened.orientation
+                out["height"][i], out["width"][i] = screened.shown_size
+                continue
             decoded = decode(data, (height, width), max_pixels=max_pixels, source=uri)
         except ImageDecodeError as error:
             mark_failed(out, i, "decode", error)

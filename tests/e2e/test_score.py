@@ -227,3 +227,18 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(ray_cluster, s3_b
     results = _read(s3_bucket, "results")
     assert results.num_rows == first.results + 5
     assert len(set(results["source_uri"].to_pylist())) == results.num_rows
+
+
+def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, models):
+    expected = _archive(f"{s3_bucket}/archive")
+    summary = run_scoring(_config(s3_bucket, models, jpeg_decode_in_segmenter=True))
+    results, errors = _read(s3_bucket, "results"), _read(s3_bucket, "errors")
+    outcome = {uri: "result" for uri in results["source_uri"].to_pylist()}
+    outcome |= {
+        row["source_uri"]: f"{row['stage']}:{row['error_type']}" for row in errors.to_pylist()
+    }
+    assert outcome == {f"{s3_bucket}/archive/{name}": o for name, o in expected.items()}
+    rows = {r["source_uri"]: r for r in results.to_pylist()}
+    rotated = rows[f"{s3_bucket}/archive/odd/exif_rotated.jpg"]
+    assert (rotated["height"], rotated["width"]) == (120, 160)
+    assert summary.results + summary.errors == len(expected)

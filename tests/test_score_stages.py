@@ -1,0 +1,107 @@
+"""The scoring stages as plain functions (no Ray): JPEGs passed undecoded to the segmenter actor come
+out as the CPU decode would make them, and every row still ends exactly once."""
+
+from __future__ import annotations
+
+import io as stdio
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinray.data.synthetic import synthetic_sample
+from skinray.models import create_model, get_model_spec, save_model
+from skinray.score.actors import SegmentActor
+from skinray.score.stages import read_and_decode
+
+SIZE = (64, 64)
+
+
+def _jpeg(rgb: np.ndarray, orientation: int = 1) -> bytes:
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buffer = stdio.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG", exif=exif, quality=95)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("archive")
+    image = synthetic_sample(4, (120, 160)).image
+    files = {
+        "plain.jpg": _jpeg(image),
+        "turned.jpg": _jpeg(image, orientation=6),
+        "cmyk.jpg": _cmyk(image),
+        "picture.png": _png(image),
+        "cut.jpg": _jpeg(image)[:1500],
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: str(folder / name) for name in files}
+
+
+def _cmyk(rgb):
+    buffer = stdio.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _png(rgb):
+    buffer = stdio.BytesIO()
+    Image.fromarray(rgb).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def segmenter(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("segmenter")
+    save_model(
+        create_model("unet", **get_model_spec("unet").smoke_kwargs), str(folder), input_size=SIZE
+    )
+    return SegmentActor(str(folder), batch_size=4)
+
+
+def _listing(archive):
+    uris = list(archive.values())
+    return {
+        "source_uri": np.array(uris, dtype=object),
+        "source_size_bytes": np.array([None] * len(uris), dtype=object),
+        "source_etag": np.array(["e"] * len(uris), dtype=object),
+    }
+
+
+def test_jpegs_go_on_undecoded_and_everything_else_as_before(archive):
+    batch = read_and_decode(_listing(archive), SIZE, max_pixels=10**8, jpeg_to_segmenter=True)
+    rows = {uri.rsplit("/", 1)[1]: i for i, uri in enumerate(batch["source_uri"])}
+    for name in ("plain.jpg", "turned.jpg", "cmyk.jpg"):
+        assert len(batch["jpeg"][rows[name]]) > 0 and not batch["image"][rows[name]].any(), name
+    assert batch["orientation"][rows["turned.jpg"]] == 6
+    assert (batch["height"][rows["turned.jpg"]], batch["width"][rows["turned.jpg"]]) == (160, 120)
+    assert batch["jpeg"][rows["picture.png"]] == b"" and batch["image"][rows["picture.png"]].any()
+    assert batch["error_stage"][rows["cut.jpg"]] == "decode"  # refused by the header screen
+    assert batch["error_type"][rows["cut.jpg"]] == "CorruptImage"
+
+
+def test_the_segmenter_decodes_them_as_the_cpu_would(archive, segmenter):
+    listing = _listing(archive)
+    on_cpu = read_and_decode(listing, SIZE, max_pixels=10**8)
+    passed_on = read_and_decode(listing, SIZE, max_pixels=10**8, jpeg_to_segmenter=True)
+    reference = segmenter({k: v.copy() for k, v in on_cpu.items()})
+    segmented = segmenter(passed_on)
+    assert "jpeg" not in segmented and "orientation" not in segmented
+    assert list(segmented["error_stage"]) == list(reference["error_stage"])
+    for i, stage in enumerate(reference["error_stage"]):
+        if stage:
+            continue
+        difference = np.abs(segmented["image"][i].astype(int) - reference["image"][i]).mean()
+        assert difference < 4, (segmented["source_uri"][i], difference)
+        assert (segmented["height"][i], segmented["width"][i]) == (
+            reference["height"][i],
+            reference["width"][i],
+        )
+        agreement = (segmented["mask"][i] == reference["mask"][i]).mean()
+        assert agreement > 0.9, (segmented["source_uri"][i], agreement)
