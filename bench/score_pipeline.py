@@ -660,13 +660,29 @@ def print_report(results: dict) -> None:
         r = memory["ratios"][key]
         print(f"{label:34}{small[key]!s:>10}{large[key]!s:>10}{r!s:>9}")
     print(f"(target ratio ≤ {TARGET_MEMORY_RATIO}; {small['samples']}/{large['samples']} samples)")
+    for key in [k for k in memory if k.startswith("ratios_")]:
+        times = key.removeprefix("ratios_")
+        extra = memory[times]["memory"]
+        print(f"over {times.removesuffix('n')}×N = {memory[times]['pipeline']['images']} images:")
+        for peak, label in labels.items():
+            print(f"{label:34}{small[peak]!s:>10}{extra[peak]!s:>10}{memory[key][peak]!s:>9}")
     for name, run in (("N", memory["n"]), ("10N", memory["10n"])):
         p = run["pipeline"]
         print(
             f"pipeline {name}: {p['images']} images, {p['results']} results, {p['errors']} errors, "
             f"{p['timed_wall_s']} s, {p['timed_images_per_s']:.2f} images/s"
         )
+    for name in [k for k in memory if k.endswith("n") and k not in ("n", "10n")]:
+        p = memory[name]["pipeline"]
+        print(
+            f"pipeline {name.upper()}: {p['images']} images, {p['results']} results, "
+            f"{p['timed_wall_s']} s, {p['timed_images_per_s']:.2f} images/s"
+        )
     t = results["throughput"]
+    if t is None:
+        m = results["marginal"]["pipeline"]
+        print(f"(c) net of fixed costs: {m['images_per_s']} images/s")
+        return
     print(f"\nThroughput on {n} images (images/s)")
     rows_ = [
         ("(a) decode only (read_and_decode)", t["decode_only"]["images_per_s"]),
@@ -713,9 +729,11 @@ def main_benchmark(args: argparse.Namespace) -> None:
     models = inputs["models"]
     small = run_session("memory", inputs["small"], workdir / "out_memory_n", models, args)
     large = run_session("memory", inputs["large"], workdir / "out_memory_10n", models, args)
-    throughput = run_session(
-        "throughput", inputs["small"], workdir / "out_throughput", models, args, inputs["large"]
-    )
+    throughput = None
+    if not args.memory_only:
+        throughput = run_session(
+            "throughput", inputs["small"], workdir / "out_throughput", models, args, inputs["large"]
+        )
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date": started.isoformat(timespec="seconds"),
@@ -739,9 +757,20 @@ def main_benchmark(args: argparse.Namespace) -> None:
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }
     results["memory"]["ratios"] = memory_ratios(small["memory"], large["memory"])
+    if args.also_times:  # a further run over M×N images, to show where the peaks level off
+        images = pick_images(sorted(SOURCE_IMAGES.glob("*.jpg")), args.n)
+        folder = link_images(
+            images, workdir / f"images_{args.also_times * args.n}", args.also_times
+        )
+        extra = run_session("memory", str(folder), workdir / "out_memory_mn", models, args)
+        results["memory"][f"{args.also_times}n"] = extra
+        results["memory"][f"ratios_{args.also_times}n"] = memory_ratios(
+            small["memory"], extra["memory"]
+        )
     results["memory"]["target_ratio"] = TARGET_MEMORY_RATIO
-    results["throughput_ratios"] = throughput_ratios(throughput)
-    results["marginal"] = marginal_rates(small["pipeline"], large["pipeline"], throughput)
+    if throughput is not None:
+        results["throughput_ratios"] = throughput_ratios(throughput)
+    results["marginal"] = marginal_rates(small["pipeline"], large["pipeline"], throughput or {})
     print_report(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=str))
@@ -757,6 +786,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="default: <workdir>/results.json")
     parser.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=…)")
     parser.add_argument("--sample-interval", type=float, default=0.25, help="seconds")
+    parser.add_argument(
+        "--also-times", type=int, default=0, help="also a memory run over this many times N"
+    )
+    parser.add_argument("--memory-only", action="store_true", help="skip the throughput session")
     # One measurement in a fresh process; the benchmark runs itself with these.
     for name in ("--session", "--images", "--more-images", "--output", "--models", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
