@@ -672,7 +672,9 @@ def print_report(results: dict) -> None:
             f"pipeline {name}: {p['images']} images, {p['results']} results, {p['errors']} errors, "
             f"{p['timed_wall_s']} s, {p['timed_images_per_s']:.2f} images/s"
         )
-    for name in [k for k in memory if k.endswith("n") and k not in ("n", "10n")]:
+    for name in [
+        k for k in memory if k.endswith("n") and k not in ("n", "10n") and "pipeline" in memory[k]
+    ]:
         p = memory[name]["pipeline"]
         print(
             f"pipeline {name.upper()}: {p['images']} images, {p['results']} results, "

@@ -1,11 +1,23 @@
-"""The scoring pipeline's pure parts: the object-store budget and the per-stage summary."""
+"""The scoring pipeline's parts that need no Ray: the object-store budget, the per-stage summary, and
+the streaming split of staged rows into the results and errors partitions."""
 
 from __future__ import annotations
 
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
 from skinray.score.config import make_score_config
-from skinray.score.pipeline import StageSummary, _object_store_budget, _Placement, _stage_summaries
+from skinray.score.pipeline import (
+    StageSummary,
+    _object_store_budget,
+    _PartitionWriter,
+    _Placement,
+    _split_staged,
+    _stage_summaries,
+)
+from skinray.score.schema import error_schema, result_schema
 
 
 def _config(**extra):
@@ -80,3 +92,75 @@ def test_stage_summary_without_a_classifier_has_no_classify_stage():
 )
 def test_stage_line(summary, line):
     assert summary.line() == line
+
+
+def _staged_rows(uris: list[str], failed: set[str]) -> pa.Table:
+    """Staged rows as ``finish_rows`` makes them, for a one-class model."""
+    count = len(uris)
+    bad = [u in failed for u in uris]
+    columns = {
+        f.name: pa.nulls(count, f.type) for f in result_schema(["nevus"]) if f.name != "source_uri"
+    }
+    columns["image_id"] = pa.array([u.rsplit("/", 1)[1] for u in uris])
+    columns["run_id"] = pa.array(["r"] * count)
+    columns["lesion_area_fraction"] = pa.array([float("nan")] * count, pa.float32())
+    return pa.table(
+        {
+            "source_uri": uris,
+            **columns,
+            "error_stage": ["decode" if b else "" for b in bad],
+            "error_type": ["CorruptImage" if b else "" for b in bad],
+            "error_message": [f"{u}: bad" if b else "" for u in uris for b in [u in failed]],
+        }
+    )
+
+
+def test_split_streams_rows_into_files_of_bounded_size(tmp_path):
+    uris = [f"s3://a/{i:03d}.jpg" for i in range(10)]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    rows = _staged_rows(uris, failed={uris[3], uris[7]})
+    pq.write_table(rows.slice(0, 6), staging / "a.parquet")
+    pq.write_table(rows.slice(6), staging / "b.parquet")
+    results = _PartitionWriter(
+        str(tmp_path / "results"), result_schema(["nevus"]), "r", 3, replace=True
+    )
+    errors = _PartitionWriter(str(tmp_path / "errors"), error_schema(), "r", 3, replace=True)
+    by_type, by_stage = _split_staged(pads.dataset(staging), results, errors)
+    results.close()
+    errors.close()
+    assert (results.rows, errors.rows) == (8, 2)
+    assert by_type == {"CorruptImage": 2} and by_stage == {"decode": 2}
+    files = sorted(p.name for p in (tmp_path / "results").iterdir())
+    assert files == [f"part-r-{i:05d}.parquet" for i in range(3)]  # 3 + 3 + 2 rows
+    written = pads.dataset(tmp_path / "results").to_table()
+    assert sorted(written["source_uri"].to_pylist()) == sorted(set(uris) - {uris[3], uris[7]})
+    assert written["lesion_area_fraction"].null_count == 8  # NaN is stored as null
+    assert pq.read_schema(tmp_path / "errors" / "part-r-00000.parquet") == error_schema()
+
+
+def test_a_repeated_row_is_written_once(tmp_path):
+    uris = ["s3://a/1.jpg", "s3://a/2.jpg"]
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    pq.write_table(_staged_rows(uris, set()), staging / "a.parquet")
+    pq.write_table(_staged_rows(uris[:1], set()), staging / "b.parquet")  # a rerun task's row
+    results = _PartitionWriter(
+        str(tmp_path / "results"), result_schema(["nevus"]), "r", 100, replace=True
+    )
+    errors = _PartitionWriter(str(tmp_path / "errors"), error_schema(), "r", 100, replace=True)
+    _split_staged(pads.dataset(staging), results, errors)
+    results.close()
+    errors.close()
+    assert results.rows == 2
+    assert sorted(pads.dataset(tmp_path / "results").to_table()["source_uri"].to_pylist()) == uris
+
+
+def test_an_empty_partition_still_has_a_file_with_its_schema_and_replaces_the_old(tmp_path):
+    target = tmp_path / "errors"
+    target.mkdir()
+    (target / "part-old-00000.parquet").write_bytes(b"stale")
+    writer = _PartitionWriter(str(target), error_schema(), "new", 10, replace=True)
+    writer.close()
+    assert [p.name for p in target.iterdir()] == ["part-new-00000.parquet"]
+    assert pq.read_table(target / "part-new-00000.parquet").schema == error_schema()

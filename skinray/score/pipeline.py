@@ -16,6 +16,7 @@ import io as stdio
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
@@ -295,16 +296,44 @@ def _object_store_budget(
     return queued * placement.max_actors + decoding
 
 
-def _write_table(table: pa.Table, uri: str, run_id: str, rows_per_file: int, replace: bool) -> None:
-    fs, path = io.resolve(uri)
-    if replace and fs.get_file_info(path).type == pafs.FileType.Directory:
-        fs.delete_dir_contents(path)
-    fs.create_dir(path, recursive=True)
-    for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
-        chunk = table.slice(start, rows_per_file)
-        if chunk.num_rows == 0 and index > 0:
-            break
-        pq.write_table(chunk, f"{path}/part-{run_id}-{index:05d}.parquet", filesystem=fs)
+class _PartitionWriter:
+    """Rows appended batch by batch into ``part-<run id>-NNNNN.parquet`` files of at most
+    ``rows_per_file`` rows under one partition directory (replaced first when ``replace``); an
+    empty file when no row comes, so the partition always exists with its schema."""
+
+    def __init__(
+        self, uri: str, schema: pa.Schema, run_id: str, rows_per_file: int, replace: bool
+    ) -> None:
+        self.fs, self.path = io.resolve(uri)
+        if replace and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
+            self.fs.delete_dir_contents(self.path)
+        self.fs.create_dir(self.path, recursive=True)
+        self.schema, self.run_id, self.rows_per_file = schema, run_id, rows_per_file
+        self.files, self.rows, self._writer, self._in_file = 0, 0, None, 0
+
+    def write(self, table: pa.Table) -> None:
+        while table.num_rows:
+            if self._writer is None:
+                name = f"{self.path}/part-{self.run_id}-{self.files:05d}.parquet"
+                self._writer = pq.ParquetWriter(name, self.schema, filesystem=self.fs)
+                self.files += 1
+            chunk = table.slice(0, self.rows_per_file - self._in_file)
+            self._writer.write_table(chunk)
+            self._in_file += chunk.num_rows
+            self.rows += chunk.num_rows
+            table = table.slice(chunk.num_rows)
+            if self._in_file == self.rows_per_file:
+                self._writer.close()
+                self._writer, self._in_file = None, 0
+
+    def close(self) -> None:
+        if self._writer is None and self.files == 0:
+            name = f"{self.path}/part-{self.run_id}-00000.parquet"
+            pq.write_table(self.schema.empty_table(), name, filesystem=self.fs)
+            self.files = 1
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _models(config: ScoreConfig) -> tuple[dict[str, str], list[str], tuple[int, int], tuple | None]:
@@ -431,25 +460,29 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
             ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
         )
         operator_times = _operator_times(rows)
-        staged = pads.dataset(staging_path, filesystem=staging_fs, format="parquet").to_table()
+        staged = pads.dataset(staging_path, filesystem=staging_fs, format="parquet")
     else:
         staging_fs, staging_path, staged, operator_times, budget = None, None, None, {}, 0
 
-    results, errors = _split(staged, class_names, config)
-    _write_table(
-        results,
+    result_rows = _PartitionWriter(
         _partition(config.output, "results", run_date),
+        result_schema(class_names),
         config.run_id,
         config.rows_per_file,
         replace=not config.incremental,
     )
-    _write_table(
-        errors,
+    error_rows = _PartitionWriter(
         _partition(config.output, "errors", run_date),
+        error_schema(),
         config.run_id,
         config.rows_per_file,
-        True,
+        replace=True,
     )
+    try:
+        errors_by_type, errors_by_stage = _split_staged(staged, result_rows, error_rows)
+    finally:
+        result_rows.close()
+        error_rows.close()
     if staging_fs is not None:
         staging_fs.delete_dir(staging_path)
         parent = staging_path.rsplit("/", 1)[0]
@@ -457,17 +490,15 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
             staging_fs.delete_dir(parent)
 
     wall_time_s = time.perf_counter() - started
-    error_types = errors["error_type"].to_pylist()
-    error_stages = errors["stage"].to_pylist()
     summary = RunSummary(
         run_id=config.run_id,
         run_date=run_date,
         inputs_listed=listed,
         skipped_already_scored=skipped,
-        results=results.num_rows,
-        errors=errors.num_rows,
-        errors_by_type={t: error_types.count(t) for t in sorted(set(error_types))},
-        errors_by_stage={s: error_stages.count(s) for s in sorted(set(error_stages))},
+        results=result_rows.rows,
+        errors=error_rows.rows,
+        errors_by_type=dict(sorted(errors_by_type.items())),
+        errors_by_stage=dict(sorted(errors_by_stage.items())),
         wall_time_s=wall_time_s,
         images_per_s=(listed - skipped) / wall_time_s if wall_time_s else 0.0,
         results_uri=_partition(config.output, "results", run_date),
@@ -475,8 +506,8 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
         stages=_stage_summaries(
             listed,
             skipped,
-            {s: error_stages.count(s) for s in set(error_stages)},
-            results.num_rows + errors.num_rows,
+            errors_by_stage,
+            result_rows.rows + error_rows.rows,
             config.classifier is not None,
             operator_times,
         ),
@@ -537,33 +568,54 @@ def _stage_summaries(
     return stages
 
 
-def _split(staged: pa.Table | None, class_names: list[str], config: ScoreConfig):
-    result_fields = result_schema(class_names)
-    error_fields = error_schema()
-    if staged is None or staged.num_rows == 0:
-        return result_fields.empty_table(), error_fields.empty_table()
-    # Ray retries a failed task from scratch, so no row should repeat; keep the guarantee anyway.
-    _, first = np.unique(
-        np.array(staged["source_uri"].to_pylist(), dtype=object), return_index=True
-    )
-    staged = staged.take(pa.array(np.sort(first)))
-    failed = pc.not_equal(staged["error_stage"], "")
-    ok = staged.filter(pc.invert(failed))
-    bad = staged.filter(failed)
-    results = pa.table({f.name: _column(ok, f) for f in result_fields}, schema=result_fields)
-    errors = pa.table(
-        {
-            "source_uri": bad["source_uri"],
-            "stage": bad["error_stage"],
-            "error_type": bad["error_type"],
-            "error_message": bad["error_message"],
-            "source_size_bytes": bad["source_size_bytes"],
-            "source_etag": bad["source_etag"],
-            "run_id": bad["run_id"],
-            "failed_at": bad["scored_at"],
-        }
-    ).cast(error_fields)
-    return results, errors
+def _split_staged(
+    staged: pads.Dataset | None,
+    results: _PartitionWriter,
+    errors: _PartitionWriter,
+) -> tuple[Counter, Counter]:
+    """Stream the staged rows into the results and errors partitions, a batch at a time: the driver
+    holds one batch of rows and the URI column, not the run. Returns errors by type and by stage.
+
+    No row should repeat (Ray reruns a failed task from scratch and a write task's files have fixed
+    names), so duplicates are only looked for, in the URI column, and dropped if ever found."""
+    by_type, by_stage = Counter(), Counter()
+    if staged is None:
+        return by_type, by_stage
+    uris = staged.to_table(columns=["source_uri"])["source_uri"]
+    keep = None
+    if pc.count_distinct(uris).as_py() != len(uris):
+        _, first = np.unique(np.array(uris.to_pylist(), dtype=object), return_index=True)
+        keep = np.zeros(len(uris), bool)
+        keep[first] = True
+    del uris
+    result_fields, error_fields, offset = results.schema, errors.schema, 0
+    for batch in staged.to_batches(batch_size=4096, use_threads=False):
+        table = pa.Table.from_batches([batch])
+        if keep is not None:
+            table = table.filter(pa.array(keep[offset : offset + table.num_rows]))
+        offset += batch.num_rows
+        failed = pc.not_equal(table["error_stage"], "")
+        ok, bad = table.filter(pc.invert(failed)), table.filter(failed)
+        results.write(
+            pa.table({f.name: _column(ok, f) for f in result_fields}, schema=result_fields)
+        )
+        errors.write(
+            pa.table(
+                {
+                    "source_uri": bad["source_uri"],
+                    "stage": bad["error_stage"],
+                    "error_type": bad["error_type"],
+                    "error_message": bad["error_message"],
+                    "source_size_bytes": bad["source_size_bytes"],
+                    "source_etag": bad["source_etag"],
+                    "run_id": bad["run_id"],
+                    "failed_at": bad["scored_at"],
+                }
+            ).cast(error_fields)
+        )
+        by_type.update(bad["error_type"].to_pylist())
+        by_stage.update(bad["error_stage"].to_pylist())
+    return by_type, by_stage
 
 
 def _column(table: pa.Table, target: pa.Field) -> pa.ChunkedArray:
