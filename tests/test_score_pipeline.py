@@ -164,3 +164,23 @@ def test_an_empty_partition_still_has_a_file_with_its_schema_and_replaces_the_ol
     writer.close()
     assert [p.name for p in target.iterdir()] == ["part-new-00000.parquet"]
     assert pq.read_table(target / "part-new-00000.parquet").schema == error_schema()
+
+
+def test_error_rows_whose_size_was_never_read_get_a_null_size(tmp_path):
+    # Ray turns a block's all-None column into float NaN: the int64 column must take it as null.
+    uris = ["s3://a/gone-1.jpg", "s3://a/gone-2.jpg"]
+    staged = _staged_rows(uris, failed=set(uris)).drop_columns(["source_size_bytes"])
+    staged = staged.append_column("source_size_bytes", pa.array([float("nan")] * 2))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    pq.write_table(staged, staging / "a.parquet")
+    results = _PartitionWriter(
+        str(tmp_path / "results"), result_schema(["nevus"]), "r", 10, replace=True
+    )
+    errors = _PartitionWriter(str(tmp_path / "errors"), error_schema(), "r", 10, replace=True)
+    _split_staged(pads.dataset(staging), results, errors)
+    results.close()
+    errors.close()
+    written = pq.read_table(tmp_path / "errors" / "part-r-00000.parquet")
+    assert written["source_size_bytes"].to_pylist() == [None, None]
+    assert written["source_uri"].to_pylist() == uris

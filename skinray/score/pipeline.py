@@ -597,30 +597,25 @@ def _split_staged(
         failed = pc.not_equal(table["error_stage"], "")
         ok, bad = table.filter(pc.invert(failed)), table.filter(failed)
         results.write(
-            pa.table({f.name: _column(ok, f) for f in result_fields}, schema=result_fields)
+            pa.table(
+                {f.name: _as_field(ok[f.name], f) for f in result_fields}, schema=result_fields
+            )
         )
+        renamed = {"stage": "error_stage", "failed_at": "scored_at"}
         errors.write(
             pa.table(
-                {
-                    "source_uri": bad["source_uri"],
-                    "stage": bad["error_stage"],
-                    "error_type": bad["error_type"],
-                    "error_message": bad["error_message"],
-                    "source_size_bytes": bad["source_size_bytes"],
-                    "source_etag": bad["source_etag"],
-                    "run_id": bad["run_id"],
-                    "failed_at": bad["scored_at"],
-                }
-            ).cast(error_fields)
+                {f.name: _as_field(bad[renamed.get(f.name, f.name)], f) for f in error_fields},
+                schema=error_fields,
+            )
         )
         by_type.update(bad["error_type"].to_pylist())
         by_stage.update(bad["error_stage"].to_pylist())
     return by_type, by_stage
 
 
-def _column(table: pa.Table, target: pa.Field) -> pa.ChunkedArray:
-    column = table[target.name]
+def _as_field(column: pa.ChunkedArray, target: pa.Field) -> pa.ChunkedArray:
     if pa.types.is_floating(column.type):
-        # NaN (a descriptor of an empty mask) is stored as null, which every engine reads as missing.
+        # NaN is stored as null, which every engine reads as missing: a descriptor of an empty mask,
+        # or a size never read (Ray turns a block's all-None column into float NaN).
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
     return column.cast(target.type)

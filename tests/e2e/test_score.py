@@ -242,3 +242,21 @@ def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, mo
     rotated = rows[f"{s3_bucket}/archive/odd/exif_rotated.jpg"]
     assert (rotated["height"], rotated["width"]) == (120, 160)
     assert summary.results + summary.errors == len(expected)
+
+
+def test_a_manifest_naming_missing_files_ends_them_as_read_errors(ray_cluster, s3_bucket, models):
+    images = [f"{s3_bucket}/archive/good/{seed:04d}.jpg" for seed in range(3)]
+    for seed, uri in enumerate(images):
+        io.write_bytes(uri, _jpeg(synthetic_sample(seed, 160).image))
+    missing = [f"{s3_bucket}/archive/gone/{i}.jpg" for i in range(2)]
+    io.write_bytes(f"{s3_bucket}/lists/tonight.txt", "\n".join(images + missing).encode())
+    config = _config(s3_bucket, models).model_copy(
+        update={"input": f"{s3_bucket}/lists/tonight.txt"}
+    )
+    summary = run_scoring(config)
+    assert (summary.results, summary.errors) == (3, 2)
+    errors = _read(s3_bucket, "errors").to_pylist()
+    assert sorted(row["source_uri"] for row in errors) == missing
+    for row in errors:
+        assert row["stage"] == "read" and row["source_size_bytes"] is None
+        assert row["source_uri"].removeprefix("s3://") in row["error_message"]
