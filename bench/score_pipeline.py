@@ -353,18 +353,10 @@ def actor_threads(num_cpus: float) -> dict:
 
 def decode_only(images: str, config, segment_size: tuple[int, int]) -> dict:
     """(a) The pipeline's listing and read/decode stage, as it builds them, consumed in the driver."""
-    import ray
-
-    from skinray.score.pipeline import _slices, list_inputs
-    from skinray.score.stages import read_and_decode
+    from skinray.score.pipeline import decoded_images, list_inputs
 
     started = time.perf_counter()
-    listing = list_inputs(images)
-    dataset = ray.data.from_arrow(_slices(listing, config.decode_batch_size)).map_batches(
-        read_and_decode,
-        batch_size=config.decode_batch_size,
-        fn_kwargs={"image_size": segment_size, "max_pixels": config.max_pixels},
-    )
+    dataset = decoded_images(list_inputs(images), config, segment_size)
     count = errors = 0
     for batch in dataset.iter_batches(batch_size=None):
         count += len(batch["source_uri"])

@@ -4,6 +4,8 @@ out as the CPU decode would make them, and every row still ends exactly once."""
 from __future__ import annotations
 
 import io as stdio
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -105,3 +107,11 @@ def test_the_segmenter_decodes_them_as_the_cpu_would(archive, segmenter):
         )
         agreement = (segmented["mask"][i] == reference["mask"][i]).mean()
         assert agreement > 0.9, (segmented["source_uri"][i], agreement)
+
+
+def test_the_cpu_stages_never_import_torch():
+    # Ray pickles stage functions by module: importing torch there would load it in every decode,
+    # ROI and write worker (seconds of start-up, hundreds of MiB each).
+    probe = "import sys, skinray.score.stages; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

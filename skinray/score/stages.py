@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -24,9 +25,13 @@ from skinray.data.decode import ImageDecodeError, decode, encode_png, screen_jpe
 from skinray.score.roi import DESCRIPTOR_NAMES, extract_roi, lesion_descriptors
 from skinray.score.schema import ROI_BOX_COLUMNS, probability_column
 
+if TYPE_CHECKING:
+    from ray import ObjectRef
+
 __all__ = [
     "finish_rows",
     "read_and_decode",
+    "read_and_decode_slice",
     "roi_and_descriptors",
 ]
 
@@ -109,6 +114,18 @@ def read_and_decode(
         out["image"][i] = decoded.rgb
         out["height"][i], out["width"][i] = decoded.original_size
     return out
+
+
+def read_and_decode_slice(
+    batch: dict, listing: ObjectRef, rows: int, **decode_kwargs
+) -> dict[str, np.ndarray]:
+    """``read_and_decode`` over the ``rows`` listing rows of slice ``batch["id"]``: the listing sits
+    once in the object store and each decode task takes its slice of it."""
+    import ray
+
+    table = ray.get(listing)
+    (index,) = batch["id"]
+    return read_and_decode(table.slice(int(index) * rows, rows).to_pydict(), **decode_kwargs)
 
 
 def roi_and_descriptors(
