@@ -5,10 +5,11 @@
 
 Inputs: N and 10×N real full-resolution ISIC images (symlinks with distinct names to
 ../shared/data/isic2017_fullres/images; the N set spans the archive's pixel counts evenly — at the
-default N = 110 it is every image there once —, the 10×N set is the N set repeated ten times, so
-both have the same mix of sizes). N must be large enough for the pipeline to reach its steady state
-(decoding runs ahead of the models until the object-store budget holds it); at N = 44 the whole
-decoded set fits under the budget, so the N figure would be the data size, not the ceiling. Models: a U-Net
+default N = 440 it is every image there four times —, the 10×N set is the N set repeated ten times,
+so both have the same mix of sizes). N must be large enough for the pipeline to reach its steady
+state (decoding runs ahead of the models until the run's object-store bound holds it): with the
+default bound of 54 MiB, 110 images (21 MB decoded) never reach it, so the N figure would be the
+data size, not the ceiling. Models: a U-Net
 (ResNet-34 encoder, 256×256) and a ROI classifier (ResNet-18, 224×224, 3 classes), freshly
 initialised and saved with ``save_model``; random weights cost the same time and memory as trained
 ones (the masks differ, so the ROIs differ, but the ROI stage's cost barely depends on them).
@@ -774,7 +775,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--n", type=int, default=110, help="images in the small set (10× in the large)"
+        "--n", type=int, default=440, help="images in the small set (10× in the large)"
     )
     parser.add_argument("--workdir", default="/work/runs/bench_score")
     parser.add_argument("--json", default=None, help="default: <workdir>/results.json")
