@@ -2,12 +2,12 @@
 
 Decoding runs as CPU tasks; each model runs on an actor pool sized from the cluster (one GPU per actor
 where there are GPUs, CPU actors otherwise) that Ray restarts if an actor dies, retrying its batches.
-Rows stream; decoded images wait in the object store up to Ray Data's backpressure budget
-when decoding outruns the models (docs/benchmarks.md), and the driver reads the staged rows (no
-images, small PNG masks) to split them. The rows land in a
-staging Parquet directory in one pass, then are split into ``results/run_date=…`` and
-``errors/run_date=…`` with a fixed schema and a bounded number of files, replacing the partition of a
-re-run (or adding to it with ``incremental``), and the staging directory is removed.
+Rows stream, and the run's object store is bounded by the pool, not the archive: decoded images wait
+for the models only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md). The rows land
+in a staging Parquet directory in one pass, then are streamed, a batch at a time, into
+``results/run_date=…`` and ``errors/run_date=…`` with a fixed schema and a bounded number of files,
+replacing the partition of a re-run (or adding to it with ``incremental``), and the staging
+directory is removed.
 """
 
 from __future__ import annotations
