@@ -115,20 +115,31 @@ def _staged_rows(uris: list[str], failed: set[str]) -> pa.Table:
     )
 
 
-def test_split_streams_rows_into_files_of_bounded_size(tmp_path):
-    uris = [f"s3://a/{i:03d}.jpg" for i in range(10)]
+def _split(tmp_path, *staged_files: pa.Table, rows_per_file: int = 100):
+    """The staged tables written as staging files, split into ``results/`` and ``errors/`` under
+    ``tmp_path``: (results writer, errors writer, errors by type, errors by stage)."""
     staging = tmp_path / "staging"
     staging.mkdir()
-    rows = _staged_rows(uris, failed={uris[3], uris[7]})
-    pq.write_table(rows.slice(0, 6), staging / "a.parquet")
-    pq.write_table(rows.slice(6), staging / "b.parquet")
+    for index, table in enumerate(staged_files):
+        pq.write_table(table, staging / f"{index}.parquet")
     results = _PartitionWriter(
-        str(tmp_path / "results"), result_schema(["nevus"]), "r", 3, replace=True
+        str(tmp_path / "results"), result_schema(["nevus"]), "r", rows_per_file, replace=True
     )
-    errors = _PartitionWriter(str(tmp_path / "errors"), error_schema(), "r", 3, replace=True)
+    errors = _PartitionWriter(
+        str(tmp_path / "errors"), error_schema(), "r", rows_per_file, replace=True
+    )
     by_type, by_stage = _split_staged(pads.dataset(staging), results, errors)
     results.close()
     errors.close()
+    return results, errors, by_type, by_stage
+
+
+def test_split_streams_rows_into_files_of_bounded_size(tmp_path):
+    uris = [f"s3://a/{i:03d}.jpg" for i in range(10)]
+    rows = _staged_rows(uris, failed={uris[3], uris[7]})
+    results, errors, by_type, by_stage = _split(
+        tmp_path, rows.slice(0, 6), rows.slice(6), rows_per_file=3
+    )
     assert (results.rows, errors.rows) == (8, 2)
     assert by_type == {"CorruptImage": 2} and by_stage == {"decode": 2}
     files = sorted(p.name for p in (tmp_path / "results").iterdir())
@@ -141,17 +152,8 @@ def test_split_streams_rows_into_files_of_bounded_size(tmp_path):
 
 def test_a_repeated_row_is_written_once(tmp_path):
     uris = ["s3://a/1.jpg", "s3://a/2.jpg"]
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    pq.write_table(_staged_rows(uris, set()), staging / "a.parquet")
-    pq.write_table(_staged_rows(uris[:1], set()), staging / "b.parquet")  # a rerun task's row
-    results = _PartitionWriter(
-        str(tmp_path / "results"), result_schema(["nevus"]), "r", 100, replace=True
-    )
-    errors = _PartitionWriter(str(tmp_path / "errors"), error_schema(), "r", 100, replace=True)
-    _split_staged(pads.dataset(staging), results, errors)
-    results.close()
-    errors.close()
+    # The second file holds a rerun task's row.
+    results, *_ = _split(tmp_path, _staged_rows(uris, set()), _staged_rows(uris[:1], set()))
     assert results.rows == 2
     assert sorted(pads.dataset(tmp_path / "results").to_table()["source_uri"].to_pylist()) == uris
 
@@ -171,16 +173,7 @@ def test_error_rows_whose_size_was_never_read_get_a_null_size(tmp_path):
     uris = ["s3://a/gone-1.jpg", "s3://a/gone-2.jpg"]
     staged = _staged_rows(uris, failed=set(uris)).drop_columns(["source_size_bytes"])
     staged = staged.append_column("source_size_bytes", pa.array([float("nan")] * 2))
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    pq.write_table(staged, staging / "a.parquet")
-    results = _PartitionWriter(
-        str(tmp_path / "results"), result_schema(["nevus"]), "r", 10, replace=True
-    )
-    errors = _PartitionWriter(str(tmp_path / "errors"), error_schema(), "r", 10, replace=True)
-    _split_staged(pads.dataset(staging), results, errors)
-    results.close()
-    errors.close()
+    _split(tmp_path, staged)
     written = pq.read_table(tmp_path / "errors" / "part-r-00000.parquet")
     assert written["source_size_bytes"].to_pylist() == [None, None]
     assert written["source_uri"].to_pylist() == uris
