@@ -83,13 +83,28 @@ def decode_samples(batch: dict, image_size: tuple[int, int], num_classes: int) -
     }
 
 
-def to_ray_dataset(samples: SampleTable, image_size: tuple[int, int], rows_per_block: int = 16):
-    """A lazily decoded Ray Dataset of the samples (nothing is read until it is iterated)."""
+def to_ray_dataset(
+    samples: SampleTable,
+    image_size: tuple[int, int],
+    rows_per_block: int = 16,
+    shuffle_seed: int | None = None,
+):
+    """A lazily decoded Ray Dataset of the samples (nothing is read until it is iterated).
+
+    ``shuffle_seed``: the rows come in a new random order every time the dataset is iterated (every
+    epoch), the same sequence of orders for the same seed. The listing rows (URIs and labels) are
+    shuffled before decoding, so the shuffle moves bytes of text, not decoded images."""
     import ray.data
 
     dataset = ray.data.from_arrow(samples.rows)
     if dataset.num_blocks() * rows_per_block < len(samples):
         dataset = dataset.repartition(max(1, len(samples) // rows_per_block))
+    if shuffle_seed is not None:
+        # reseed_after_execution: the seed is combined with the execution index, so each epoch's
+        # execution draws its own permutation (ISIC 2017 and HAM10000 listings are sorted by id,
+        # and diagnoses cluster by id range).
+        seed = ray.data.RandomSeedConfig(seed=shuffle_seed, reseed_after_execution=True)
+        dataset = dataset.random_shuffle(seed=seed)
     return dataset.map_batches(
         decode_samples,
         batch_size=rows_per_block,

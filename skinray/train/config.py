@@ -55,6 +55,8 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, gt=0)
     synthetic_count: int = Field(64, gt=1)
     augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet"] = "flips"
+    #: A new order of the training rows every epoch (the same orders for the same ``seed``).
+    shuffle: bool = True
     #: What the model sees: the whole image, or the ROI = lesion mask × image (the two-step
     #: classifier, Innani et al. Sec. 3.2), made from the dataset's lesion masks.
     input: Literal["image", "roi"] = "image"

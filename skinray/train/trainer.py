@@ -119,7 +119,11 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
             resources_per_worker=resources,
         ),
         datasets={
-            "train": to_ray_dataset(train_samples, config.data.image_size),
+            "train": to_ray_dataset(
+                train_samples,
+                config.data.image_size,
+                shuffle_seed=config.seed if config.data.shuffle else None,
+            ),
             "validation": to_ray_dataset(validation_samples, config.data.image_size),
         },
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -1,0 +1,34 @@
+"""Training data is shuffled: a new batch order every epoch, the same orders for the same seed."""
+
+from __future__ import annotations
+
+from skinray.data.datasets import synthetic_samples
+from skinray.data.loading import to_ray_dataset
+
+
+def _epoch_orders(seed: int | None, epochs: int = 3) -> list[list[str]]:
+    """Image URIs in the order one Ray Train worker's shard yields them, epoch by epoch (Ray Train
+    hands each worker a ``streaming_split`` shard and iterates it once per epoch)."""
+    dataset = to_ray_dataset(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=seed)
+    shard = dataset.streaming_split(1, equal=True)[0]
+    return [
+        [str(uri) for batch in shard.iter_batches(batch_size=8) for uri in batch["image_uri"]]
+        for _ in range(epochs)
+    ]
+
+
+def test_order_differs_between_epochs_and_repeats_for_the_same_seed(ray_cluster):
+    first, again, other = _epoch_orders(7), _epoch_orders(7), _epoch_orders(8)
+    listing = sorted(first[0])
+    for epoch in first:
+        assert sorted(epoch) == listing  # every row once per epoch
+    assert len({tuple(epoch) for epoch in first}) == 3  # each epoch its own order
+    assert first == again  # the same seed, the same orders
+    assert first != other
+    assert first[0] != [str(u) for u in synthetic_samples(40, seed=0).rows["image_uri"].to_pylist()]
+
+
+def test_no_seed_keeps_the_listing_order(ray_cluster):
+    orders = _epoch_orders(None, epochs=2)
+    listing = [str(u) for u in synthetic_samples(40, seed=0).rows["image_uri"].to_pylist()]
+    assert orders == [listing, listing]
