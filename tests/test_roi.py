@@ -163,6 +163,62 @@ def test_descriptors_reject_an_image_of_another_size():
         lesion_descriptors(_circle(), np.zeros((100, 100, 3), np.uint8))
 
 
+# Descriptors at the source's aspect ratio
+
+
+def _squashed_circle(height: int, width: int, radius: int = 120) -> np.ndarray:
+    """A centred circle on a height × width source, as a model's 256 × 256 input holds it."""
+    source = np.zeros((height, width), np.uint8)
+    cv2.circle(source, (width // 2, height // 2), radius, 1, -1)
+    return cv2.resize(source, (256, 256), interpolation=cv2.INTER_NEAREST)
+
+
+@pytest.mark.parametrize("height, width", [(600, 600), (600, 800), (600, 900)], ids=str)
+def test_a_circle_squashed_to_the_model_input_measures_as_the_source_circle(height, width):
+    d = lesion_descriptors(_squashed_circle(height, width), source_size=(height, width))
+    assert d["asymmetry"] < 0.02
+    assert d["equivalent_diameter_px"] == pytest.approx(2 * 120, rel=0.02)
+    assert d["border_irregularity"] == pytest.approx(1.0, abs=0.03)
+    assert d["component_count"] == 1.0
+
+
+def test_without_source_size_a_squashed_circle_measures_as_an_ellipse_in_mask_pixels():
+    d = lesion_descriptors(_squashed_circle(600, 900))
+    # Squashing 3:2 keeps the circle mirror-symmetric, so asymmetry cannot show it; the border
+    # does (a 3:2 ellipse's compactness is ≈ 1.06), and so does the diameter: in mask pixels,
+    # and neither axis's scale back to the source gives the circle's 240 px.
+    assert d["asymmetry"] < 0.02
+    assert d["border_irregularity"] > 1.05
+    for source_px_per_mask_px in (600 / 256, 900 / 256):
+        assert abs(d["equivalent_diameter_px"] * source_px_per_mask_px / 240 - 1) > 0.1
+
+
+def test_source_size_leaves_area_fraction_and_colour_as_measured_on_the_mask():
+    sample = synthetic_sample(7, 256)
+    plain = lesion_descriptors(sample.mask, sample.image)
+    at_source = lesion_descriptors(sample.mask, sample.image, source_size=(600, 900))
+    for name in ("lesion_area_fraction", "colour_variegation"):
+        assert at_source[name] == plain[name]
+
+
+def test_a_source_size_equal_to_the_mask_changes_nothing():
+    sample = synthetic_sample(4, 128)
+    plain = lesion_descriptors(sample.mask, sample.image)
+    assert lesion_descriptors(sample.mask, sample.image, source_size=(128, 128)) == plain
+
+
+def test_a_source_smaller_than_the_mask_is_measured_at_its_own_size():
+    d = lesion_descriptors(_squashed_circle(60, 90, radius=20), source_size=(60, 90))
+    assert d["equivalent_diameter_px"] == pytest.approx(40, rel=0.03)
+    assert d["asymmetry"] < 0.05
+
+
+@pytest.mark.parametrize("source_size", [(0, 100), (100,), (100, 100, 3)], ids=str)
+def test_descriptors_reject_a_source_size_that_is_not_a_height_and_width(source_size):
+    with pytest.raises(ValueError, match="source_size"):
+        lesion_descriptors(_circle(), source_size=source_size)
+
+
 # ROI
 
 

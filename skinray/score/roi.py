@@ -13,7 +13,8 @@ computed on the mask's largest 8-connected component only, with OpenCV contours 
 asymmetry and border of several blobs together describe their arrangement, not a lesion:
 
 - ``lesion_area_fraction``: lesion pixels / all pixels, over the whole mask (every component).
-- ``equivalent_diameter_px``: diameter of the circle with the largest component's area.
+- ``equivalent_diameter_px``: diameter of the circle with the largest component's area; in source
+  pixels when ``source_size`` is given, else in mask pixels.
 - ``asymmetry`` in [0, 1]: mirror the component about each of its two principal axes through the
   centroid (orientation from second-order central moments); the area that does not overlap its
   mirror image, over the area; the mean of the two axes. 0 for an ellipse or a circle; a shape
@@ -26,6 +27,14 @@ asymmetry and border of several blobs together describe their arrangement, not a
   image. (RGB rather than Lab: no colour-space conversion whose white point we would have to
   guess for dermatoscope images, and the value is easy to check by hand.)
 - ``component_count``: 8-connected lesion components.
+
+A segmenter's mask is usually the source image squashed to the model's square input: a circular
+lesion on a 4:3 photo comes back as an ellipse, whose asymmetry is still 0 but whose border and
+diameter are not the lesion's. Given ``source_size`` = the source's (height, width), the shape
+descriptors (diameter, asymmetry, border, component count) are measured on the mask resampled to
+the source's aspect ratio, so they describe the lesion as photographed. The area fraction and
+colour variegation are pixel ratios and statistics, the same at any aspect, so they stay on the
+mask (and image) as given.
 
 An empty mask gives ``lesion_area_fraction`` 0, ``component_count`` 0 and NaN for the rest. Every
 value is a plain Python float, so a row goes straight into an Arrow table.
@@ -165,10 +174,46 @@ def _perimeter(component: np.ndarray) -> float:
     return cv2.arcLength(outline, closed=True) + math.pi
 
 
-def lesion_descriptors(mask: np.ndarray, image: np.ndarray | None = None) -> dict[str, float]:
+def _at_source_aspect(
+    mask: np.ndarray, source_size: tuple[int, int] | None
+) -> tuple[np.ndarray, float]:
+    """The mask resampled to the source's aspect ratio (bilinear, thresholded at ½: smoother
+    than nearest-neighbour), and the factor from that grid's pixels to source pixels."""
+    if source_size is None or tuple(source_size) == mask.shape:
+        return mask, 1.0
+    if len(source_size) != 2 or min(source_size) < 1:
+        raise ValueError(f"source_size must be (height, width) >= 1, got {source_size}")
+    source_h, source_w = source_size
+    # The mask's coarser sampling of the source (for a square mask: long side = the mask's long
+    # side), so the grid only ever shrinks the mask. Stretching an axis (e.g. to keep the pixel
+    # count) stretches its pixel staircase into steps the perimeter reads as a ragged border: a
+    # circle on a 3:2 source scored 1.027 that way, 1.017 this way. Never finer than the source.
+    scale = min(1.0, mask.shape[0] / source_h, mask.shape[1] / source_w)
+    grid_h, grid_w = max(1, round(source_h * scale)), max(1, round(source_w * scale))
+    resized = cv2.resize(mask.astype(np.float32), (grid_w, grid_h), interpolation=cv2.INTER_LINEAR)
+    return resized >= 0.5, source_h / grid_h
+
+
+def _colour_variegation(image: np.ndarray, mask: np.ndarray) -> float:
+    """Mean over R, G, B of the largest component's pixel standard deviation, in [0, 1] units."""
+    component, box, count = _largest_component(mask)
+    if count == 0:
+        return float("nan")
+    _, channel_std = cv2.meanStdDev(np.ascontiguousarray(image[box]), mask=component)
+    return float(channel_std.mean() / 255.0)
+
+
+def lesion_descriptors(
+    mask: np.ndarray,
+    image: np.ndarray | None = None,
+    *,
+    source_size: tuple[int, int] | None = None,
+) -> dict[str, float]:
     """ABCD-style descriptors (Stolz et al. 1994) of the lesion in ``mask`` (nonzero = lesion),
     keyed by ``DESCRIPTOR_NAMES`` in that order; see the module docstring for each definition.
-    ``image`` (H×W×3 uint8 RGB), when given, adds ``colour_variegation``.
+    ``image`` (H×W×3 uint8 RGB, the mask's size), when given, adds ``colour_variegation``.
+    ``source_size`` = (height, width) of the image the mask was predicted from, when given, has
+    the shape descriptors measured at its aspect ratio and the diameter in its pixels.
 
     Shapes under ~5 px across are too coarse for asymmetry and border to mean much (a single
     pixel scores a compactness of π/4); the values are still computed, not hidden.
@@ -177,7 +222,8 @@ def lesion_descriptors(mask: np.ndarray, image: np.ndarray | None = None) -> dic
     if image is not None and (image.dtype != np.uint8 or image.ndim != 3):
         raise ValueError(f"image must be H×W×3 uint8; got {image.dtype} {image.shape}")
     nan = float("nan")
-    component, box, count = _largest_component(mask)
+    grid, to_source_px = _at_source_aspect(mask, source_size)
+    component, _, count = _largest_component(grid)
     results = {
         "lesion_area_fraction": float(mask.mean()),
         "equivalent_diameter_px": nan,
@@ -186,13 +232,11 @@ def lesion_descriptors(mask: np.ndarray, image: np.ndarray | None = None) -> dic
         "colour_variegation": nan,
         "component_count": float(count),
     }
-    if count == 0:
-        return results
-    area = float(np.count_nonzero(component))
-    results["equivalent_diameter_px"] = math.sqrt(4 * area / math.pi)
-    results["asymmetry"] = _asymmetry(component)
-    results["border_irregularity"] = float(_perimeter(component) ** 2 / (4 * math.pi * area))
+    if count > 0:
+        area = float(np.count_nonzero(component))
+        results["equivalent_diameter_px"] = to_source_px * math.sqrt(4 * area / math.pi)
+        results["asymmetry"] = _asymmetry(component)
+        results["border_irregularity"] = float(_perimeter(component) ** 2 / (4 * math.pi * area))
     if image is not None:
-        _, channel_std = cv2.meanStdDev(np.ascontiguousarray(image[box]), mask=component)
-        results["colour_variegation"] = float(channel_std.mean() / 255.0)
+        results["colour_variegation"] = _colour_variegation(image, mask)
     return results
