@@ -354,7 +354,8 @@ def actor_threads(num_cpus: float) -> dict:
 
 def decode_only(images: str, config, segment_size: tuple[int, int]) -> dict:
     """(a) The pipeline's listing and read/decode stage, as it builds them, consumed in the driver."""
-    from skinray.score.pipeline import decoded_images, list_inputs
+    from skinray.score.graph import decoded_images
+    from skinray.score.sources import list_inputs
 
     started = time.perf_counter()
     dataset = decoded_images(list_inputs(images), config, segment_size)
@@ -396,7 +397,7 @@ def model_only(images: str, config, segment_size, roi_size, threads: int) -> dic
     import torch
 
     from skinray.score.actors import ClassifyActor, SegmentActor
-    from skinray.score.pipeline import list_inputs
+    from skinray.score.sources import list_inputs
     from skinray.score.stages import read_and_decode, roi_and_descriptors
 
     previous = torch.get_num_threads()

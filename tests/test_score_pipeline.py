@@ -8,15 +8,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from skinray.score.commit import PartitionWriter as _PartitionWriter
+from skinray.score.commit import split_staged as _split_staged
 from skinray.score.config import make_score_config
-from skinray.score.pipeline import (
-    StageSummary,
-    _object_store_budget,
-    _PartitionWriter,
-    _Placement,
-    _split_staged,
-    _stage_summaries,
-)
+from skinray.score.pipeline import StageSummary, _stage_summaries
+from skinray.score.plan import Placement as _Placement
+from skinray.score.plan import object_store_budget as _object_store_budget
 from skinray.score.schema import error_schema, result_schema
 
 

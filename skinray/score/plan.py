@@ -1,0 +1,147 @@
+"""The scoring run's plan, settled before any image is read: the models and what they take, where
+the model stages run, and how much object store the run may hold.
+
+Each model runs on an actor pool sized from the cluster (one GPU per actor where there are GPUs, CPU
+actors otherwise) that Ray restarts if an actor dies, retrying its batches. The run's object store
+is bounded by the pool, not the archive: decoded images wait for the models only
+``prefetch_batches`` batches per actor deep (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from skinray.models import read_model_config
+from skinray.score.config import ScoreConfig, ScoreConfigError
+
+__all__ = [
+    "LIGHT_TASK_CPUS",
+    "Placement",
+    "ScoringModels",
+    "object_store_budget",
+    "plan_placement",
+    "read_scoring_models",
+]
+
+#: CPUs claimed by the ROI, row-building and write tasks: milliseconds an image, they must not wait for a
+#: whole free CPU behind the decode tasks (on 2 CPUs, 440 images: 45.0 s at 0.25, 49.2 s at 1).
+LIGHT_TASK_CPUS = 0.25
+
+
+@dataclass(frozen=True)
+class ScoringModels:
+    """The run's models as their configs describe them.
+
+    ``identity`` holds the model names and weight hashes every row records (``segmenter``,
+    ``segmenter_sha256``, ``classifier``, ``classifier_sha256``; the classifier's are None without
+    one); ``segment_size`` and ``roi_size`` are the segmenter's and classifier's input sizes (None
+    without a classifier)."""
+
+    identity: dict[str, str | None]
+    class_names: list[str]
+    segment_size: tuple[int, int]
+    roi_size: tuple[int, int] | None
+
+
+def read_scoring_models(config: ScoreConfig) -> ScoringModels:
+    """The configs of ``config``'s segmenter and classifier, checked for the roles scoring gives
+    them: the segmenter segments, something classifies, and the classifier takes RGB ROIs."""
+    segmenter = read_model_config(config.segmenter)
+    if "mask_logits" not in segmenter.outputs:
+        raise ScoreConfigError(f"segmenter {config.segmenter} ({segmenter.model}) does not segment")
+    classifier = read_model_config(config.classifier) if config.classifier else None
+    if classifier is None and "class_logits" not in segmenter.outputs:
+        raise ScoreConfigError(
+            f"segmenter {config.segmenter} ({segmenter.model}) does not classify: give a classifier"
+        )
+    if classifier is not None and classifier.input_channels != 3:
+        raise ScoreConfigError(
+            f"classifier {config.classifier} takes {classifier.input_channels} channels; scoring "
+            "feeds it RGB ROIs"
+        )
+    source = classifier or segmenter
+    class_names = list(source.class_names or [str(i) for i in range(_num_classes(source))])
+    identity = {
+        "segmenter": segmenter.model,
+        "segmenter_sha256": segmenter.weights_sha256,
+        "classifier": classifier.model if classifier else None,
+        "classifier_sha256": classifier.weights_sha256 if classifier else None,
+    }
+    return ScoringModels(
+        identity,
+        class_names,
+        segmenter.input_size,
+        classifier.input_size if classifier else None,
+    )
+
+
+def _num_classes(config) -> int:
+    return int(config.kwargs.get("num_classes", 0)) or 1
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the model stages run: actors per stage, a GPU each or CPU threads each."""
+
+    use_gpu: bool
+    max_actors: int
+    cpu_threads: int
+    decode_slots: int
+
+    def pool_args(self, config: ScoreConfig) -> dict:
+        """map_batches arguments for a model stage."""
+        import ray
+
+        return dict(
+            compute=ray.data.ActorPoolStrategy(
+                min_size=min(config.min_actors, self.max_actors), max_size=self.max_actors
+            ),
+            num_gpus=1 if self.use_gpu else 0,
+            # On CPU a model actor claims half a CPU so that both model stages and the decode
+            # tasks get scheduled on a small node; its torch threads are set apart (Ray would set
+            # OMP_NUM_THREADS to 1 from this). Ray Data restarts a dead actor and retries its
+            # batches (max_restarts=-1).
+            num_cpus=1 if self.use_gpu else 0.5,
+        )
+
+
+def plan_placement(config: ScoreConfig) -> Placement:
+    """The placement for the connected Ray cluster: GPU actors where it has GPUs (unless
+    ``config.use_gpu`` says otherwise), a CPU actor per 4 CPUs otherwise, capped by
+    ``config.max_actors``, and torch threads shared out among the actors a node holds."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+    node_cpus = max(
+        (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1
+    )
+    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
+    upper = config.max_actors or (max(1, gpus) if use_gpu else max(1, cpus // 4))
+    nodes = max(1, round(cpus / max(node_cpus, 1)))
+    per_node = -(-upper // nodes)
+    threads = config.cpu_threads_per_actor or max(1, node_cpus // per_node)
+    return Placement(use_gpu, upper, threads, decode_slots=max(1, cpus))
+
+
+def object_store_budget(
+    config: ScoreConfig,
+    placement: Placement,
+    segment_size: tuple[int, int],
+    roi_size: tuple[int, int] | None,
+    mean_source_bytes: float = 0.0,
+) -> int:
+    """Bytes of object store the run may hold: ``prefetch_batches`` batches queued for every
+    model actor (a decoded image and its mask, then its ROI) and one output per decode task. A
+    bound that depends on the pool, not on the archive, keeps memory flat however many images
+    there are; decoding runs ahead of the models only that far. Where the segmenter decodes the
+    JPEGs, their bytes (``mean_source_bytes`` a file) queue for it too."""
+    if config.object_store_memory_mib:
+        return int(config.object_store_memory_mib * 2**20)
+    segment_row = 4 * segment_size[0] * segment_size[1]  # RGB + mask, uint8
+    if config.jpeg_decode_in_segmenter:
+        segment_row += int(mean_source_bytes)
+    roi_row = 3 * roi_size[0] * roi_size[1] if roi_size else 0
+    queued = config.prefetch_batches * config.batch_size * (segment_row + roi_row)
+    decoding = placement.decode_slots * config.decode_batch_size * segment_row
+    return queued * placement.max_actors + decoding
