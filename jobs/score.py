@@ -44,9 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="decode JPEGs in the segmenter actor (nvJPEG on its GPU), not in the CPU tasks",
     )
     parser.add_argument(
-        "--roi-margin", type=float, help="ROI box margin, a fraction of the lesion box (0.1)"
-    )
-    parser.add_argument(
         "--prefetch-batches",
         type=int,
         help="model batches queued per actor; with the pool, bounds the object store (8)",
@@ -80,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
         summary = run_scoring(config)
     except (ScoreConfigError, DatasetError, ModelConfigError, FileNotFoundError) as error:
+        # One line: the door checks (config, saved models) run before any Ray work.
         print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))

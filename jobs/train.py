@@ -19,7 +19,13 @@ import sys
 
 from skinray.data.datasets import DatasetError
 from skinray.models import ModelConfigError, PretrainedWeightsError
-from skinray.train.config import ConfigError, list_recipes, load_config, smoke_test_config
+from skinray.train.config import (
+    ConfigError,
+    list_recipes,
+    load_config,
+    recipe_summary,
+    smoke_test_config,
+)
 from skinray.train.staged import STAGED, run_staged
 
 USER_ERRORS = (
@@ -46,7 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list_recipes:
-        print("\n".join([*list_recipes(), *(f"{name} (staged)" for name in STAGED)]))
+        width = max(len(name) for name in [*list_recipes(), *STAGED])
+        for name in list_recipes():
+            print(f"{name:<{width}}  {recipe_summary(load_config(name))}")
+        for name, stages in STAGED.items():
+            print(f"{name:<{width}}  staged: {' → '.join(stage.recipe for stage in stages)}")
         return 0
     overrides = list(args.overrides)
     if args.resume:

@@ -1,9 +1,10 @@
 """One evaluation path for training's validation and ``jobs/evaluate.py``.
 
-``model_input`` turns decoded batches into what a model takes; ``Evaluator`` accumulates per-image
-segmentation metrics and class probabilities batch by batch (memory stays flat) and reports the same
-figures in both places: ISIC per-image Jaccard, Dice, sensitivity, specificity, accuracy, thresholded
-Jaccard, per-class AUC, accuracy and balanced accuracy.
+Both run a ``skinray.predict.Predictor`` on decoded batches and hand its ``Prediction`` to an
+``Evaluator``, which accumulates per-image segmentation metrics and class probabilities batch by batch
+(memory stays flat) and reports the same figures in both places: ISIC per-image Jaccard, Dice,
+sensitivity, specificity, accuracy, thresholded Jaccard, per-class AUC, accuracy and balanced
+accuracy. Ground-truth masks and labels reach the metrics only, never the model's input.
 """
 
 from __future__ import annotations
@@ -11,74 +12,42 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from skinray import metrics
-from skinray.data.transforms import normalise
-from skinray.models import CLASS_LOGITS, MASK_LOGITS
+from skinray import io, metrics
+from skinray.data.decode import encode_png
+from skinray.predict import Prediction, Predictor
 
-__all__ = ["Evaluator", "model_input"]
-
-
-def model_input(
-    images: torch.Tensor,
-    masks: torch.Tensor,
-    input_channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    device: torch.device | str = "cpu",
-    roi: bool = False,
-    guidance: torch.Tensor | None = None,
-    roi_masks: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """uint8 images (N,3,H,W) → normalised float input, with guidance channels when the model takes
-    them: ``guidance`` (N,C,H,W) from a guidance chain, or else the lesion mask repeated.
-
-    ``roi``: the image is multiplied by a lesion mask first (the two-step paper's ROI): ``roi_masks``
-    (a segmenter's prediction) when given, else ``masks``.
-    """
-    if roi:
-        cut = roi_masks if roi_masks is not None else masks
-        images = images * cut[:, None].to(images.device, images.dtype)
-    x = normalise(images.to(device), mean, std)
-    extra = input_channels - 3
-    if extra > 0:
-        if guidance is None:
-            guidance = masks.to(device).float()[:, None].expand(-1, extra, -1, -1)
-        if guidance.shape[1] != extra:
-            raise ValueError(
-                f"the model takes {extra} guidance channels, the chain gives {guidance.shape[1]}"
-            )
-        x = torch.cat([x, guidance.to(device)], dim=1)
-    return x
+__all__ = ["PREDICTION_SCHEMA", "Evaluator", "evaluate_samples"]
 
 
 class Evaluator:
-    """Accumulates a model's outputs over batches; ``result()`` gives the metrics."""
+    """Accumulates predictions over batches; ``result()`` gives the metrics. With
+    ``keep_predictions`` it also keeps each batch's ``Prediction.numpy()`` (``predictions``)."""
 
-    def __init__(self, class_names: Sequence[str] | None, mask_threshold: float = 0.5) -> None:
+    def __init__(self, class_names: Sequence[str] | None, keep_predictions: bool = False) -> None:
         self.class_names = list(class_names) if class_names is not None else None
-        self.mask_threshold = mask_threshold
         self._per_image: dict[str, list[np.ndarray]] = {}
         self._probabilities: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
+        self.keep_predictions = keep_predictions
+        self.predictions: list[dict[str, np.ndarray]] = []
         self.images = 0
 
-    def update(
-        self, outputs: dict[str, torch.Tensor], masks: torch.Tensor, labels: torch.Tensor
-    ) -> None:
+    def update(self, prediction: Prediction, masks: torch.Tensor, labels: torch.Tensor) -> None:
         self.images += len(labels)
-        if MASK_LOGITS in outputs:
-            probability = torch.sigmoid(outputs[MASK_LOGITS].float()[:, 0])
-            predicted = (probability > self.mask_threshold).cpu().numpy()
+        if prediction.mask is not None:
+            predicted = prediction.mask.bool().cpu().numpy()
             per_image = metrics.per_image_segmentation_metrics(predicted, masks.cpu().numpy())
             for name, values in per_image.items():
                 self._per_image.setdefault(name, []).append(values)
-        if CLASS_LOGITS in outputs:
-            self._probabilities.append(
-                torch.softmax(outputs[CLASS_LOGITS].float(), 1).cpu().numpy()
-            )
+        if prediction.class_probabilities is not None:
+            self._probabilities.append(prediction.class_probabilities.float().cpu().numpy())
             self._labels.append(labels.cpu().numpy())
+        if self.keep_predictions:
+            self.predictions.append(prediction.numpy())
 
     def result(self) -> dict[str, float]:
         results: dict[str, float] = {"images": self.images}
@@ -95,36 +64,82 @@ class Evaluator:
         return results
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_samples(
-    model: torch.nn.Module,
+    predictor: Predictor,
     samples,
     *,
-    image_size: Sequence[int] | None = None,
     batch_size: int = 16,
-    roi: bool = False,
-    device: str = "cpu",
+    evaluator: Evaluator | None = None,
+    predictions_uri: str | None = None,
 ) -> dict[str, float]:
-    """Metrics of a saved model (``load_model``) on a labelled ``SampleTable``, decoded with the
-    training pipeline's own reader; unreadable images are skipped and counted in ``skipped``."""
+    """Metrics of ``predictor`` on a labelled ``SampleTable``, decoded at the predictor's input size
+    with the training pipeline's own reader; unreadable images are skipped and counted in
+    ``skipped``. ``predictions_uri``: also write each image's prediction there as Parquet
+    (``PREDICTION_SCHEMA``), a batch at a time."""
     from skinray.data.loading import decode_samples
 
-    config = model.saved_config
-    size = tuple(image_size or config.input_size)
-    evaluator = Evaluator(config.class_names or samples.class_names, config.mask_threshold)
-    model = model.to(device).eval()
+    evaluator = evaluator or Evaluator(predictor.class_names or samples.class_names)
+    writer = _PredictionWriter(predictions_uri) if predictions_uri else None
     rows = samples.rows
     skipped = 0
-    for start in range(0, rows.num_rows, batch_size):
-        chunk = rows.slice(start, batch_size).to_pydict()
-        batch = decode_samples(chunk, size, len(samples.class_names))
-        ok = batch["ok"]
-        skipped += int((~ok).sum())
-        if not ok.any():
-            continue
-        images = torch.from_numpy(batch["image"][ok]).permute(0, 3, 1, 2)
-        masks = torch.from_numpy(batch["mask"][ok])
-        labels = torch.from_numpy(batch["label"][ok])
-        x = model_input(images, masks, model.input_channels, config.mean, config.std, device, roi)
-        evaluator.update(model(x), masks, labels)
+    try:
+        for start in range(0, rows.num_rows, batch_size):
+            chunk = rows.slice(start, batch_size).to_pydict()
+            batch = decode_samples(chunk, predictor.input_size, len(samples.class_names))
+            ok = batch["ok"]
+            skipped += int((~ok).sum())
+            if not ok.any():
+                continue
+            images = torch.from_numpy(batch["image"][ok]).permute(0, 3, 1, 2)
+            prediction = predictor(images)
+            labels = torch.from_numpy(batch["label"][ok])
+            evaluator.update(prediction, torch.from_numpy(batch["mask"][ok]), labels)
+            if writer:
+                writer.write(batch["image_uri"][ok], labels.numpy(), prediction)
+    finally:
+        if writer:
+            writer.close()
     return {**evaluator.result(), "skipped": skipped}
+
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("image_uri", pa.string()),
+        pa.field("label", pa.int64()),
+        pa.field("class_probabilities", pa.list_(pa.float32())),
+        pa.field("mask_png", pa.binary()),
+        pa.field("roi_box", pa.list_(pa.float32())),
+    ]
+)
+
+
+class _PredictionWriter:
+    def __init__(self, uri: str) -> None:
+        fs, path = io.resolve(uri)
+        self._writer = pq.ParquetWriter(path, PREDICTION_SCHEMA, filesystem=fs)
+
+    def write(self, uris, labels: np.ndarray, prediction: Prediction) -> None:
+        values = prediction.numpy()
+        count = len(uris)
+        probabilities = values.get("class_probabilities")
+        masks = values.get("mask")
+        boxes = values.get("roi_box")
+        table = pa.table(
+            {
+                "image_uri": [str(u) for u in uris],
+                "label": labels.astype(np.int64),
+                "class_probabilities": [None] * count
+                if probabilities is None
+                else list(probabilities.astype(np.float32)),
+                "mask_png": [None] * count
+                if masks is None
+                else [encode_png(m * 255) for m in masks],
+                "roi_box": [None] * count if boxes is None else list(boxes.astype(np.float32)),
+            },
+            schema=PREDICTION_SCHEMA,
+        )
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        self._writer.close()

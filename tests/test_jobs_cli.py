@@ -87,4 +87,5 @@ def test_evaluate_job_reports_a_missing_model(tmp_path):
         str(tmp_path / "m.csv"),
     )
     assert result.returncode == 2
-    assert "no-model/config.json" in result.stderr and "Traceback" not in result.stderr
+    assert "no-model: no saved model here (config.json not found)" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

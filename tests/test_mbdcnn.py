@@ -130,7 +130,7 @@ def test_chain_from_trained_stages_matches_running_them_by_hand(tmp_path):
     assert torch.equal(chained[MASK_LOGITS], by_hand)
     assert torch.equal(chained[CLASS_LOGITS], classified[CLASS_LOGITS])
     # The assembled chain saves and loads like any registered model.
-    save_model(chain, str(tmp_path / "chain"), input_size=(SIZE, SIZE))
+    save_model(chain, str(tmp_path / "chain"), input_size=(SIZE, SIZE), class_names=["a", "b", "c"])
     restored = load_model(str(tmp_path / "chain"))
     with torch.no_grad():
         assert torch.equal(restored(x)[MASK_LOGITS], chained[MASK_LOGITS])

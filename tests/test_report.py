@@ -17,10 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from skinray import io
 from skinray.data.decode import encode_png
 from skinray.data.synthetic import synthetic_sample
+from skinray.models.two_step import lesion_boxes
 from skinray.report.html import (
     CONTOUR_RGB,
     MISSING_SOURCE_GREY,
@@ -30,7 +32,6 @@ from skinray.report.html import (
     latest_run_date,
     stratified_sample,
 )
-from skinray.score.roi import extract_roi
 from skinray.score.schema import ROI_BOX_COLUMNS, error_schema, probability_column, result_schema
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,11 @@ ERRORS = [
     ("gone.jpg", "read", "FileNotFoundError", "no such file: gone.jpg"),
     ("evil.jpg", "decode", "CorruptImage", "<script>alert('owned')</script> in the header"),
 ]
+
+
+def _box(mask: np.ndarray) -> list[int]:
+    """The scoring job's ROI box with its default 10 % margin."""
+    return [int(v) for v in lesion_boxes(torch.from_numpy(mask[None] > 0), 0.1)[0]]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +121,7 @@ def _result_row(images: Path, image_id, class_index, seed, size, with_cam) -> di
         "mask_height": MASK_PX,
         "mask_width": MASK_PX,
         # The scoring job's ROI box with its default 10 % margin.
-        **dict(zip(ROI_BOX_COLUMNS, extract_roi(mask, mask, margin=0.1).box, strict=True)),
+        **dict(zip(ROI_BOX_COLUMNS, _box(mask), strict=True)),
         "cam_png": encode_png((cam / cam.max() * 255).astype(np.uint8)) if with_cam else None,
         "segmenter": "unet",
         "segmenter_sha256": SEGMENTER_SHA,

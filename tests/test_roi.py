@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from skinray.data.synthetic import synthetic_sample
-from skinray.score.roi import DESCRIPTOR_NAMES, extract_roi, lesion_descriptors
+from skinray.score.roi import DESCRIPTOR_NAMES, lesion_descriptors
 
 SHAPE_DESCRIPTORS = ("equivalent_diameter_px", "asymmetry", "border_irregularity")
 
@@ -217,87 +217,3 @@ def test_a_source_smaller_than_the_mask_is_measured_at_its_own_size():
 def test_descriptors_reject_a_source_size_that_is_not_a_height_and_width(source_size):
     with pytest.raises(ValueError, match="source_size"):
         lesion_descriptors(_circle(), source_size=source_size)
-
-
-# ROI
-
-
-def test_roi_zeroes_pixels_outside_the_mask_and_keeps_those_inside():
-    sample = synthetic_sample(3, 128)
-    roi = extract_roi(sample.image, sample.mask, margin=0.1)
-    y0, x0, y1, x1 = roi.box
-    inside = sample.mask[y0:y1, x0:x1].astype(bool)
-    assert np.array_equal(roi.image[inside], sample.image[y0:y1, x0:x1][inside])
-    assert not roi.image[~inside].any()
-    assert not roi.empty
-
-
-def test_roi_box_is_the_lesion_box_plus_the_margin_of_its_size():
-    image = np.full((100, 100, 3), 200, np.uint8)
-    mask = np.zeros((100, 100), np.uint8)
-    mask[40:60, 30:70] = 1  # 20 tall, 40 wide
-    roi = extract_roi(image, mask, margin=0.1)
-    assert roi.box == (38, 26, 62, 74)  # 2 px above and below, 4 px left and right
-    assert roi.image.shape == (24, 48, 3)
-    assert extract_roi(image, mask, margin=0).box == (40, 30, 60, 70)
-
-
-def test_roi_box_contains_the_margin_on_a_realistic_lesion():
-    sample = synthetic_sample(5, 128)
-    roi = extract_roi(sample.image, sample.mask, margin=0.1)
-    ys, xs = np.nonzero(sample.mask)
-    height, width = ys.max() + 1 - ys.min(), xs.max() + 1 - xs.min()
-    y0, x0, y1, x1 = roi.box
-    assert y0 <= max(0, ys.min() - 0.1 * height + 0.5)
-    assert x0 <= max(0, xs.min() - 0.1 * width + 0.5)
-    assert y1 >= min(128, ys.max() + 1 + 0.1 * height - 0.5)
-    assert x1 >= min(128, xs.max() + 1 + 0.1 * width - 0.5)
-
-
-def test_roi_box_is_clipped_at_the_image_border():
-    image = np.full((50, 50, 3), 200, np.uint8)
-    mask = np.zeros((50, 50), np.uint8)
-    mask[0:10, 40:50] = 1  # in the top-right corner
-    roi = extract_roi(image, mask, margin=0.5)
-    assert roi.box == (0, 35, 15, 50)
-    assert roi.image.shape == (15, 15, 3)
-
-
-def test_roi_is_resized_to_exactly_the_output_size():
-    sample = synthetic_sample(2, 96)
-    roi = extract_roi(sample.image, sample.mask, output_size=(32, 24))
-    assert roi.image.shape == (32, 24, 3)
-    assert roi.image.dtype == np.uint8
-
-
-def test_roi_keeps_every_lesion_component_and_its_box_spans_them_all():
-    image = np.full((100, 100, 3), 90, np.uint8)
-    mask = np.zeros((100, 100), np.uint8)
-    mask[10:20, 10:20] = 1
-    mask[70:80, 60:90] = 1
-    roi = extract_roi(image, mask, margin=0)
-    assert roi.box == (10, 10, 80, 90)
-    assert int(np.count_nonzero(roi.image[..., 0])) == 100 + 300
-
-
-def test_an_empty_mask_gives_the_whole_unmasked_image():
-    image = synthetic_sample(1, 64).image
-    roi = extract_roi(image, np.zeros((64, 64), np.uint8), output_size=(32, 32))
-    assert roi.empty and roi.box == (0, 0, 64, 64)
-    assert np.array_equal(roi.image, cv2.resize(image, (32, 32), interpolation=cv2.INTER_AREA))
-    assert np.array_equal(extract_roi(image, np.zeros((64, 64), bool)).image, image)
-
-
-def test_roi_does_not_share_memory_with_the_source():
-    image = np.full((20, 20, 3), 7, np.uint8)
-    roi = extract_roi(image, np.zeros((20, 20), bool))
-    roi.image[:] = 0
-    assert image.min() == 7
-
-
-def test_roi_rejects_a_mask_of_another_size_and_a_negative_margin():
-    image = np.zeros((20, 20, 3), np.uint8)
-    with pytest.raises(ValueError, match="differ in size"):
-        extract_roi(image, np.ones((10, 10), bool))
-    with pytest.raises(ValueError, match="margin"):
-        extract_roi(image, np.ones((20, 20), bool), margin=-0.1)

@@ -51,38 +51,30 @@ def test_stage_summary_follows_images_through_the_stages():
     stages = _stage_summaries(
         listed=100,
         skipped=10,
-        errors_by_stage={"read": 2, "decode": 5, "segment": 1, "classify": 3},
+        errors_by_stage={"read": 2, "decode": 5, "predict": 4},
         written=90,
-        with_classifier=True,
         operator_times={
             "MapBatches(read_and_decode)": (12.0, 6.5),
-            "MapBatches(SegmentActor)": (30.0, 31.0),
+            "MapBatches(PredictActor)": (30.0, 31.0),
             "MapBatches(finish_rows)->Write": (1.0, 2.0),
         },
     )
     table = {s.stage: (s.images_in, s.errors, s.task_s, s.span_s) for s in stages}
-    assert list(table) == ["list", "read", "decode", "segment", "roi", "classify", "write"]
+    assert list(table) == ["list", "read", "decode", "predict", "describe", "write"]
     assert table["list"] == (100, 0, None, None)
     assert table["read"] == (90, 2, None, None)  # read and decode share one task: timed as decode
     assert table["decode"] == (88, 5, 12.0, 6.5)
-    assert table["segment"] == (83, 1, 30.0, 31.0)
-    assert table["roi"] == (82, 0, None, None)  # no timing reported for it here
-    assert table["classify"] == (82, 3, None, None)
+    assert table["predict"] == (83, 4, 30.0, 31.0)
+    assert table["describe"] == (79, 0, None, None)  # no timing reported for it here
     assert table["write"] == (90, 0, 1.0, 2.0)
-
-
-def test_stage_summary_without_a_classifier_has_no_classify_stage():
-    stages = _stage_summaries(5, 0, {}, 5, with_classifier=False, operator_times={})
-    assert [s.stage for s in stages] == ["list", "read", "decode", "segment", "roi", "write"]
-    assert all(s.images_in == 5 for s in stages)
 
 
 @pytest.mark.parametrize(
     ("summary", "line"),
     [
         (
-            StageSummary("segment", 83, 1, 30.04, 31.0),
-            "  segment         83 in       1 errors      30.0 s in tasks,   31.0 s span",
+            StageSummary("predict", 83, 1, 30.04, 31.0),
+            "  predict         83 in       1 errors      30.0 s in tasks,   31.0 s span",
         ),
         (StageSummary("list", 100, 0), "  list           100 in       0 errors"),
     ],

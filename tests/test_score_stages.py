@@ -14,7 +14,7 @@ from PIL import Image
 
 from skinray.data.synthetic import synthetic_sample
 from skinray.models import create_model, get_model_spec, save_model
-from skinray.score.actors import SegmentActor
+from skinray.score.actors import PredictActor
 from skinray.score.stages import read_and_decode
 
 SIZE = (64, 64)
@@ -64,7 +64,7 @@ def segmenter(tmp_path_factory):
     save_model(
         create_model("unet", **get_model_spec("unet").smoke_kwargs), str(folder), input_size=SIZE
     )
-    return SegmentActor(str(folder), batch_size=4)
+    return PredictActor(str(folder), None, batch_size=4)
 
 
 def _listing(archive):

@@ -56,7 +56,7 @@ def test_saved_weights_are_plain_safetensors(tmp_path):
 
 def test_weight_paths_are_not_recorded(tmp_path):
     model = create_model("classifier", encoder="resnet18", num_classes=3)
-    save_model(model, str(tmp_path))
+    save_model(model, str(tmp_path), class_names=["a", "b", "c"])
     assert "encoder_weights" not in read_model_config(str(tmp_path)).kwargs
 
 

@@ -6,12 +6,13 @@
 """
 
 # Importing a model module registers it.
-from skinray.models import asnet, classifier, clnet, fcn, mbdcnn, unet  # noqa: F401
+from skinray.models import asnet, classifier, clnet, fcn, mbdcnn, two_step, unet  # noqa: F401
 from skinray.models.backbones import PretrainedWeightsError
 from skinray.models.registry import (
     CAM,
     CLASS_LOGITS,
     MASK_LOGITS,
+    ROI_BOX,
     ModelConfigError,
     ModelSpec,
     create_model,
@@ -30,6 +31,7 @@ __all__ = [
     "CAM",
     "CLASS_LOGITS",
     "MASK_LOGITS",
+    "ROI_BOX",
     "ModelConfigError",
     "ModelSpec",
     "PretrainedWeightsError",

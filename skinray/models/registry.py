@@ -5,7 +5,9 @@ produces it, so training, evaluation and scoring never name a paper:
 
 - ``mask_logits``: (N, 1, H, W) lesion logits at the input size (models that segment);
 - ``class_logits``: (N, C) (models that classify);
-- ``cam``: (N, C, h, w) class localisation maps (models that yield them).
+- ``cam``: (N, C, h, w) class localisation maps (models that yield them);
+- ``roi_box``: (N, 4) the lesion box (y0, x0, y1, x1) in input pixels a composite cut its
+  classifier's input from (the two-step pipeline).
 
 Every model also carries ``normalization`` (mean, std) and ``input_channels``: 3 for RGB, more for
 stages that take guidance channels after RGB (MB-DCNN's mask-CN and enhanced-SN).
@@ -25,6 +27,7 @@ __all__ = [
     "CAM",
     "CLASS_LOGITS",
     "MASK_LOGITS",
+    "ROI_BOX",
     "ModelConfigError",
     "ModelSpec",
     "create_model",
@@ -36,7 +39,8 @@ __all__ = [
 MASK_LOGITS = "mask_logits"
 CLASS_LOGITS = "class_logits"
 CAM = "cam"
-OUTPUT_KEYS = (MASK_LOGITS, CLASS_LOGITS, CAM)
+ROI_BOX = "roi_box"
+OUTPUT_KEYS = (MASK_LOGITS, CLASS_LOGITS, CAM, ROI_BOX)
 
 #: Constructor arguments that point at ImageNet weights: they shape a model's start, not its
 #: architecture, so a saved model does not record them.

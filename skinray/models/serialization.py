@@ -22,7 +22,7 @@ from torch import nn
 
 import skinray
 from skinray import io
-from skinray.models.registry import create_model, get_model_spec
+from skinray.models.registry import CLASS_LOGITS, create_model, get_model_spec
 
 __all__ = [
     "CONFIG_FILE",
@@ -50,12 +50,17 @@ class SavedModelConfig:
     outputs: tuple[str, ...]
     weights_sha256: str
     skinray_version: str
+    #: For a classifier trained on lesion ROIs: the ROI's margin and the size of the image it was
+    #: cut from (what a two-step pipeline assembled around it decodes to). None otherwise.
+    roi_margin: float | None = None
+    roi_source_size: tuple[int, int] | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
         raw = json.loads(text)
         fields = {f.name for f in dataclasses.fields(cls)}
-        missing = sorted(fields - raw.keys())
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = sorted(fields - optional - raw.keys())
         if missing:
             raise ValueError(f"{source}: missing keys {missing}")
         raw = {k: v for k, v in raw.items() if k in fields}
@@ -64,6 +69,8 @@ class SavedModelConfig:
         raw["outputs"] = tuple(raw["outputs"])
         if raw["class_names"] is not None:
             raw["class_names"] = tuple(raw["class_names"])
+        if raw.get("roi_source_size") is not None:
+            raw["roi_source_size"] = tuple(raw["roi_source_size"])
         return cls(**raw)
 
     def to_json(self) -> str:
@@ -87,16 +94,21 @@ def save_model(
     std: Sequence[float] | None = None,
     class_names: Sequence[str] | None = None,
     mask_threshold: float = 0.5,
+    roi_margin: float | None = None,
+    roi_source_size: Sequence[int] | None = None,
     filesystem=None,
 ) -> SavedModelConfig:
     """Write ``model`` (made by ``create_model``) to the directory ``uri``.
 
     ``input_size`` defaults to the paper's, ``mean``/``std`` to the encoder's pretraining statistics.
+    A model with class logits needs one class name per logit: a model saved without them would
+    pass here and fail a scoring run after the whole archive had been decoded and segmented.
     """
     name = getattr(model, "skinray_model_name", None)
     if name is None:
         raise ValueError("save_model needs a model built by skinray.models.create_model")
     spec = get_model_spec(name)
+    _check_class_names(model, spec, class_names, uri)
     model_mean, model_std = getattr(
         model, "normalization", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     )
@@ -116,10 +128,39 @@ def save_model(
         outputs=spec.outputs,
         weights_sha256=hashlib.sha256(weights).hexdigest(),
         skinray_version=skinray.__version__,
+        roi_margin=float(roi_margin) if roi_margin is not None else None,
+        roi_source_size=tuple(int(s) for s in roi_source_size) if roi_source_size else None,
     )
     io.write_bytes(io.join(uri, WEIGHTS_FILE), weights, filesystem)
     io.write_bytes(io.join(uri, CONFIG_FILE), config.to_json().encode(), filesystem)
     return config
+
+
+def _class_logit_count(model: nn.Module) -> int:
+    """The width of the model's class logits, from one forward pass on a small blank input."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            x = torch.zeros(1, getattr(model, "input_channels", 3), 64, 64)
+            parameter = next(model.parameters(), None)
+            if parameter is not None:
+                x = x.to(parameter.device)
+            return int(model(x)[CLASS_LOGITS].shape[1])
+    finally:
+        model.train(was_training)
+
+
+def _check_class_names(model: nn.Module, spec, class_names, uri: str) -> None:
+    if not spec.classifies:
+        return
+    count = _class_logit_count(model)
+    given = 0 if class_names is None else len(class_names)
+    if given != count:
+        raise ValueError(
+            f"save_model {uri}: {spec.name} has {count} class logits but {given} class names "
+            "were given; pass class_names with one name per class"
+        )
 
 
 def read_model_config(uri: str, filesystem=None) -> SavedModelConfig:

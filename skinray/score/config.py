@@ -31,7 +31,6 @@ class ScoreConfig(BaseModel):
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     incremental: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
-    roi_margin: float = Field(0.1, ge=0, le=1)
     include_cam: bool = False
     #: Rows per model call on an actor.
     batch_size: int = Field(16, ge=1)

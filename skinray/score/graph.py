@@ -1,8 +1,8 @@
-"""The scoring run's Ray Data graph: read/decode → segment → ROI → classify → rows → staging Parquet.
+"""The scoring run's Ray Data graph: read/decode → predict → describe → rows → staging Parquet.
 
-Decoding runs as CPU tasks, a ``decode_batch_size`` slice of the listing a task; each model runs on
-an actor pool placed by :func:`skinray.score.plan.plan_placement`; the ROI and row-building stages
-are light CPU tasks between them. Rows stream, and the run's object store is bounded by the pool,
+Decoding runs as CPU tasks, a ``decode_batch_size`` slice of the listing a task; the models run in
+one ``Predictor`` on an actor pool placed by :func:`skinray.score.plan.plan_placement`; the
+descriptor and row-building stages are light CPU tasks after it. Rows stream, and the run's object store is bounded by the pool,
 not the archive (:func:`skinray.score.plan.object_store_budget`): the graph lands its rows in a
 staging Parquet directory in one pass, for :mod:`skinray.score.commit` to split.
 """
@@ -15,15 +15,15 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from skinray import io
-from skinray.score.actors import ClassifyActor, SegmentActor
+from skinray.score.actors import PredictActor
 from skinray.score.commit import STAGING_ROWS_PER_FILE
 from skinray.score.config import ScoreConfig
 from skinray.score.plan import LIGHT_TASK_CPUS, Placement, ScoringModels
 from skinray.score.stages import (
     KILL_ACTOR_MARKER_ENV,
+    describe_lesions,
     finish_rows,
     read_and_decode_slice,
-    roi_and_descriptors,
 )
 
 __all__ = ["build_graph", "decoded_images", "write_staging"]
@@ -51,41 +51,22 @@ def decoded_images(listing: pa.Table, config: ScoreConfig, image_size: tuple[int
     )
 
 
-def _model_stages(rows, config: ScoreConfig, models: ScoringModels, placement: Placement):
-    """Decoded rows through the models: SegmentActor, the ROI and descriptors cut from its mask,
-    then ClassifyActor where there is a classifier (else the segmenter's classes stand)."""
-    kill_marker = os.environ.get(KILL_ACTOR_MARKER_ENV)
-    actor_args = dict(batch_size=config.batch_size, **placement.pool_args(config))
-    rows = rows.map_batches(
-        SegmentActor,
+def _model_stages(rows, config: ScoreConfig, placement: Placement):
+    """Decoded rows through the ``PredictActor`` pool (segmenter, or segmenter → ROI → classifier,
+    in one actor: the ROI is cut on its device from the decoded image), then the lesion
+    descriptors and mask PNG on light CPU tasks."""
+    return rows.map_batches(
+        PredictActor,
         fn_constructor_kwargs={
-            "model_uri": config.segmenter,
+            "segmenter": config.segmenter,
+            "classifier": config.classifier,
             "batch_size": config.batch_size,
-            "kill_marker": kill_marker,
+            "kill_marker": os.environ.get(KILL_ACTOR_MARKER_ENV),
             "cpu_threads": placement.cpu_threads,
         },
-        **actor_args,
-    ).map_batches(
-        roi_and_descriptors,
-        batch_size=config.decode_batch_size,
-        num_cpus=LIGHT_TASK_CPUS,
-        fn_kwargs={
-            "roi_size": tuple(models.roi_size) if models.roi_size else None,
-            "margin": config.roi_margin,
-        },
-    )
-    if config.classifier:
-        rows = rows.map_batches(
-            ClassifyActor,
-            fn_constructor_kwargs={
-                "model_uri": config.classifier,
-                "batch_size": config.batch_size,
-                "kill_marker": kill_marker,
-                "cpu_threads": placement.cpu_threads,
-            },
-            **actor_args,
-        )
-    return rows
+        batch_size=config.batch_size,
+        **placement.pool_args(config),
+    ).map_batches(describe_lesions, batch_size=config.decode_batch_size, num_cpus=LIGHT_TASK_CPUS)
 
 
 def build_graph(
@@ -93,8 +74,8 @@ def build_graph(
 ):
     """The lazy ``ray.data.Dataset`` of output rows (results and errors alike) for a non-empty
     listing: decode → models → ``finish_rows``. Nothing runs until it is written."""
-    rows = decoded_images(listing, config, models.segment_size)
-    rows = _model_stages(rows, config, models, placement)
+    rows = decoded_images(listing, config, models.input_size)
+    rows = _model_stages(rows, config, placement)
     return rows.map_batches(
         finish_rows,
         batch_size=config.decode_batch_size,

@@ -1,6 +1,7 @@
-"""The nightly scoring job on Ray Data: list → read/decode → segment → ROI → classify → Parquet.
+"""The nightly scoring job on Ray Data: list → read/decode → predict → describe → Parquet.
 
-Decoding runs as CPU tasks; each model runs on an actor pool sized from the cluster (one GPU per actor
+Decoding runs as CPU tasks; the models run in one ``skinray.predict.Predictor`` (the segmenter, or
+segmenter → ROI → classifier) on an actor pool sized from the cluster (one GPU per actor
 where there are GPUs, CPU actors otherwise) that Ray restarts if an actor dies, retrying its batches.
 Rows stream, and the run's object store is bounded by the pool, not the archive: decoded images wait
 for the models only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md). The rows land
@@ -43,9 +44,8 @@ STAGES = (
     ("list", None),
     ("read", "read_and_decode"),
     ("decode", "read_and_decode"),
-    ("segment", "SegmentActor"),
-    ("roi", "roi_and_descriptors"),
-    ("classify", "ClassifyActor"),
+    ("predict", "PredictActor"),
+    ("describe", "describe_lesions"),
     ("write", "Write"),
 )
 
@@ -125,7 +125,7 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     if listing.num_rows:
         rows = build_graph(listing, config, models, placement)
         sizes = pc.mean(listing["source_size_bytes"]).as_py() or 0.0
-        budget = object_store_budget(config, placement, models.segment_size, models.roi_size, sizes)
+        budget = object_store_budget(config, placement, models.input_size, None, sizes)
         staged, operator_times = write_staging(rows, staging, budget)
 
     committed = commit_partitions(staged, config, models.class_names)
@@ -167,7 +167,6 @@ def _summary(
             skipped,
             committed.errors_by_stage,
             committed.results + committed.errors,
-            config.classifier is not None,
             operator_times,
         ),
         object_store_budget_mib=round(budget / 2**20, 1),
@@ -179,13 +178,10 @@ def _stage_summaries(
     skipped: int,
     errors_by_stage: dict[str, int],
     written: int,
-    with_classifier: bool,
     operator_times: dict[str, tuple[float, float]],
 ) -> list[StageSummary]:
     stages, reaching = [], listed
     for stage, operator in STAGES:
-        if stage == "classify" and not with_classifier:
-            continue
         errors = errors_by_stage.get(stage, 0)
         summary = StageSummary(stage, written if stage == "write" else reaching, errors)
         if operator and stage != "read":  # read and decode are one task, timed as decode

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from skinray.models import read_model_config
 from skinray.score.config import ScoreConfig, ScoreConfigError
 
 __all__ = [
@@ -34,49 +33,37 @@ class ScoringModels:
 
     ``identity`` holds the model names and weight hashes every row records (``segmenter``,
     ``segmenter_sha256``, ``classifier``, ``classifier_sha256``; the classifier's are None without
-    one); ``segment_size`` and ``roi_size`` are the segmenter's and classifier's input sizes (None
-    without a classifier)."""
+    one); ``input_size`` is what images are decoded to for the ``Predictor``: the model's input
+    size, or for a two-step pair the size its classifier's ROIs are cut from."""
 
     identity: dict[str, str | None]
     class_names: list[str]
-    segment_size: tuple[int, int]
-    roi_size: tuple[int, int] | None
+    input_size: tuple[int, int]
 
 
 def read_scoring_models(config: ScoreConfig) -> ScoringModels:
-    """The configs of ``config``'s segmenter and classifier, checked for the roles scoring gives
-    them: the segmenter segments, something classifies, and the classifier takes RGB ROIs."""
-    segmenter = read_model_config(config.segmenter)
-    if "mask_logits" not in segmenter.outputs:
-        raise ScoreConfigError(f"segmenter {config.segmenter} ({segmenter.model}) does not segment")
-    classifier = read_model_config(config.classifier) if config.classifier else None
-    if classifier is None and "class_logits" not in segmenter.outputs:
-        raise ScoreConfigError(
-            f"segmenter {config.segmenter} ({segmenter.model}) does not classify: give a classifier"
-        )
-    if classifier is not None and classifier.input_channels != 3:
-        raise ScoreConfigError(
-            f"classifier {config.classifier} takes {classifier.input_channels} channels; scoring "
-            "feeds it RGB ROIs"
-        )
-    source = classifier or segmenter
-    class_names = list(source.class_names or [str(i) for i in range(_num_classes(source))])
+    """The configs of ``config``'s segmenter and classifier (no weights read), checked for the roles
+    scoring gives them before any Ray work (``skinray.predict.check_models``)."""
+    from skinray.predict import ModelCheckError, check_models
+
+    try:
+        configs = check_models(config.segmenter, config.classifier)
+    except ModelCheckError as error:
+        raise ScoreConfigError(str(error)) from None
+    segmenter, classifier = configs[0], (configs[1] if config.classifier else None)
     identity = {
         "segmenter": segmenter.model,
         "segmenter_sha256": segmenter.weights_sha256,
         "classifier": classifier.model if classifier else None,
         "classifier_sha256": classifier.weights_sha256 if classifier else None,
     }
-    return ScoringModels(
-        identity,
-        class_names,
-        segmenter.input_size,
-        classifier.input_size if classifier else None,
-    )
-
-
-def _num_classes(config) -> int:
-    return int(config.kwargs.get("num_classes", 0)) or 1
+    source = classifier or segmenter
+    # A segmenter alone gives masks and descriptors; its rows have no diagnosis.
+    class_names = list(source.class_names or ()) if "class_logits" in source.outputs else []
+    input_size = segmenter.input_size
+    if classifier is not None and classifier.roi_source_size:
+        input_size = classifier.roi_source_size
+    return ScoringModels(identity, class_names, tuple(input_size))
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,5 @@
-"""Lesion ROI and ABCD-style lesion descriptors: pure functions of (image, mask).
-
-ROI, the two-step pipeline's hand-over from segmenter to classifier (Innani et al., Sec. 3 and Fig. 2): the
-image multiplied by the predicted lesion mask, so the classifier sees only lesion pixels. Here it is
-also cropped to the lesion's bounding box enlarged by a margin, so a small lesion reaches the
-classifier at its input resolution rather than as a speck in a large black frame. Every lesion
-pixel is kept and the box spans all of them: a segmenter that splits one lesion into pieces, or
-finds satellites, should not have parts cut from what the classifier sees.
+"""ABCD-style lesion descriptors: pure functions of (mask, image). (The two-step pipeline's lesion
+ROI is defined once, in torch, in ``skinray.models.two_step``.)
 
 Descriptors follow the ABCD rule of dermoscopy (Stolz et al. 1994: Asymmetry, Border, Colour,
 Differential structures; Diameter in its common clinical variant). The shape descriptors are
@@ -43,12 +37,11 @@ value is a plain Python float, so a row goes straight into an Arrow table.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-__all__ = ["DESCRIPTOR_NAMES", "Roi", "extract_roi", "lesion_descriptors"]
+__all__ = ["DESCRIPTOR_NAMES", "lesion_descriptors"]
 
 DESCRIPTOR_NAMES = (
     "lesion_area_fraction",
@@ -60,13 +53,6 @@ DESCRIPTOR_NAMES = (
 )
 
 
-@dataclass(frozen=True)
-class Roi:
-    image: np.ndarray  # masked crop (h×w×3, the source's dtype), resized when asked
-    box: tuple[int, int, int, int]  # (y0, x0, y1, x1) in source pixels, end-exclusive
-    empty: bool  # no lesion pixel: the whole, unmasked image stands in
-
-
 def _as_mask(mask: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
     """A 2-D boolean mask (nonzero = lesion) of the image's height and width."""
     mask = np.asarray(mask)
@@ -75,53 +61,6 @@ def _as_mask(mask: np.ndarray, image: np.ndarray | None = None) -> np.ndarray:
     if image is not None and image.shape[:2] != mask.shape:
         raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
     return mask.astype(bool)
-
-
-def extract_roi(
-    image: np.ndarray,
-    mask: np.ndarray,
-    *,
-    margin: float = 0.1,
-    output_size: tuple[int, int] | None = None,
-) -> Roi:
-    """The lesion ROI: pixels outside the mask set to 0, cropped to the box around every lesion
-    pixel enlarged by ``margin`` × the box's height (width) above and below (left and right),
-    clipped to the image, then resized to ``output_size`` = (height, width) with ``INTER_AREA``.
-
-    With no lesion pixel the whole image comes back unmasked, ``box`` is the full image and
-    ``empty`` is set: an all-black input would make the classifier's answer meaningless, while the
-    whole image still gets a real prediction, and ``empty`` lets the row say the segmenter found
-    nothing.
-
-    >>> roi = extract_roi(np.full((8, 8, 3), 9, np.uint8), np.eye(8, dtype=bool)[::-1], margin=0)
-    >>> roi.box, int(roi.image[0, 7, 0]), int(roi.image[0, 0, 0])
-    ((0, 0, 8, 8), 9, 0)
-    """
-    image = np.asarray(image)
-    mask = _as_mask(mask, image)
-    if margin < 0:
-        raise ValueError(f"margin must be >= 0, got {margin}")
-    if output_size is not None and (len(output_size) != 2 or min(output_size) < 1):
-        raise ValueError(f"output_size must be (height, width) >= 1, got {output_size}")
-    height, width = mask.shape
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if len(rows) == 0:
-        crop, box, empty = image.copy(), (0, 0, height, width), True
-    else:
-        y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        pad_y, pad_x = round(margin * (y1 - y0)), round(margin * (x1 - x0))
-        box = (
-            max(0, y0 - pad_y),
-            max(0, x0 - pad_x),
-            min(height, y1 + pad_y),
-            min(width, x1 + pad_x),
-        )
-        inside = mask[box[0] : box[2], box[1] : box[3]]
-        inside = inside.reshape(inside.shape + (1,) * (image.ndim - 2))  # broadcast over channels
-        crop, empty = np.where(inside, image[box[0] : box[2], box[1] : box[3]], 0), False
-    if output_size is not None:
-        crop = cv2.resize(crop, (output_size[1], output_size[0]), interpolation=cv2.INTER_AREA)
-    return Roi(np.ascontiguousarray(crop), tuple(int(v) for v in box), empty)
 
 
 def _largest_component(mask: np.ndarray) -> tuple[np.ndarray, tuple[slice, slice], int]:

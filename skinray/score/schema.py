@@ -26,8 +26,9 @@ __all__ = [
     "result_schema",
 ]
 
-ERROR_STAGES = ("list", "read", "decode", "segment", "classify", "write")
-#: The classifier's ROI in mask pixels (bottom and right exclusive), as ``extract_roi`` cut it.
+ERROR_STAGES = ("list", "read", "decode", "predict", "write")
+#: The classifier's ROI in mask pixels (bottom and right exclusive), as
+#: ``skinray.models.two_step.lesion_boxes`` cut it.
 ROI_BOX_COLUMNS = ("roi_top", "roi_left", "roi_bottom", "roi_right")
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 

@@ -5,9 +5,10 @@ and an ``error_stage`` that is empty while the row is healthy; a stage that fail
 ``error_stage``, ``error_type`` and ``error_message`` and later stages pass the row through untouched.
 So every listed image ends as exactly one row: a result or an error.
 
-read → decode (CPU tasks) → segment (model actor) → roi + descriptors (CPU tasks) → classify (model
-actor) → finish (rows in the output schema). The model actors live in ``skinray.score.actors``; this
-module does not import torch, so the CPU tasks' workers never load it.
+read → decode (CPU tasks) → predict (model actor: segmenter, or segmenter → ROI → classifier) →
+describe (CPU tasks: lesion descriptors, mask PNG) → finish (rows in the output schema). The model
+actor lives in ``skinray.score.actors``; this module does not import torch, so the CPU tasks' workers
+never load it.
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ import pyarrow.fs as pafs
 
 from skinray import io
 from skinray.data.decode import ImageDecodeError, decode, encode_png, screen_jpeg
-from skinray.score.roi import DESCRIPTOR_NAMES, extract_roi, lesion_descriptors
+from skinray.score.roi import DESCRIPTOR_NAMES, lesion_descriptors
 from skinray.score.schema import ROI_BOX_COLUMNS, probability_column
 
 if TYPE_CHECKING:
     from ray import ObjectRef
 
 __all__ = [
+    "describe_lesions",
     "finish_rows",
     "read_and_decode",
     "read_and_decode_slice",
-    "roi_and_descriptors",
 ]
 
 #: Test hook for the actor-failure test: the first model call on an actor whose marker file does
@@ -128,31 +129,24 @@ def read_and_decode_slice(
     return read_and_decode(table.slice(int(index) * rows, rows).to_pydict(), **decode_kwargs)
 
 
-def roi_and_descriptors(
-    batch: dict, roi_size: tuple[int, int] | None, margin: float
-) -> dict[str, np.ndarray]:
-    """ABCD descriptors and the mask PNG for every healthy row; ROIs for the classifier when one
-    follows (``roi_size``). The full-size image is dropped here: later stages need only the ROI."""
+def describe_lesions(batch: dict) -> dict[str, np.ndarray]:
+    """ABCD descriptors of every healthy row's predicted mask, measured at the source image's
+    aspect ratio and in its pixels; the mask as PNG; the ROI box the two-step classifier used (in
+    mask pixels; NaN, null in the output, without one). The decoded image and mask are dropped."""
     count = len(batch["source_uri"])
     healthy = healthy_rows(batch)
     descriptors = {name: np.full(count, np.nan, np.float32) for name in DESCRIPTOR_NAMES}
     mask_png = np.array([b""] * count, dtype=object)
-    # The ROI's box in mask pixels, NaN (null in the output) where no ROI classifier follows.
-    box = {name: np.full(count, np.nan, np.float32) for name in ROI_BOX_COLUMNS}
-    if roi_size is not None:
-        batch["roi"] = np.zeros((count, *roi_size, 3), np.uint8)
     for i in np.flatnonzero(healthy):
         image, mask = batch["image"][i], batch["mask"][i]
-        for name, value in lesion_descriptors(mask, image).items():
+        source_size = (int(batch["height"][i]), int(batch["width"][i]))
+        for name, value in lesion_descriptors(mask, image, source_size=source_size).items():
             descriptors[name][i] = value
         mask_png[i] = encode_png(mask * 255)
-        if roi_size is not None:
-            roi = extract_roi(image, mask, margin=margin, output_size=roi_size)
-            batch["roi"][i] = roi.image
-            for name, value in zip(ROI_BOX_COLUMNS, roi.box, strict=True):
-                box[name][i] = value
+    boxes = batch.pop("roi_box", np.full((count, 4), np.nan, np.float32))
+    boxes = np.where(healthy[:, None], boxes, np.nan)
     batch.update(descriptors)
-    batch.update(box)
+    batch.update({name: boxes[:, k].astype(np.float32) for k, name in enumerate(ROI_BOX_COLUMNS)})
     batch["mask_png"] = mask_png
     batch["mask_height"] = np.full(count, batch["mask"].shape[1], np.int32)
     batch["mask_width"] = np.full(count, batch["mask"].shape[2], np.int32)
@@ -195,11 +189,16 @@ def finish_rows(
         "width": batch["width"],
         "height": batch["height"],
         "predicted_class": np.array(
-            [class_names[p] if ok else None for p, ok in zip(predicted, healthy, strict=True)],
+            [
+                class_names[p] if ok and class_names else None
+                for p, ok in zip(predicted, healthy, strict=True)
+            ],
             dtype=object,
         ),
         "predicted_probability": np.where(
-            healthy, probabilities[np.arange(count), predicted] if count else 0, np.nan
+            healthy & bool(class_names),
+            probabilities[np.arange(count), predicted] if count and class_names else 0,
+            np.nan,
         ).astype(np.float32),
         **{
             probability_column(name): np.where(healthy, probabilities[:, c], np.nan).astype(

@@ -26,6 +26,7 @@ __all__ = [
     "apply_overrides",
     "list_recipes",
     "load_config",
+    "recipe_summary",
     "smoke_test_config",
 ]
 
@@ -57,15 +58,19 @@ class DataConfig(_Strict):
     augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet"] = "flips"
     #: A new order of the training rows every epoch (the same orders for the same ``seed``).
     shuffle: bool = True
-    #: What the model sees: the whole image, or the ROI = lesion mask × image (the two-step
-    #: classifier, Innani et al. Sec. 3.2), made from the dataset's lesion masks.
+    #: What the model sees: the whole image, or the lesion ROI (the two-step classifier, Innani et
+    #: al. Sec. 3.2) cut by ``skinray.models.two_step`` from the ``image_size`` image with the
+    #: ``roi_segmenter``'s predicted mask, as evaluation and scoring cut it.
     input: Literal["image", "roi"] = "image"
-    #: For ``input: roi``: a saved segmenter whose predicted masks make the ROIs (the two-step
-    #: pipeline); None uses the dataset's masks.
+    #: For ``input: roi`` (required): the saved segmenter whose predicted masks make the ROIs.
     roi_segmenter: str | None = None
+    #: For ``input: roi``: the classifier's input size (default ``image_size``) and the ROI box's
+    #: margin, a fraction of the lesion box.
+    roi_size: tuple[int, int] | None = None
+    roi_margin: float = Field(0.1, ge=0, le=1)
     #: Saved models run in order on each batch whose last output becomes the extra input channels
-    #: (MB-DCNN: [coarse-SN] for mask-CN, [coarse-SN, mask-CN] for enhanced-SN); empty: the
-    #: dataset's lesion mask fills them.
+    #: (MB-DCNN: [coarse-SN] for mask-CN, [coarse-SN, mask-CN] for enhanced-SN). A model that
+    #: takes guidance channels needs them: ground-truth masks never stand in.
     guidance_models: tuple[str, ...] = ()
 
     @model_validator(mode="after")
@@ -89,7 +94,8 @@ class OptimConfig(_Strict):
     #: ``poly``: lr · (1 - step/total)^power per iteration (ASNet, CLNet); ``constant`` otherwise.
     schedule: Literal["poly", "constant"] = "constant"
     poly_power: float = Field(0.9, gt=0)
-    grad_clip_norm: float | None = Field(1.0, gt=0)
+    #: Clip the gradients' global L2 norm to this (None: no clipping; none of the papers clips).
+    grad_clip_norm: float | None = Field(None, gt=0)
 
 
 class ScalingSettings(_Strict):
@@ -122,8 +128,11 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
-    #: bf16 autocast on GPU (no effect on CPU).
-    amp: bool = True
+    #: ``bf16``: bf16 autocast on GPU (no effect on CPU); ``fp32``: full precision, as the papers.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    #: Stop when ``checkpoint.metric`` has not improved for this many epochs (None: never); the
+    #: best checkpoint is kept either way.
+    early_stopping_patience: int | None = Field(None, ge=1)
     seed: int = 0
     #: Where the final model, metrics.json and the training curve go (local or s3://).
     output: str = "runs/latest"
@@ -219,6 +228,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node[leaf] = _parse_scalar(value)
     return result
+
+
+def recipe_summary(config: TrainConfig) -> str:
+    """One line of the settings that change a recipe's result."""
+    optim = config.optim
+    schedule = optim.schedule + (f" {optim.poly_power}" if optim.schedule == "poly" else "")
+    stopping = (
+        f"early stop {config.early_stopping_patience} ep on {config.checkpoint.metric}"
+        if config.early_stopping_patience
+        else "no early stop"
+    )
+    return (
+        f"{config.model}, {config.data.source} {config.data.image_size[0]}×"
+        f"{config.data.image_size[1]}, augment {config.data.augment}, "
+        f"shuffle {'on' if config.data.shuffle else 'off'}; {optim.name} lr {optim.lr:g} {schedule}, "
+        f"wd {optim.weight_decay:g}, clip {optim.grad_clip_norm or 'none'}, {config.precision}; "
+        f"batch {config.batch_size}, {config.epochs} ep, {stopping}; seed {config.seed}"
+    )
 
 
 def list_recipes() -> list[str]:

@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,22 @@ from safetensors.torch import load as load_safetensors
 
 from skinray import io
 from skinray.data.transforms import augment_batch, augmentation
-from skinray.evaluation import Evaluator, model_input
+from skinray.evaluation import Evaluator
 from skinray.losses import LOSSES
-from skinray.models import CLASS_LOGITS, MASK_LOGITS, create_model, get_model_spec
+from skinray.models import CLASS_LOGITS, MASK_LOGITS, create_model, get_model_spec, load_model
 from skinray.models.serialization import WEIGHTS_FILE
+from skinray.models.two_step import TwoStep
+from skinray.predict import Predictor
 from skinray.train.checkpoint import TrainingState, read_checkpoint, write_checkpoint
 from skinray.train.config import OptimConfig, TrainConfig
-from skinray.train.guidance import GuidanceChain, RoiSegmenter
 
 __all__ = [
+    "StagePredictor",
     "build_model",
     "build_optimizer",
     "fault_injection_from_environment",
     "poly_schedule",
+    "should_stop_early",
     "train_func",
 ]
 
@@ -99,24 +103,45 @@ def _kill_if_asked(fault: dict[str, str] | None, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
-class ModelInputs:
-    """Decoded batches → model input, with a guidance chain's channels or a ROI segmenter's masks
-    where the config names them (MB-DCNN's later stages, the two-step classifier)."""
+class StagePredictor:
+    """The model under training inside the ``Predictor`` its stage is validated through, and the
+    training inputs cut by that same predictor: guidance channels from the chain's saved models
+    (MB-DCNN's later stages), or ROIs from the saved segmenter's predicted masks (the two-step
+    classifier). Ground truth never enters a model input here."""
 
-    def __init__(self, config: TrainConfig, device: torch.device) -> None:
-        self.roi = config.data.input == "roi"
-        models = config.data.guidance_models
-        self.chain = GuidanceChain(models, device) if models else None
-        segmenter = config.data.roi_segmenter
-        self.segmenter = RoiSegmenter(segmenter, device) if segmenter and self.roi else None
-
-    def __call__(self, images, masks, model, mean, std, device) -> torch.Tensor:
-        images = images.to(device)
-        guidance = self.chain(images) if self.chain else None
-        roi_masks = self.segmenter(images) if self.segmenter else None
-        return model_input(
-            images, masks, model.input_channels, mean, std, device, self.roi, guidance, roi_masks
+    def __init__(self, config: TrainConfig, model, class_names, device) -> None:
+        data, mean_std = config.data, model.normalization
+        self.roi = None
+        if data.input == "roi":
+            segmenter = load_model(data.roi_segmenter, device=device)
+            seg = segmenter.saved_config
+            self.roi = TwoStep.from_stages(
+                segmenter,
+                model,
+                segmenter_input_size=seg.input_size,
+                classifier_input_size=data.roi_size or data.image_size,
+                mask_threshold=seg.mask_threshold,
+                roi_margin=data.roi_margin,
+            ).to(device)
+            model, mean_std = self.roi, (seg.mean, seg.std)
+        guidance = [load_model(uri, device=device) for uri in data.guidance_models]
+        self.predictor = Predictor(
+            model,
+            input_size=data.image_size,
+            mean=mean_std[0],
+            std=mean_std[1],
+            class_names=class_names,
+            guidance=guidance,
+            source=f"training {config.model}",
         )
+
+    def train_input(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N,3,H,W), augmented, → the input of the network being trained."""
+        x = self.predictor.model_input(images)
+        if self.roi is not None:
+            with torch.no_grad():
+                x, _ = self.roi.roi_input(x)
+        return x
 
 
 def initialise_from(model: torch.nn.Module, uri: str) -> None:
@@ -174,26 +199,25 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 @torch.no_grad()
 def validate(
-    model, shard, objective, config, class_names, device, mean, std, inputs
+    stage: StagePredictor, batches, objective, evaluator: Evaluator | None = None
 ) -> dict[str, float]:
-    """The whole validation set on this worker (rank 0): loss and the metrics of ``Evaluator``.
+    """The whole validation set on this worker (rank 0) through the stage's ``Predictor``: loss and
+    the metrics of ``Evaluator``.
 
     Runs the unwrapped module: a DDP forward may broadcast buffers, a collective the other ranks,
     not validating, would never join."""
-    model = _unwrap(model)
-    model.eval()
-    evaluator = Evaluator(class_names)
+    predictor = stage.predictor
+    predictor.model.eval()
+    evaluator = evaluator or Evaluator(predictor.class_names)
     loss_sum, skipped = 0.0, 0
-    for images, masks, labels, bad in _batches(shard, config.batch_size):
+    for images, masks, labels, bad in batches:
         skipped += bad
         if len(images) == 0:
             continue
-        x = inputs(images, masks, model, mean, std, device)
-        with _autocast(config, device):
-            outputs = {k: v.float() for k, v in model(x).items()}
-        masks, labels = masks.to(device), labels.to(device)
+        outputs, prediction = predictor.run(images)
+        masks, labels = masks.to(predictor.device), labels.to(predictor.device)
         loss_sum += objective(outputs, masks, labels).item() * len(images)
-        evaluator.update(outputs, masks, labels)
+        evaluator.update(prediction, masks, labels)
     scores = evaluator.result()
     results = {f"val_{k}": v for k, v in scores.items()}
     results["val_loss"] = loss_sum / max(evaluator.images, 1)
@@ -206,7 +230,7 @@ def _unwrap(model):
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    enabled = config.amp and device.type == "cuda"
+    enabled = config.precision == "bf16" and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -224,7 +248,6 @@ def train_func(loop_config: dict[str, Any]) -> None:
     model = build_model(config, num_classes)
     if config.init_from:
         initialise_from(model, config.init_from)
-    mean, std = model.normalization
     state = TrainingState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.resume:
@@ -249,9 +272,16 @@ def train_func(loop_config: dict[str, Any]) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, schedule, last_epoch=state.global_step - 1
         )
-    objective = _Objective(config)
-    inputs = ModelInputs(config, device)
-    transform = augmentation(config.data.augment, config.data.image_size)
+    step = _Step(
+        model=model,
+        stage=StagePredictor(config, _unwrap(model), loop_config["class_names"], device),
+        objective=_Objective(config),
+        transform=augmentation(config.data.augment, config.data.image_size),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        config=config,
+        device=device,
+    )
     history, global_step = list(state.history), state.global_step
     train_shard = ray.train.get_dataset_shard("train")
     validation_shard = ray.train.get_dataset_shard("validation")
@@ -259,28 +289,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
     for epoch in range(state.epoch, config.epochs):
         _kill_if_asked(loop_config.get("fault_injection"), epoch, rank)
         model.train()
-        started, loss_sum, seen, skipped, steps = time.perf_counter(), 0.0, 0, 0, 0
-        lr_at_start = optimizer.param_groups[0]["lr"]
-        for images, masks, labels, bad in _batches(train_shard, config.batch_size, drop_last=True):
-            skipped += bad
-            if steps >= steps_per_epoch or len(images) == 0:
-                continue  # drain the shard so every worker finishes the epoch together
-            images, masks = augment_batch(transform, images, masks)
-            x = inputs(images, masks, _unwrap(model), mean, std, device)
-            masks, labels = masks.to(device), labels.to(device)
-            with _autocast(config, device):
-                outputs = model(x)
-            loss = objective({k: v.float() for k, v in outputs.items()}, masks, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.optim.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip_norm)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.item() * len(images)
-            seen += len(images)
-            steps += 1
-            global_step += 1
+        started, lr_at_start = time.perf_counter(), optimizer.param_groups[0]["lr"]
+        batches = _batches(train_shard, config.batch_size, drop_last=True)
+        loss_sum, seen, skipped, steps = step.epoch(batches, steps_per_epoch)
+        global_step += steps
         elapsed = time.perf_counter() - started
         loss_sum, seen, skipped = _all_reduce_sum([loss_sum, seen, skipped], device)
         results: dict[str, float] = {
@@ -292,23 +304,14 @@ def train_func(loop_config: dict[str, Any]) -> None:
             "lr": lr_at_start,
             "global_step": global_step,
         }
+        stop = 0.0
         if rank == 0:
-            results.update(
-                validate(
-                    model,
-                    validation_shard,
-                    objective,
-                    config,
-                    loop_config["class_names"],
-                    device,
-                    mean,
-                    std,
-                    inputs,
-                )
-            )
+            validation = _batches(validation_shard, config.batch_size)
+            results.update(validate(step.stage, validation, step.objective))
             history.append(results)
+            stop = float(should_stop_early(history, config))
             # Straight to stdout: Ray Train's print patch would also log it, showing each line twice.
-            sys.stdout.write(_progress_line(results, config.epochs) + "\n")
+            sys.stdout.write(_progress_line(results, config.epochs, bool(stop)) + "\n")
             sys.stdout.flush()
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
@@ -318,9 +321,76 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 ray.train.report(results, checkpoint=ray.train.Checkpoint.from_directory(directory))
             else:
                 ray.train.report(results)
+        if _all_reduce_sum([stop], device)[0]:  # every rank stops at the same epoch
+            break
 
 
-def _progress_line(results: dict[str, float], epochs: int) -> str:
+def should_stop_early(history: list[dict[str, float]], config: TrainConfig) -> bool:
+    """True when ``checkpoint.metric`` has not improved on its best for ``early_stopping_patience``
+    epochs (the epochs since the best one, over the whole history, a resumed run's included)."""
+    patience, metric = config.early_stopping_patience, config.checkpoint.metric
+    scores = [row[metric] for row in history if metric in row]
+    if not patience or not scores:
+        return False
+    sign = 1 if config.checkpoint.mode == "max" else -1
+    best = max(range(len(scores)), key=lambda i: (sign * scores[i], -i))
+    return len(scores) - 1 - best >= patience
+
+
+@dataclass
+class _Step:
+    """One worker's optimiser steps over its shard of an epoch."""
+
+    model: torch.nn.Module
+    stage: StagePredictor
+    objective: _Objective
+    transform: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    config: TrainConfig
+    device: torch.device
+
+    def epoch(self, batches, steps_per_epoch: int) -> tuple[float, int, int, int]:
+        """(loss sum, images, unreadable images, steps). Every rank takes a step on the same
+        batches: a batch with no readable image on any rank is skipped by all of them, since a
+        rank that skipped alone would leave the others waiting in DDP's gradient all-reduce."""
+        loss_sum, seen, skipped, steps = 0.0, 0, 0, 0
+        for images, masks, labels, bad in batches:
+            skipped += bad
+            if steps >= steps_per_epoch:
+                continue  # drain the shard so every worker finishes the epoch together
+            if not _every_rank_has_images(len(images), self.device):
+                continue
+            loss_sum += self.step(images, masks, labels) * len(images)
+            seen += len(images)
+            steps += 1
+        return loss_sum, seen, skipped, steps
+
+    def step(self, images, masks, labels) -> float:
+        config, device = self.config, self.device
+        images, masks = augment_batch(self.transform, images, masks)
+        x = self.stage.train_input(images.to(device))
+        masks, labels = masks.to(device), labels.to(device)
+        with _autocast(config, device):
+            outputs = self.model(x)
+        loss = self.objective({k: v.float() for k, v in outputs.items()}, masks, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss.item()
+
+
+def _every_rank_has_images(count: int, device) -> bool:
+    flag = torch.tensor([1 if count > 0 else 0], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _progress_line(results: dict[str, float], epochs: int, stopping: bool = False) -> str:
     parts = [
         f"epoch {int(results['epoch'])}/{epochs}",
         f"loss {results['train_loss']:.4f}",
@@ -333,4 +403,6 @@ def _progress_line(results: dict[str, float], epochs: int) -> str:
             parts.append(f"{key.removeprefix('val_')} {results[key]:.4f}")
     if results.get("train_skipped") or results.get("val_skipped"):
         parts.append(f"skipped {int(results['train_skipped'])}+{int(results['val_skipped'])}")
+    if stopping:
+        parts.append("early stop")
     return "  ".join(parts)

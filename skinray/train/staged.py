@@ -3,8 +3,10 @@
 - ``mbdcnn`` (Xie et al.): coarse-SN; then mask-CN on the image + coarse-SN's lesion probability; then
   enhanced-SN, started from coarse-SN's weights, on the image + mask-CN's CAMs; finally the three are
   assembled into the ``mbdcnn`` chain and saved as ``<output>/model``.
-- ``two_step`` (Innani et al.): the U-Net segmenter; then the ROI classifier on image × the segmenter's
-  predicted mask. The scoring job takes the two saved models.
+- ``two_step`` (Innani et al.): the U-Net segmenter; then the ROI classifier on the ROIs the
+  segmenter's predicted masks cut (``skinray.models.two_step``); the pair is saved as the
+  ``two_step`` composite in ``<output>/model``, the same model as ``--segmenter <segmenter>
+  --classifier <classifier>``.
 
 Stage ``s`` writes to ``<output>/<s>``; a stage whose model is already saved there is skipped, so a
 re-run after an interruption continues at the first unfinished stage.
@@ -18,6 +20,7 @@ from skinray import io
 from skinray.models import load_model, save_model
 from skinray.models.mbdcnn import MBDCNN
 from skinray.models.serialization import CONFIG_FILE
+from skinray.predict import assemble_two_step
 from skinray.train.config import TrainConfig, load_config, smoke_test_config
 
 __all__ = ["STAGED", "Stage", "run_staged"]
@@ -85,16 +88,38 @@ def run_staged(
             print(f"stage {stage.name}: training {config.model}", flush=True)
             model_uri = run_training(config).model_uri
         model_uris[stage.name] = model_uri
+    model_uris[chain] = io.join(output, "model")
     if chain == "mbdcnn":
-        stages = [load_model(model_uris[s.name]) for s in STAGED["mbdcnn"]]
-        assembled = MBDCNN.from_stages(*stages)
-        config = stages[0].saved_config
-        model_uris["mbdcnn"] = io.join(output, "model")
-        save_model(
-            assembled,
-            model_uris["mbdcnn"],
-            input_size=config.input_size,
-            class_names=stages[1].saved_config.class_names,
-            mask_threshold=config.mask_threshold,
-        )
+        _save_mbdcnn(model_uris)
+    else:
+        _save_two_step(model_uris)
     return model_uris
+
+
+def _save_mbdcnn(model_uris: dict[str, str]) -> None:
+    stages = [load_model(model_uris[s.name]) for s in STAGED["mbdcnn"]]
+    config = stages[0].saved_config
+    save_model(
+        MBDCNN.from_stages(*stages),
+        model_uris["mbdcnn"],
+        input_size=config.input_size,
+        class_names=stages[1].saved_config.class_names,
+        mask_threshold=config.mask_threshold,
+    )
+
+
+def _save_two_step(model_uris: dict[str, str]) -> None:
+    segmenter, classifier = (
+        load_model(model_uris["segmenter"]),
+        load_model(model_uris["classifier"]),
+    )
+    composite, input_size = assemble_two_step(segmenter, classifier)
+    save_model(
+        composite,
+        model_uris["two_step"],
+        input_size=input_size,
+        mean=segmenter.saved_config.mean,
+        std=segmenter.saved_config.std,
+        class_names=classifier.saved_config.class_names,
+        mask_threshold=segmenter.saved_config.mask_threshold,
+    )

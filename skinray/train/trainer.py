@@ -28,7 +28,7 @@ from skinray.data.datasets import (
 from skinray.data.loading import to_ray_dataset
 from skinray.models import get_model_spec, save_model
 from skinray.train.checkpoint import read_checkpoint
-from skinray.train.config import TrainConfig
+from skinray.train.config import ConfigError, TrainConfig
 from skinray.train.loop import (
     HEADLINE_METRICS,
     build_model,
@@ -36,7 +36,16 @@ from skinray.train.loop import (
     train_func,
 )
 
-__all__ = ["TrainingOutcome", "load_samples", "run_training", "training_curve_png"]
+__all__ = [
+    "TrainingOutcome",
+    "check_stage_inputs",
+    "load_samples",
+    "run_training",
+    "training_curve_png",
+]
+
+#: Models whose extra input channels come from upstream models (MB-DCNN Sec. III-B, III-C).
+GUIDED_MODELS = frozenset({"mbdcnn_mask_cn", "mbdcnn_enhanced_sn"})
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
+    check_stage_inputs(config)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
     train_samples, validation_samples = load_samples(config)
     if not ray.is_initialized():
@@ -155,7 +165,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     with best_checkpoint.as_directory() as directory:
         read_checkpoint(directory, model)
     model_uri = io.join(config.output, "model")
-    save_model(model.eval(), model_uri, input_size=config.data.image_size, class_names=class_names)
+    save_model(model.eval(), model_uri, **_saved_settings(config, class_names))
     wall_time_s = time.perf_counter() - started
     summary = {
         "model": config.model,
@@ -173,6 +183,36 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     io.write_bytes(io.join(config.output, "metrics.json"), json.dumps(summary, indent=2).encode())
     io.write_bytes(io.join(config.output, "training_curve.png"), training_curve_png(history))
     return TrainingOutcome(model_uri, best_metrics, history, best_checkpoint.path, wall_time_s)
+
+
+def check_stage_inputs(config: TrainConfig) -> None:
+    """A stage whose model input needs upstream models names them: a ROI classifier its segmenter,
+    a model with guidance channels its guidance chain (ground truth never stands in)."""
+    data = config.data
+    if data.input == "roi" and not data.roi_segmenter:
+        raise ConfigError(
+            "data.input=roi needs data.roi_segmenter (a saved segmenter): the classifier trains "
+            "and is validated on the ROIs a segmenter predicts, never on ground-truth masks"
+        )
+    accepted = get_model_spec(config.model).accepted_kwargs()
+    channels = config.model_kwargs.get("in_chans", accepted.get("in_chans", 3))
+    guided = config.model in GUIDED_MODELS or (isinstance(channels, int) and channels > 3)
+    if guided and not data.guidance_models:
+        raise ConfigError(
+            f"{config.model} takes guidance channels: set data.guidance_models to the saved "
+            "upstream models (or train the chain with `jobs/train.py mbdcnn`)"
+        )
+
+
+def _saved_settings(config: TrainConfig, class_names: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {"input_size": config.data.image_size, "class_names": class_names}
+    if config.data.input == "roi":
+        settings.update(
+            input_size=config.data.roi_size or config.data.image_size,
+            roi_margin=config.data.roi_margin,
+            roi_source_size=config.data.image_size,
+        )
+    return settings
 
 
 def training_curve_png(history: list[dict[str, float]]) -> bytes:

@@ -20,9 +20,9 @@ from PIL import Image
 from skinray import io
 from skinray.data.synthetic import synthetic_sample
 from skinray.models import create_model, get_model_spec, save_model
+from skinray.models.two_step import lesion_boxes
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import run_scoring
-from skinray.score.roi import extract_roi
 from skinray.score.schema import ROI_BOX_COLUMNS
 from skinray.score.stages import KILL_ACTOR_MARKER_ENV
 
@@ -149,18 +149,18 @@ def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, 
     assert some["cam_png"] is None  # the ROI classifier yields no CAM of its own
     for row in rows.values():  # the recorded ROI box is the one cut from the stored mask
         stored = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
-        box = extract_roi(stored, stored > 0, margin=0.1).box
+        box = tuple(int(v) for v in lesion_boxes(torch.from_numpy(stored[None] > 0), 0.1)[0])
         assert tuple(row[c] for c in ROI_BOX_COLUMNS) == box, row["source_uri"]
     assert summary.errors_by_type == {"CorruptImage": 3, "EmptyImage": 1, "TooManyPixels": 1}
 
     # One line per stage: the images that reached it, its errors, and Ray Data's task time.
     stages = {s.stage: s for s in summary.stages}
-    assert list(stages) == ["list", "read", "decode", "segment", "roi", "classify", "write"]
-    assert [stages[s].images_in for s in stages] == [len(inputs)] * 3 + [len(inputs) - 5] * 3 + [
+    assert list(stages) == ["list", "read", "decode", "predict", "describe", "write"]
+    assert [stages[s].images_in for s in stages] == [len(inputs)] * 3 + [len(inputs) - 5] * 2 + [
         len(inputs)
     ]
     assert {s: stages[s].errors for s in stages if stages[s].errors} == {"decode": 5}
-    for timed in ("decode", "segment", "roi", "classify"):
+    for timed in ("decode", "predict", "describe"):
         assert stages[timed].task_s > 0 and stages[timed].span_s > 0, (timed, summary.lines())
     assert all(stage.line() in summary.lines() for stage in summary.stages)
     assert summary.object_store_budget_mib > 0
