@@ -1,4 +1,4 @@
-"""One command trains MB-DCNN's three stages in order, and a re-run skips what is done."""
+"""One command trains a paper's chain of stages in order, and a re-run skips what is done."""
 
 from __future__ import annotations
 
@@ -33,3 +33,25 @@ def test_mbdcnn_chain_trains_each_stage_once_and_assembles(ray_cluster, tmp_path
     assert again == models
     printed = capsys.readouterr().out
     assert printed.count("already trained") == 3 and "training" not in printed
+
+
+def test_two_step_chain_trains_the_roi_classifier_on_its_segmenter_and_saves_the_pair(
+    ray_cluster, tmp_path
+):
+    from skinray.data.synthetic import synthetic_batch
+    from skinray.predict import Predictor
+
+    output = str(tmp_path / "two_step")
+    overrides = ["epochs=1", "data.synthetic_count=24", "data.roi_size=[48, 48]"]
+    models = run_staged("two_step", output, overrides, smoke=True)
+    assert set(models) == {"segmenter", "classifier", "two_step"}
+    classifier = load_model(models["classifier"]).saved_config
+    assert classifier.input_size == (48, 48) and classifier.roi_source_size == (64, 64)
+    assert classifier.roi_margin == 0.1
+
+    images, _, _ = synthetic_batch(4, 64, seed=5)
+    pair = Predictor.load(models["segmenter"], models["classifier"])(list(images))
+    composite = Predictor.load(models["two_step"])(list(images))
+    assert torch.equal(pair.mask, composite.mask)
+    assert torch.allclose(pair.class_probabilities, composite.class_probabilities, atol=1e-6)
+    assert torch.equal(pair.roi_box, composite.roi_box)

@@ -113,6 +113,22 @@ def test_two_workers_train_from_s3_and_the_saved_model_scores_the_same(
     assert evaluated["dice"] == pytest.approx(outcome.best_metrics["val_dice"], abs=1e-9)
 
 
+def test_two_workers_stay_in_step_over_a_batch_with_no_readable_image(
+    ray_cluster, s3_bucket, tmp_path
+):
+    # Unshuffled, the 8 unreadable rows come first: whichever rank holds them meets two batches of
+    # 4 with nothing to train on, while the other rank's batches are whole. A rank that skipped its
+    # step alone would leave the other waiting in DDP's gradient all-reduce for ever.
+    train = _upload_synthetic(f"{s3_bucket}/data", "train", range(0, 16), corrupt=8)
+    validation = _upload_synthetic(f"{s3_bucket}/data", "validation", range(100, 104))
+    extra = ["epochs=1", "data.shuffle=false"]
+    outcome = run_training(_config(str(tmp_path / "out"), train, validation, extra))
+    (epoch,) = outcome.history
+    assert epoch["train_skipped"] == 8
+    # Every step both ranks took was a real one; the skipped batches were skipped by both.
+    assert 0 < epoch["train_images"] <= 16 and epoch["global_step"] < 24 / 4
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
     ray_cluster, s3_dataset, tmp_path, monkeypatch
 ):
