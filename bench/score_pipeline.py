@@ -387,45 +387,32 @@ def time_stage(stage, batch: dict, batch_size: int) -> tuple[float, list[dict]]:
     return seconds, outputs
 
 
-def concat(batches: list[dict]) -> dict:
-    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
-
-
-def model_only(images: str, config, segment_size, roi_size, threads: int) -> dict:
-    """(b) The pipeline's SegmentActor and ClassifyActor code in the driver, on pre-decoded images
-    (ROIs made by the pipeline's own ROI stage, untimed)."""
+def model_only(images: str, config, input_size, threads: int) -> dict:
+    """(b) The pipeline's PredictActor code (segmenter → ROI → classifier, one ``Predictor``) in
+    the driver, on pre-decoded images."""
     import torch
 
-    from skinray.score.actors import ClassifyActor, SegmentActor
+    from skinray.score.actors import PredictActor
     from skinray.score.sources import list_inputs
-    from skinray.score.stages import read_and_decode, roi_and_descriptors
+    from skinray.score.stages import read_and_decode
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         listing = list_inputs(images).to_pydict()
-        decoded = read_and_decode(listing, segment_size, config.max_pixels)
-        segment = SegmentActor(config.segmenter, config.batch_size)
-        classify = ClassifyActor(config.classifier, config.batch_size)
+        decoded = read_and_decode(listing, input_size, config.max_pixels)
+        predict = PredictActor(config.segmenter, config.classifier, config.batch_size)
         # Each pass runs twice, timing the second: oneDNN builds its kernels per batch shape.
-        time_stage(segment, decoded, config.batch_size)
-        segment_s, segmented = time_stage(segment, decoded, config.batch_size)
-        with_roi = roi_and_descriptors(
-            concat(segmented), roi_size=roi_size, margin=config.roi_margin
-        )
-        time_stage(classify, with_roi, config.batch_size)
-        classify_s, _ = time_stage(classify, with_roi, config.batch_size)
+        time_stage(predict, decoded, config.batch_size)
+        predict_s, _ = time_stage(predict, decoded, config.batch_size)
     finally:
         torch.set_num_threads(previous)
     count = len(listing["source_uri"])
     return {
         "images": count,
         "torch_threads": threads,
-        "segment_s": round(segment_s, 2),
-        "classify_s": round(classify_s, 2),
-        "segment_images_per_s": count / segment_s,
-        "classify_images_per_s": count / classify_s,
-        "images_per_s": count / (segment_s + classify_s),
+        "predict_s": round(predict_s, 2),
+        "images_per_s": count / predict_s,
     }
 
 
@@ -492,7 +479,6 @@ def throughput_session(args: argparse.Namespace) -> dict:
     models = json.loads(args.models)
     config = score_config(args.images, Path(args.output), models, "throughput")
     segment_size = tuple(read_model_config(config.segmenter).input_size)
-    roi_size = tuple(read_model_config(config.classifier).input_size)
     start_ray(args.cpus)
     try:
         threads = {"half_cpu_actor": actor_threads(0.5), "one_cpu_actor": actor_threads(1)}
@@ -507,10 +493,8 @@ def throughput_session(args: argparse.Namespace) -> dict:
         out = {
             "actor_threads": threads,
             "decode_only": decode_only(args.images, config, segment_size),
-            "model_only": model_only(
-                args.images, config, segment_size, roi_size, os.cpu_count() or 1
-            ),
-            "model_only_1_thread": model_only(args.images, config, segment_size, roi_size, 1),
+            "model_only": model_only(args.images, config, segment_size, os.cpu_count() or 1),
+            "model_only_1_thread": model_only(args.images, config, segment_size, 1),
             "pipeline": run_pipeline(config),
             "plain": plain_pattern(args.images, config, segment_size),
         }

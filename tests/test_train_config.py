@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from skinray.losses import LOSSES
@@ -11,8 +15,13 @@ from skinray.train.config import (
     apply_overrides,
     list_recipes,
     load_config,
+    recipe_summary,
     smoke_test_config,
 )
+from skinray.train.loop import should_stop_early
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "skinray" / "train" / "recipes"
 
 
 def test_every_recipe_loads_and_names_a_registered_model_and_known_losses():
@@ -44,6 +53,75 @@ def test_recipes_carry_the_papers_hyperparameters():
     )
     coarse = load_config("mbdcnn_coarse_sn")
     assert coarse.segmentation_loss == get_model_spec("mbdcnn_coarse_sn").segmentation_loss
+
+
+def test_every_recipe_states_clipping_precision_and_early_stopping():
+    for recipe in list_recipes():
+        raw = (RECIPES / f"{recipe}.yaml").read_text()
+        assert "grad_clip_norm:" in raw and "precision:" in raw, recipe
+        config = load_config(recipe)
+        # None of the papers clips gradients or trains in mixed precision.
+        assert config.optim.grad_clip_norm is None and config.precision == "fp32", recipe
+    stopping = {r: load_config(r).early_stopping_patience for r in list_recipes()}
+    # MB-DCNN (Sec. V-A) and the two-step segmenter (Sec. 4) stop early; the others run out.
+    assert {r for r, patience in stopping.items() if patience} == {
+        "mbdcnn_coarse_sn",
+        "mbdcnn_mask_cn",
+        "mbdcnn_enhanced_sn",
+        "unet_two_step",
+    }
+
+
+def test_list_recipes_shows_every_setting_that_changes_a_result():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / "train.py"), "--list-recipes"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert set(list_recipes()) | {"mbdcnn", "two_step"} == set(lines)
+    coarse = lines["mbdcnn_coarse_sn"]
+    for shown in (
+        "clip none",
+        "fp32",
+        "early stop 10 ep on val_jaccard",
+        "shuffle on",
+        "lr 0.0001",
+    ):
+        assert shown in coarse, (shown, coarse)
+    assert "no early stop" in lines["asnet"] and "sgd lr 0.01 poly 0.9" in lines["asnet"]
+    assert "clip 1.0, bf16" in recipe_summary(
+        load_config("asnet", ["optim.grad_clip_norm=1.0", "precision=bf16"])
+    )
+
+
+def _history(*scores: float) -> list[dict[str, float]]:
+    return [{"epoch": i + 1, "val_jaccard": s} for i, s in enumerate(scores)]
+
+
+@pytest.mark.parametrize(
+    ("scores", "patience", "stop"),
+    [
+        ((0.5, 0.6, 0.55, 0.58), 2, True),  # best at epoch 2, two epochs without a better one
+        ((0.5, 0.6, 0.55), 2, False),
+        ((0.5, 0.6, 0.6, 0.6), 2, True),  # equal is not better
+        ((0.5, 0.6, 0.55, 0.61), 2, False),
+        ((0.5, 0.4, 0.3), None, False),  # no patience: never
+    ],
+)
+def test_early_stopping_counts_epochs_since_the_best(scores, patience, stop):
+    config = load_config("asnet", [f"early_stopping_patience={patience or 'null'}"])
+    assert should_stop_early(_history(*scores), config) is stop
+
+
+def test_early_stopping_on_a_metric_to_minimise():
+    config = load_config(
+        "asnet", ["early_stopping_patience=1", "checkpoint.metric=val_loss", "checkpoint.mode=min"]
+    )
+    rows = [{"val_loss": v} for v in (0.5, 0.4, 0.45)]
+    assert should_stop_early(rows, config) is True
+    assert should_stop_early(rows[:2], config) is False
 
 
 def test_overrides_reach_nested_keys_and_parse_values_as_yaml():

@@ -239,9 +239,14 @@ def recipe_summary(config: TrainConfig) -> str:
         if config.early_stopping_patience
         else "no early stop"
     )
+    data = config.data
+    roi = ""
+    if data.input == "roi":
+        size = data.roi_size or data.image_size
+        roi = f", ROI {size[0]}×{size[1]} margin {data.roi_margin:g}"
     return (
-        f"{config.model}, {config.data.source} {config.data.image_size[0]}×"
-        f"{config.data.image_size[1]}, augment {config.data.augment}, "
+        f"{config.model}, {data.source} {data.image_size[0]}×{data.image_size[1]}{roi}, "
+        f"augment {data.augment}, "
         f"shuffle {'on' if config.data.shuffle else 'off'}; {optim.name} lr {optim.lr:g} {schedule}, "
         f"wd {optim.weight_decay:g}, clip {optim.grad_clip_norm or 'none'}, {config.precision}; "
         f"batch {config.batch_size}, {config.epochs} ep, {stopping}; seed {config.seed}"

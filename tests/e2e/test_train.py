@@ -129,6 +129,15 @@ def test_two_workers_stay_in_step_over_a_batch_with_no_readable_image(
     assert 0 < epoch["train_images"] <= 16 and epoch["global_step"] < 24 / 4
 
 
+def test_training_stops_early_when_the_checkpoint_metric_stops_improving(ray_cluster, tmp_path):
+    # val_images never changes, so no epoch after the first is better: with a patience of 2 the
+    # run stops after epoch 3 of 6 and saves its model as any run does.
+    overrides = ["epochs=6", "early_stopping_patience=2", "checkpoint.metric=val_images"]
+    outcome = run_training(smoke_test_config("unet", str(tmp_path / "out"), overrides))
+    assert [row["epoch"] for row in outcome.history] == [1, 2, 3]
+    assert load_model(outcome.model_uri).saved_config.model == "unet"
+
+
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
     ray_cluster, s3_dataset, tmp_path, monkeypatch
 ):
