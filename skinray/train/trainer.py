@@ -130,9 +130,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
         ),
         datasets={
             "train": to_ray_dataset(
-                train_samples,
-                config.data.image_size,
-                shuffle_seed=config.seed if config.data.shuffle else None,
+                train_samples, config.data.image_size, shuffle_seed=_shuffle_seed(config)
             ),
             "validation": to_ray_dataset(validation_samples, config.data.image_size),
         },
@@ -183,6 +181,17 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     io.write_bytes(io.join(config.output, "metrics.json"), json.dumps(summary, indent=2).encode())
     io.write_bytes(io.join(config.output, "training_curve.png"), training_curve_png(history))
     return TrainingOutcome(model_uri, best_metrics, history, best_checkpoint.path, wall_time_s)
+
+
+def _shuffle_seed(config: TrainConfig) -> int | None:
+    """The training rows' shuffle seed. Ray Data draws each epoch's order from the seed and the
+    dataset's execution count, which starts again at 0 in a new run: a run resumed at epoch k
+    offsets the seed by k, so its epochs do not repeat the first run's orders from the start."""
+    if not config.data.shuffle:
+        return None
+    if not config.resume:
+        return config.seed
+    return config.seed + 1_000_003 * read_checkpoint(config.resume).epoch
 
 
 def check_stage_inputs(config: TrainConfig) -> None:
