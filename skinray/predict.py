@@ -230,6 +230,8 @@ def assemble_two_step(segmenter: nn.Module, classifier: nn.Module) -> tuple[TwoS
         classifier_input_size=clf.input_size,
         mask_threshold=seg.mask_threshold,
         roi_margin=clf.roi_margin if clf.roi_margin is not None else DEFAULT_ROI_MARGIN,
+        segmenter_normalization=(seg.mean, seg.std),
+        classifier_normalization=(clf.mean, clf.std),
     )
     return composite.to(next(segmenter.parameters()).device), tuple(
         clf.roi_source_size or seg.input_size

@@ -197,8 +197,11 @@ class TwoStep(nn.Module):
         classifier_input_size: Sequence[int],
         mask_threshold: float = 0.5,
         roi_margin: float = DEFAULT_ROI_MARGIN,
+        segmenter_normalization: Sequence[Sequence[float]] | None = None,
+        classifier_normalization: Sequence[Sequence[float]] | None = None,
     ) -> TwoStep:
-        """Assemble two networks made by ``create_model`` (shared, not copied) into the pipeline."""
+        """Assemble two networks made by ``create_model`` (shared, not copied) into the pipeline;
+        each network's normalisation defaults to its encoder's."""
         chain = cls.__new__(cls)
         nn.Module.__init__(chain)
         chain._wire(
@@ -208,6 +211,8 @@ class TwoStep(nn.Module):
             classifier_input_size,
             mask_threshold,
             roi_margin,
+            segmenter_normalization,
+            classifier_normalization,
         )
         chain.skinray_model_name = "two_step"
         chain.skinray_model_kwargs = {

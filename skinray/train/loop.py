@@ -122,6 +122,7 @@ class StagePredictor:
                 classifier_input_size=data.roi_size or data.image_size,
                 mask_threshold=seg.mask_threshold,
                 roi_margin=data.roi_margin,
+                segmenter_normalization=(seg.mean, seg.std),
             ).to(device)
             model, mean_std = self.roi, (seg.mean, seg.std)
         guidance = [load_model(uri, device=device) for uri in data.guidance_models]
