@@ -134,7 +134,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
             ),
             "validation": to_ray_dataset(validation_samples, config.data.image_size),
         },
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+        dataset_config=_data_config(),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -181,6 +181,16 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     io.write_bytes(io.join(config.output, "metrics.json"), json.dumps(summary, indent=2).encode())
     io.write_bytes(io.join(config.output, "training_curve.png"), training_curve_png(history))
     return TrainingOutcome(model_uri, best_metrics, history, best_checkpoint.path, wall_time_s)
+
+
+def _data_config():
+    """Ray Train's ingest with ``preserve_order``: the decode tasks may finish in any order, and
+    without it a seeded shuffle would not give the same batches twice."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
 
 
 def _shuffle_seed(config: TrainConfig) -> int | None:
