@@ -26,25 +26,25 @@ CPU_NODE = _Placement(use_gpu=False, max_actors=1, cpu_threads=2, decode_slots=2
 
 def test_budget_is_prefetched_batches_per_actor_plus_decode_outputs():
     config = _config(batch_size=16, decode_batch_size=8, prefetch_batches=4)
-    # 4 batches × 16 rows × (256×256 RGB + mask, 224×224 RGB ROI) for one actor per stage, and
-    # one 8-row output (RGB + mask) per decode slot.
-    expected = 4 * 16 * (4 * 256 * 256 + 3 * 224 * 224) + 2 * 8 * 4 * 256 * 256
-    assert _object_store_budget(config, CPU_NODE, (256, 256), (224, 224)) == expected
+    # 4 batches × 16 rows × (256×256 RGB + mask) in and out of the one actor, and one 8-row
+    # output (RGB + mask) per decode slot.
+    expected = 4 * 16 * 2 * (4 * 256 * 256) + 2 * 8 * 4 * 256 * 256
+    assert _object_store_budget(config, CPU_NODE, (256, 256)) == expected
 
 
 def test_budget_grows_with_the_pool_not_with_the_archive():
     config = _config()
-    one = _object_store_budget(config, CPU_NODE, (256, 256), None)
+    one = _object_store_budget(config, CPU_NODE, (256, 256))
     four = _object_store_budget(
-        config, _Placement(True, max_actors=4, cpu_threads=1, decode_slots=2), (256, 256), None
+        config, _Placement(True, max_actors=4, cpu_threads=1, decode_slots=2), (256, 256)
     )
-    queued = config.prefetch_batches * config.batch_size * 4 * 256 * 256
+    queued = config.prefetch_batches * config.batch_size * 2 * 4 * 256 * 256
     assert four - one == 3 * queued
 
 
 def test_configured_budget_wins():
     config = _config(object_store_memory_mib=48)
-    assert _object_store_budget(config, CPU_NODE, (512, 512), (224, 224)) == 48 * 2**20
+    assert _object_store_budget(config, CPU_NODE, (512, 512)) == 48 * 2**20
 
 
 def test_stage_summary_follows_images_through_the_stages():

@@ -125,7 +125,7 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     if listing.num_rows:
         rows = build_graph(listing, config, models, placement)
         sizes = pc.mean(listing["source_size_bytes"]).as_py() or 0.0
-        budget = object_store_budget(config, placement, models.input_size, None, sizes)
+        budget = object_store_budget(config, placement, models.input_size, sizes)
         staged, operator_times = write_staging(rows, staging, budget)
 
     committed = commit_partitions(staged, config, models.class_names)
