@@ -183,7 +183,6 @@ class TwoStep(nn.Module):
         cls_norm = classifier_normalization or classifier.normalization
         self.normalization = (tuple(seg_norm[0]), tuple(seg_norm[1]))
         self.input_channels = 3
-        self.num_classes = None
         self.register_buffer("_segmenter_stats", _stats(seg_norm), persistent=False)
         self.register_buffer("_classifier_stats", _stats(cls_norm), persistent=False)
 
