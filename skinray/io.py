@@ -55,6 +55,15 @@ def resolve(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
     return filesystem or pafs.LocalFileSystem(), str(path)
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """An ``s3://`` URI as is; a local path made absolute against this process's working directory
+    (Ray workers run elsewhere)."""
+    text = os.fspath(uri)
+    if "://" in text and not text.startswith("file://"):
+        return text
+    return str(Path(text.removeprefix("file://")).expanduser().resolve())
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
     """Append path parts to a local path or s3:// URI."""
     text = os.fspath(uri).rstrip("/")

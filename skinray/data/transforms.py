@@ -47,6 +47,18 @@ def _two_step(size: tuple[int, int]) -> list[v2.Transform]:
     ]
 
 
+def _dermoscopy(size: tuple[int, int]) -> list[v2.Transform]:
+    # What ISIC challenge entries use beyond the papers' presets: a dermoscopy image has no "up", so
+    # any rotation and both flips; scale and crop changes for lesion size; colour jitter for the
+    # lighting and camera differences between clinics.
+    return [
+        v2.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomAffine(degrees=180, shear=5),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        *_flips(),
+    ]
+
+
 PRESETS = {
     "none": lambda size: [],
     "flips": lambda size: _flips(),  # CLNet Sec. 3.1: random up-down or left-right flips
@@ -54,6 +66,7 @@ PRESETS = {
     "asnet": lambda size: [v2.RandomHorizontalFlip()],  # ASNet Sec. 2.5: left-right flips only
     "mbdcnn": _mbdcnn,
     "two_step": _two_step,
+    "dermoscopy": _dermoscopy,
 }
 
 

@@ -55,7 +55,7 @@ class DataConfig(_Strict):
     #: Use at most this many training images (None: all); for quick runs.
     limit: int | None = Field(None, gt=0)
     synthetic_count: int = Field(64, gt=1)
-    augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet"] = "flips"
+    augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet", "dermoscopy"] = "flips"
     #: A new order of the training rows every epoch (the same orders for the same ``seed``).
     shuffle: bool = True
     #: What the model sees: the whole image, or the lesion ROI (the two-step classifier, Innani et
@@ -91,9 +91,12 @@ class OptimConfig(_Strict):
     lr: float = Field(1e-4, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    #: ``poly``: lr · (1 - step/total)^power per iteration (ASNet, CLNet); ``constant`` otherwise.
-    schedule: Literal["poly", "constant"] = "constant"
+    #: Per iteration: ``poly`` lr · (1 - step/total)^power (ASNet, CLNet); ``cosine`` half a cosine
+    #: from lr to 0 (Loshchilov & Hutter, SGDR); ``constant`` otherwise.
+    schedule: Literal["poly", "cosine", "constant"] = "constant"
     poly_power: float = Field(0.9, gt=0)
+    #: Linear warm-up from 0 over this many epochs before the schedule (any schedule).
+    warmup_epochs: float = Field(0.0, ge=0)
     #: Clip the gradients' global L2 norm to this (None: no clipping; none of the papers clips).
     grad_clip_norm: float | None = Field(None, gt=0)
 
@@ -234,6 +237,8 @@ def recipe_summary(config: TrainConfig) -> str:
     """One line of the settings that change a recipe's result."""
     optim = config.optim
     schedule = optim.schedule + (f" {optim.poly_power}" if optim.schedule == "poly" else "")
+    if optim.warmup_epochs:
+        schedule += f" warmup {optim.warmup_epochs:g} ep"
     stopping = (
         f"early stop {config.early_stopping_patience} ep on {config.checkpoint.metric}"
         if config.early_stopping_patience

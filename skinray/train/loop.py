@@ -38,7 +38,7 @@ __all__ = [
     "build_model",
     "build_optimizer",
     "fault_injection_from_environment",
-    "poly_schedule",
+    "lr_schedule",
     "should_stop_early",
     "train_func",
 ]
@@ -81,11 +81,23 @@ def build_optimizer(optim: OptimConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
-def poly_schedule(optim: OptimConfig, total_steps: int):
-    """lr · (1 - step/total)^power per iteration (ASNet Sec. 2.5, CLNet Sec. 3.1), or constant."""
-    if optim.schedule == "constant":
-        return lambda step: 1.0
-    return lambda step: max(0.0, 1 - step / max(1, total_steps)) ** optim.poly_power
+def lr_schedule(optim: OptimConfig, total_steps: int, steps_per_epoch: int):
+    """The learning rate's factor at each iteration: linear warm-up, then poly (ASNet Sec. 2.5,
+    CLNet Sec. 3.1), cosine or constant over the remaining steps."""
+    warmup = round(optim.warmup_epochs * steps_per_epoch)
+    decay_steps = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / decay_steps)
+        if optim.schedule == "poly":
+            return (1 - progress) ** optim.poly_power
+        if optim.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
 
 
 def fault_injection_from_environment() -> dict[str, str] | None:
@@ -263,7 +275,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     optimizer = build_optimizer(config.optim, model.parameters())
-    schedule = poly_schedule(config.optim, steps_per_epoch * config.epochs)
+    schedule = lr_schedule(config.optim, steps_per_epoch * config.epochs, steps_per_epoch)
     if state.optimizer is None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     else:

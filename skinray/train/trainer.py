@@ -88,6 +88,30 @@ def load_samples(config: TrainConfig) -> tuple[SampleTable, SampleTable]:
     return samples, validation
 
 
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """The config with every local path absolute, as the driver sees it: the workers read encoder
+    weights and stage models from another working directory."""
+    data = config.data
+
+    def absolute(uri: str | None) -> str | None:
+        return None if uri is None else io.absolute(uri)
+
+    return config.model_copy(
+        update={
+            "encoder_weights": absolute(config.encoder_weights),
+            "resume": absolute(config.resume),
+            "data": data.model_copy(
+                update={
+                    "root": absolute(data.root),
+                    "validation_manifest": absolute(data.validation_manifest),
+                    "roi_segmenter": absolute(data.roi_segmenter),
+                    "guidance_models": tuple(io.absolute(m) for m in data.guidance_models),
+                }
+            ),
+        }
+    )
+
+
 def _storage(config: TrainConfig) -> tuple[str, Any]:
     path = config.storage_path or io.join(config.output, "ray")
     if path.startswith("s3://"):
@@ -102,6 +126,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     from ray.train.torch import TorchTrainer
 
     started = time.perf_counter()
+    config = with_absolute_paths(config)
     check_stage_inputs(config)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
     train_samples, validation_samples = load_samples(config)
