@@ -30,7 +30,12 @@ def main() -> None:
     output = args.output or f"runs/bench_{args.recipe}"
     config = load_config(
         args.recipe,
-        [f"scaling.cpus_per_worker={args.cpus}", "max_failures=10", f"output={output}", *args.overrides],
+        [
+            f"scaling.cpus_per_worker={args.cpus}",
+            "max_failures=10",
+            f"output={output}",
+            *args.overrides,
+        ],
     )
     # One more logical CPU than the worker takes, for Ray Data's decode tasks.
     ray.init(num_cpus=args.cpus + 1)

@@ -6,7 +6,11 @@
         --data ham10000 --root ../shared/data/ham10000
 
 The metrics are the training job's (``skinray.evaluation``): per-image ISIC Jaccard, Dice,
-sensitivity, specificity, accuracy and thresholded Jaccard; per-class AUC, accuracy, balanced accuracy.
+sensitivity, specificity, accuracy and thresholded Jaccard; accuracy, balanced accuracy, mean AUC and
+the expected calibration error; per class, ISIC's sensitivity, specificity, PPV, NPV, AUC,
+``auc_sens_80`` and average precision. Each comes with a 95 % percentile bootstrap interval over
+images (``--bootstrap N`` resamples, 0 for none). ``--json`` writes training's flat figures
+(``metrics``) and the full report with intervals and reliability bins (``report``).
 The model runs through ``skinray.predict.Predictor``, the path training's validation and the scoring
 job take: a two-step model classifies the ROIs its own segmenter finds, never ground-truth masks.
 """
@@ -15,11 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from skinray import io
 from skinray.data.datasets import DatasetError, read_ham10000, read_isic2017, read_manifest
-from skinray.evaluation import evaluate_samples
+from skinray.evaluation import (
+    CLASSIFICATION_FIGURES,
+    PER_CLASS_FIGURES,
+    SEGMENTATION_FIGURES,
+    Evaluator,
+    evaluate_samples,
+)
 from skinray.predict import ModelCheckError, Predictor, check_models
 
 
@@ -36,11 +47,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument(
+        "--bootstrap",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap resamples for the 95%% confidence intervals (0: none)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
     parser.add_argument("--json", dest="json_path", help="write the metrics here (local or s3://)")
     parser.add_argument(
         "--predictions", help="write each image's prediction here as Parquet (local or s3://)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.bootstrap < 0:
+        parser.error("--bootstrap must be 0 or more")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,24 +78,84 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
+        evaluator = Evaluator(predictor.class_names or samples.class_names)
         results = evaluate_samples(
-            predictor, samples, batch_size=args.batch_size, predictions_uri=args.predictions
+            predictor,
+            samples,
+            batch_size=args.batch_size,
+            evaluator=evaluator,
+            predictions_uri=args.predictions,
         )
+        report = evaluator.report(resamples=args.bootstrap, seed=args.seed)
     except (ModelCheckError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    width = max(len(k) for k in results)
-    print(f"{'metric':<{width}}  value")
-    for key, value in results.items():
-        print(
-            f"{key:<{width}}  {value:.4f}"
-            if isinstance(value, float)
-            else f"{key:<{width}}  {value}"
-        )
+    print(format_report(report, skipped=results["skipped"]))
     if args.json_path:
-        payload = {"model": args.model, "data": args.data, "root": args.root, "metrics": results}
-        io.write_bytes(args.json_path, json.dumps(payload, indent=2).encode())
+        payload = {
+            "model": args.model,
+            "data": args.data,
+            "root": args.root,
+            "metrics": results,
+            "report": report,
+        }
+        io.write_bytes(args.json_path, json.dumps(_json_safe(payload), indent=2).encode())
     return 0
+
+
+def _cell(figure: dict, digits: int, intervals: bool) -> str:
+    """``value [low, high]``; the value alone without intervals."""
+    value = f"{figure['value']:.{digits}f}"
+    return (
+        f"{value} [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]" if intervals else value
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(
+            f"{cell:<{w}}" if i == 0 else f"{cell:>{w}}"
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def format_report(report: dict, skipped: int = 0) -> str:
+    """``Evaluator.report`` as text: the headline figures, then one row per class."""
+    bootstrap = report["bootstrap"]
+    intervals = bootstrap["resamples"] > 0
+    lines = [f"images {report['images']}, skipped {skipped}"]
+    if intervals:
+        lines[0] += (
+            f"; [low, high]: {bootstrap['confidence']:.0%} percentile bootstrap interval over images"
+            f" ({bootstrap['resamples']} resamples, seed {bootstrap['seed']})"
+        )
+    headline = "value [low, high]" if intervals else "value"
+    for section, names in (
+        ("segmentation", SEGMENTATION_FIGURES),
+        ("classification", CLASSIFICATION_FIGURES),
+    ):
+        if section in report:
+            rows = [[name, _cell(report[section][name], 4, intervals)] for name in names]
+            lines += ["", *_table([section, headline], rows)]
+    if "per_class" in report:
+        rows = [
+            [name, str(figures["n"]), *(_cell(figures[f], 3, intervals) for f in PER_CLASS_FIGURES)]
+            for name, figures in report["per_class"].items()
+        ]
+        lines += ["", *_table(["class", "n", *PER_CLASS_FIGURES], rows)]
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    """NaN (an undefined figure) as JSON null."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 if __name__ == "__main__":

@@ -14,8 +14,7 @@ import argparse
 import datetime as dt
 import sys
 
-from skinray import io
-from skinray.report.html import ReportError, build_report, latest_run_date
+from skinray.report.html import ReportError, latest_run_date, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,15 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run_date = args.run_date.isoformat() if args.run_date else latest_run_date(args.output)
-        page = build_report(
+        target = write_report(
             args.output,
             run_date,
+            args.html,
             images_uri_root=args.images_root,
             sample_size=args.sample_size,
             seed=args.seed,
         )
-        target = args.html or io.join(args.output, "reports", f"run_date={run_date}", "report.html")
-        io.write_bytes(target, page.encode("utf-8"))
     except (ReportError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -17,16 +17,23 @@ import sys
 
 from skinray.data.datasets import DatasetError
 from skinray.models import ModelConfigError
+from skinray.models.zoo import example_archive
 from skinray.score.config import ScoreConfigError, make_score_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--input", required=True, help="s3:// prefix, local folder, or manifest file"
+        "--input",
+        help="s3:// prefix, local folder, or manifest file (default: the 8 CC0 example images "
+        "shipped in skinray/examples/isic_archive)",
     )
     parser.add_argument("--output", required=True, help="output root (local or s3://)")
-    parser.add_argument("--segmenter", required=True, help="saved segmenter (or joint model)")
+    parser.add_argument(
+        "--segmenter",
+        help="saved segmenter (or joint model), a directory or a released model's name "
+        "(default: the released lesion-segmenter with the released ham10000-classifier)",
+    )
     parser.add_argument("--classifier", help="saved ROI classifier (omit for a joint model)")
     parser.add_argument(
         "--run-date", type=dt.date.fromisoformat, help="partition date (default today, UTC)"
@@ -61,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads per model actor on CPU (default: node CPUs / actors per node)",
     )
     parser.add_argument(
+        "--no-report",
+        dest="report",
+        action="store_false",
+        help="do not write the HTML report (<output>/reports/run_date=…/report.html) after the run",
+    )
+    parser.add_argument(
         "--use-gpu",
         action="store_true",
         default=None,
@@ -71,8 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.input is None:
+        args.input = example_archive()
     try:
-        config = make_score_config(**{k: v for k, v in vars(args).items()})
+        config = make_score_config(**{k: v for k, v in vars(args).items() if k != "report"})
         from skinray.score.pipeline import run_scoring
 
         summary = run_scoring(config)
@@ -81,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(summary.lines()))
+    if args.report:
+        from skinray.report.html import predicted_class_counts, write_report
+
+        counts = predicted_class_counts(config.output, summary.run_date)
+        print("  classes  " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+        if summary.results or summary.errors:
+            print(f"  report   {write_report(config.output, summary.run_date)}")
     return 0
 
 

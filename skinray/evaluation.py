@@ -5,6 +5,8 @@ Both run a ``skinray.predict.Predictor`` on decoded batches and hand its ``Predi
 (memory stays flat) and reports the same figures in both places: ISIC per-image Jaccard, Dice,
 sensitivity, specificity, accuracy, thresholded Jaccard, per-class AUC, accuracy and balanced
 accuracy. Ground-truth masks and labels reach the metrics only, never the model's input.
+``Evaluator.report`` adds 95 % bootstrap confidence intervals, ISIC's per-class figures and
+calibration for ``jobs/evaluate.py``; ``result()`` stays cheap for training's per-epoch validation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,27 @@ from skinray import io, metrics
 from skinray.data.decode import encode_png
 from skinray.predict import Prediction, Predictor
 
-__all__ = ["PREDICTION_SCHEMA", "Evaluator", "evaluate_samples"]
+__all__ = [
+    "CLASSIFICATION_FIGURES",
+    "PER_CLASS_FIGURES",
+    "PREDICTION_SCHEMA",
+    "SEGMENTATION_FIGURES",
+    "Evaluator",
+    "evaluate_samples",
+]
+
+#: The headline figures ``Evaluator.report`` puts a confidence interval on, in its order.
+SEGMENTATION_FIGURES = (
+    "jaccard",
+    "threshold_jaccard",
+    "dice",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+)
+CLASSIFICATION_FIGURES = ("accuracy", "balanced_accuracy", "auc_mean", "ece")
+#: Per-class figures of ``metrics.per_class_report`` that get an interval (``n`` is a count).
+PER_CLASS_FIGURES = ("sensitivity", "specificity", "ppv", "npv", "auc", "auc_sens_80", "ap")
 
 
 class Evaluator:
@@ -62,6 +84,99 @@ class Evaluator:
                 )
             )
         return results
+
+    def report(self, resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
+        """Every figure with a percentile bootstrap interval over images: ``resamples`` draws of
+        ``metrics.bootstrap_interval`` (0: none, ``low`` and ``high`` are NaN)::
+
+            {"images": N, "bootstrap": {"resamples", "confidence", "seed"},
+             "segmentation": {figure: {"value", "low", "high"}},     # SEGMENTATION_FIGURES
+             "classification": {figure: {"value", "low", "high"}},   # CLASSIFICATION_FIGURES
+             "per_class": {class: {"n": positives, figure: {"value", "low", "high"}}},
+             "reliability": {"edges", "confidence", "accuracy", "count"}}  # lists, 15 bins
+
+        Segmentation figures are means of per-image values (ISIC's; ``threshold_jaccard`` zeroes
+        each image's Jaccard below 0.65); ``auc_mean`` is the mean over classes whose AUC is
+        defined; ``ece`` is the top-label expected calibration error (15 bins); the per-class
+        figures are ``metrics.per_class_report``'s. Sections without data are left out."""
+        arrays = self._arrays()
+        names = self.class_names
+
+        def figures(*columns: np.ndarray) -> dict[tuple[str, ...], float]:
+            return _report_figures(dict(zip(arrays, columns, strict=True)), names)
+
+        report: dict = {
+            "images": self.images,
+            "bootstrap": {"resamples": resamples, "confidence": confidence, "seed": seed},
+        }
+        if not arrays:
+            return report
+        if "probabilities" in arrays:
+            labels, probabilities = arrays["labels"], arrays["probabilities"]
+            per_class = metrics.per_class_report(labels, probabilities, names)
+            report["per_class"] = {name: {"n": c["n"]} for name, c in per_class.items()}
+            reliability = metrics.reliability_bins(labels, probabilities)
+            report["reliability"] = {key: value.tolist() for key, value in reliability.items()}
+        point = figures(*arrays.values())
+        low = high = np.full(len(point), np.nan)
+        if resamples > 0:
+            low, high = metrics.bootstrap_interval(
+                lambda *columns: np.fromiter(figures(*columns).values(), float, len(point)),
+                *arrays.values(),
+                resamples=resamples,
+                confidence=confidence,
+                seed=seed,
+            )
+        for ((section, *path), value), lo, hi in zip(point.items(), low, high, strict=True):
+            node = report.setdefault(section, {})
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = {"value": value, "low": float(lo), "high": float(hi)}
+        order = ("images", "bootstrap", "segmentation", "classification", "per_class")
+        return {key: report[key] for key in (*order, "reliability") if key in report}
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """What ``report`` resamples, one row per image: the per-image segmentation figures
+        (N, len(SEGMENTATION_FIGURES)), the labels (N,) and the class probabilities (N, C)."""
+        arrays = {}
+        if self._per_image:
+            columns = [np.concatenate(self._per_image[name]) for name in SEGMENTATION_FIGURES]
+            arrays["segmentation"] = np.stack(columns, axis=1)
+        if self._probabilities:
+            arrays["labels"], arrays["probabilities"] = self.labels_and_probabilities()
+        return arrays
+
+    def labels_and_probabilities(self) -> tuple[np.ndarray, np.ndarray]:
+        """The labels (N,) and class probabilities (N, C) of every image so far."""
+        if not self._probabilities:
+            raise ValueError("no class probabilities evaluated: the model does not classify")
+        return np.concatenate(self._labels), np.concatenate(self._probabilities)
+
+
+def _report_figures(
+    arrays: dict[str, np.ndarray], class_names: list[str] | None
+) -> dict[tuple[str, ...], float]:
+    """The figures ``Evaluator.report`` gives, flat, keyed by their path in the report."""
+    figures: dict[tuple[str, ...], float] = {}
+    if "segmentation" in arrays:
+        means = arrays["segmentation"].mean(axis=0)
+        for name, value in zip(SEGMENTATION_FIGURES, means, strict=True):
+            figures["segmentation", name] = float(value)
+    if "probabilities" in arrays:
+        labels, probabilities = arrays["labels"], arrays["probabilities"]
+        predicted = probabilities.argmax(1)
+        per_class = metrics.per_class_report(labels, probabilities, class_names)
+        aucs = [c["auc"] for c in per_class.values() if not np.isnan(c["auc"])]
+        figures["classification", "accuracy"] = metrics.accuracy(labels, predicted)
+        figures["classification", "balanced_accuracy"] = metrics.balanced_accuracy(
+            labels, predicted, probabilities.shape[1]
+        )
+        figures["classification", "auc_mean"] = float(np.mean(aucs)) if aucs else float("nan")
+        figures["classification", "ece"] = metrics.expected_calibration_error(labels, probabilities)
+        for name, values in per_class.items():
+            for figure in PER_CLASS_FIGURES:
+                figures["per_class", name, figure] = values[figure]
+    return figures
 
 
 @torch.inference_mode()

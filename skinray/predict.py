@@ -63,6 +63,7 @@ class Predictor:
         guidance: saved models run in order before ``model`` whose last output becomes its extra
             input channels (MB-DCNN: coarse-SN's lesion probability for mask-CN; coarse-SN then
             mask-CN's normalised CAMs for enhanced-SN, Sec. III-B and III-C).
+        temperature: class logits are divided by it before the softmax (``skinray.calibration``).
     """
 
     def __init__(
@@ -75,6 +76,7 @@ class Predictor:
         class_names: Sequence[str] | None = None,
         mask_threshold: float = 0.5,
         guidance: Sequence[nn.Module] = (),
+        temperature: float = 1.0,
         source: str = "model",
     ) -> None:
         self.model = model
@@ -83,6 +85,7 @@ class Predictor:
         self.class_names = list(class_names) if class_names is not None else None
         self.mask_threshold = float(mask_threshold)
         self.guidance = list(guidance)
+        self.temperature = float(temperature)
         extra = getattr(model, "input_channels", 3) - 3
         if extra > 0 and not self.guidance:
             raise ModelCheckError(
@@ -101,6 +104,7 @@ class Predictor:
             std=config.std,
             class_names=config.class_names,
             mask_threshold=config.mask_threshold,
+            temperature=config.temperature,
             source=source,
         )
         return cls(model, **{**settings, **overrides})
@@ -132,6 +136,7 @@ class Predictor:
             std=seg.std,
             class_names=clf.class_names,
             mask_threshold=seg.mask_threshold,
+            temperature=clf.temperature,
             source=source,
         )
 
@@ -196,7 +201,7 @@ class Predictor:
             probability = torch.sigmoid(outputs[MASK_LOGITS].float()[:, 0])
             mask = (probability > self.mask_threshold).to(torch.uint8)
         if CLASS_LOGITS in outputs:
-            probabilities = torch.softmax(outputs[CLASS_LOGITS].float(), 1)
+            probabilities = torch.softmax(outputs[CLASS_LOGITS].float() / self.temperature, 1)
             if CAM in outputs:
                 picked = probabilities.argmax(1)
                 cam = outputs[CAM].float()[torch.arange(len(picked)), picked]

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from isic_challenge_scoring import metrics as isic_metrics
 from isic_challenge_scoring.classification import ClassificationMetric, ClassificationScore
 from isic_challenge_scoring.segmentation import SegmentationScore
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from skinray.data.synthetic import synthetic_batch
 from skinray.metrics import (
     accuracy,
     balanced_accuracy,
     binary_confusion,
+    bootstrap_interval,
     classification_scores,
+    expected_calibration_error,
     per_class_auc,
+    per_class_report,
     per_image_segmentation_metrics,
+    reliability_bins,
     segmentation_scores,
 )
 
@@ -142,3 +149,171 @@ def test_classification_metrics_match_isic_challenge_scoring():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differ in shape"):
         binary_confusion(np.zeros((1, 4, 4)), np.zeros((1, 4, 5)))
+
+
+def _one_hot_probabilities(predicted: np.ndarray, num_classes: int) -> np.ndarray:
+    """Rows whose argmax is ``predicted``: 0.7 there, the rest shared out (sums to 1)."""
+    rest = 0.3 / (num_classes - 1)
+    return np.where(np.eye(num_classes)[predicted] > 0, 0.7, rest)
+
+
+def test_per_class_report_hand_computed_confusion():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    predicted = np.array([0, 0, 0, 1, 1, 1, 0, 2, 2, 1])
+    # truth 0 → predicted [3, 1, 0, 0]; truth 1 → [1, 2, 0, 0]; truth 2 → [0, 1, 2, 0]; no class d
+    report = per_class_report(labels, _one_hot_probabilities(predicted, 4), ["a", "b", "c", "d"])
+    expected = {  # (n, sensitivity, specificity, ppv, npv) from tp, fn, fp, tn
+        "a": (4, 3 / 4, 5 / 6, 3 / 4, 5 / 6),  # tp 3, fn 1, fp 1, tn 5
+        "b": (3, 2 / 3, 5 / 7, 2 / 4, 5 / 6),  # tp 2, fn 1, fp 2, tn 5
+        "c": (3, 2 / 3, 7 / 7, 2 / 2, 7 / 8),  # tp 2, fn 1, fp 0, tn 7
+    }
+    for name, (n, sensitivity, specificity, ppv, npv) in expected.items():
+        figures = report[name]
+        assert figures["n"] == n
+        assert figures["sensitivity"] == pytest.approx(sensitivity)
+        assert figures["specificity"] == pytest.approx(specificity)
+        assert figures["ppv"] == pytest.approx(ppv)
+        assert figures["npv"] == pytest.approx(npv)
+    # Class d: no positives and never predicted → the figures that need them are NaN.
+    d = report["d"]
+    assert d["n"] == 0 and d["specificity"] == 1.0 and d["npv"] == 1.0
+    for figure in ("sensitivity", "ppv", "auc", "auc_sens_80", "ap"):
+        assert math.isnan(d[figure]), figure
+    # The sensitivities are the recalls balanced accuracy averages.
+    recalls = [report[name]["sensitivity"] for name in "abc"]
+    assert balanced_accuracy(labels, predicted) == pytest.approx(np.mean(recalls))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_per_class_ranking_figures_match_sklearn_and_isic(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(20, 400))
+    labels = rng.integers(0, 4, n)
+    logits = rng.normal(size=(n, 4)) + np.eye(4)[labels]
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probabilities = probabilities.round(int(rng.integers(1, 4)))  # ties, as in real outputs
+    report = per_class_report(labels, probabilities)
+    weights = pd.Series(np.ones(n))
+    for c in range(4):
+        positives, scores = labels == c, probabilities[:, c]
+        figures = report[str(c)]
+        assert figures["auc"] == pytest.approx(roc_auc_score(positives, scores), abs=1e-12)
+        assert figures["ap"] == pytest.approx(average_precision_score(positives, scores), abs=1e-12)
+        isic = isic_metrics.auc_above_sensitivity(
+            pd.Series(positives.astype(float)), pd.Series(scores), weights, 0.80
+        )
+        assert figures["auc_sens_80"] == pytest.approx(isic, abs=1e-12)
+    aucs = per_class_auc(labels, probabilities)
+    assert [report[str(c)]["auc"] for c in range(4)] == pytest.approx(list(aucs.values()))
+
+
+def _binary_report(positives: list[int], scores: list[float]) -> dict[str, float]:
+    positives = np.array(positives)
+    probabilities = np.stack([1 - np.array(scores), np.array(scores)], axis=1)
+    return per_class_report(positives, probabilities)["1"]
+
+
+def test_auc_sens_80_perfect_chance_and_hand_integrated_curves():
+    # Perfect ranking: TPR is 1 over the whole FPR range, so the area is ISIC's maximum, 1.
+    perfect = _binary_report([1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.2, 0.1])
+    assert perfect["auc"] == 1.0 and perfect["auc_sens_80"] == pytest.approx(1.0)
+    # Chance: each positive tied with a negative puts every ROC point on the diagonal; the area
+    # under TPR = FPR from FPR 0.8 to 1 is (1 - 0.8²) / 2 = 0.18.
+    scores = np.repeat(np.arange(10) / 10, 2)
+    chance = _binary_report([1, 0] * 10, list(scores))
+    assert chance["auc"] == pytest.approx(0.5)
+    assert chance["auc_sens_80"] == pytest.approx(0.18)
+    # Ranked P N P P N P N P N (5 positives, 4 negatives): ROC (0,.2) (.25,.2) (.25,.6) (.5,.6)
+    # (.5,.8) (.75,.8) (.75,1) (1,1). Sensitivity first reaches .8 at FPR .5: the area is
+    # .25 × .8 (FPR .5 → .75) + .25 × 1 (FPR .75 → 1) = .45.
+    steps = _binary_report([1, 0, 1, 1, 0, 1, 0, 1, 0], [9, 8, 7, 6, 5, 4, 3, 2, 1])
+    assert steps["auc_sens_80"] == pytest.approx(0.45)
+    # Three positives first, then a tie of two positives and two negatives, then two negatives:
+    # ROC (0,.6) → (.5,1) → (1,1). Sensitivity .8 falls inside the tied segment, at FPR .25
+    # (linear interpolation, as ISIC does): the trapezoid .25 × (.8 + 1) / 2 plus .5 × 1 = .725.
+    tied = _binary_report([1, 1, 1, 1, 1, 0, 0, 0, 0], [9, 8, 7, 5, 5, 5, 5, 1, 1])
+    assert tied["auc_sens_80"] == pytest.approx(0.725)
+    assert tied["auc"] == pytest.approx(0.5 * (0.6 + 1) / 2 + 0.5)  # the whole curve: .9
+
+
+def _probabilities_with_confidence(confidence: float, correct: int, total: int):
+    """``total`` three-class rows with top probability ``confidence`` on class 0, ``correct`` of
+    them labelled 0 (the rest 1)."""
+    rest = (1 - confidence) / 2
+    probabilities = np.tile([confidence, rest, rest], (total, 1))
+    labels = np.r_[np.zeros(correct, int), np.ones(total - correct, int)]
+    return labels, probabilities
+
+
+def test_ece_is_zero_when_every_bin_is_calibrated():
+    parts = [_probabilities_with_confidence(0.7, 7, 10), _probabilities_with_confidence(0.5, 2, 4)]
+    labels = np.concatenate([p[0] for p in parts])
+    probabilities = np.concatenate([p[1] for p in parts])
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_and_reliability_bins_on_a_constructed_case():
+    over = _probabilities_with_confidence(0.9, 6, 10)  # confidence .9, accuracy .6: gap .3
+    fair = _probabilities_with_confidence(0.62, 6, 10)  # confidence .62, accuracy .6: gap .02
+    labels = np.concatenate([over[0], fair[0]])
+    probabilities = np.concatenate([over[1], fair[1]])
+    # Half the images in each bin: (0.3 + 0.02) / 2.
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.16)
+    bins = reliability_bins(labels, probabilities)
+    assert len(bins["edges"]) == 16 and bins["count"].sum() == 20
+    # 0.9 lies in (13/15, 14/15], 0.62 in (9/15, 10/15].
+    assert np.flatnonzero(bins["count"]).tolist() == [9, 13]
+    assert bins["confidence"][[9, 13]] == pytest.approx([0.62, 0.9])
+    assert bins["accuracy"][[9, 13]] == pytest.approx([0.6, 0.6])
+    assert np.isnan(bins["accuracy"][0]) and np.isnan(bins["confidence"][0])
+    # Ten bins: 0.62 and 0.9 still in separate bins, the same figure.
+    assert expected_calibration_error(labels, probabilities, bins=10) == pytest.approx(0.16)
+
+
+def test_bootstrap_interval_contains_the_estimate_and_narrows_with_more_images():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (100, 10_000):
+        values = rng.normal(1.0, 1.0, n)
+        low, high = bootstrap_interval(np.mean, values, resamples=500)
+        assert low < values.mean() < high
+        widths.append(high - low)
+    # The standard error shrinks as 1/sqrt(n): a hundred times the images, a tenth the width.
+    assert widths[1] == pytest.approx(widths[0] / 10, rel=0.3)
+    assert widths[0] == pytest.approx(2 * 1.96 / 10, rel=0.3)
+
+
+def test_bootstrap_interval_is_reproducible_and_resamples_rows_together():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=200), rng.normal(size=200)
+
+    def mean_difference(a, b):
+        return np.mean(a - b)
+
+    first = bootstrap_interval(mean_difference, x, y, resamples=200, seed=3)
+    assert bootstrap_interval(mean_difference, x, y, resamples=200, seed=3) == first
+    assert bootstrap_interval(mean_difference, x, y, resamples=200, seed=4) != first
+    # Rows stay paired: resampling x against itself gives a difference of exactly 0.
+    assert bootstrap_interval(mean_difference, x, x, resamples=50) == (0.0, 0.0)
+    # An array statistic gets one interval per element, the same as element by element.
+    low, high = bootstrap_interval(
+        lambda a, b: np.array([np.mean(a), np.mean(b)]), x, y, resamples=200, seed=3
+    )
+    assert (low[0], high[0]) == bootstrap_interval(np.mean, x, resamples=200, seed=3)
+
+
+def test_bootstrap_interval_drops_nan_resamples():
+    labels = np.zeros(10, int)
+    labels[0] = 1  # the one positive is missing from about a third of the draws
+    values = np.arange(10.0)
+
+    def positives_mean(labels, values):
+        return values[labels == 1].mean() if (labels == 1).any() else np.nan
+
+    assert bootstrap_interval(positives_mean, labels, values, resamples=200) == (0.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        never = bootstrap_interval(lambda v: np.nan, values, resamples=20)
+    assert all(math.isnan(v) for v in never)
+    with pytest.raises(ValueError, match="equal"):
+        bootstrap_interval(np.mean, values, values[:5])

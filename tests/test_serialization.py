@@ -78,3 +78,36 @@ def test_missing_directory_names_the_config_path(tmp_path):
 def test_a_plain_module_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="create_model"):
         save_model(torch.nn.Linear(2, 2), str(tmp_path))
+
+
+def test_fp16_weights_halve_the_file_and_load_back_as_float32(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("unet", **get_model_spec("unet").smoke_kwargs).eval()
+    save_model(model, str(tmp_path / "fp32"), input_size=(64, 64))
+    save_model(model, str(tmp_path / "fp16"), input_size=(64, 64), weights_dtype=torch.float16)
+    size32 = (tmp_path / "fp32" / "model.safetensors").stat().st_size
+    size16 = (tmp_path / "fp16" / "model.safetensors").stat().st_size
+    assert size16 < 0.6 * size32
+    loaded = load_model(str(tmp_path / "fp16"))
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(
+            dict(loaded.named_parameters())[name], parameter.half().float(), rtol=0, atol=0
+        )
+    # Buffers (BatchNorm statistics) keep float32.
+    for name, buffer in model.named_buffers():
+        assert torch.equal(dict(loaded.named_buffers())[name], buffer)
+
+
+def test_a_released_model_loads_by_its_short_name(tmp_path, monkeypatch):
+    from skinray.models import zoo
+
+    torch.manual_seed(0)
+    model = create_model("unet", **get_model_spec("unet").smoke_kwargs).eval()
+    save_model(model, str(tmp_path / "zoo" / "tiny-segmenter"), input_size=(64, 64))
+    monkeypatch.setattr(zoo, "zoo_root", lambda: tmp_path / "zoo")
+    assert zoo.released_models() == ["tiny-segmenter"]
+    loaded = load_model("tiny-segmenter")
+    assert loaded.saved_config.input_size == (64, 64)
+    assert zoo.resolve_model("not-released") == "not-released"
+    assert zoo.resolve_model("s3://bucket/tiny-segmenter") == "s3://bucket/tiny-segmenter"

@@ -20,6 +20,7 @@ Layouts:
 from __future__ import annotations
 
 import io as stdio
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +98,31 @@ def _read_csv(uri: str) -> pa.Table:
         return pacsv.read_csv(stdio.BytesIO(data))
     except pa.ArrowInvalid as error:
         raise DatasetError(f"{uri}: not a readable CSV ({error})") from error
+
+
+def read_split(
+    source: str,
+    root: str,
+    split: str = "validation",
+    *,
+    fraction: float = 0.15,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> SampleTable:
+    """One split of a labelled data set, drawn as training draws it: ISIC 2017's own ``training``
+    or ``validation`` folders; HAM10000's lesion-grouped hold-out (``fraction`` and ``seed`` as in
+    the recipe: 0.15 and 0 by default); a manifest (``source="manifest"``) whole."""
+    split = split.lower()
+    if split not in ("training", "validation"):
+        raise DatasetError(f"unknown split {split!r}: training or validation")
+    if source == "isic2017":
+        return read_isic2017(root, split)
+    if source == "ham10000":
+        training, validation = holdout_split(read_ham10000(root), fraction, seed)
+        return validation if split == "validation" else training
+    if source == "manifest":
+        return read_manifest(root, tuple(class_names) if class_names else None)
+    raise DatasetError(f"unknown data source {source!r}: isic2017, ham10000 or manifest")
 
 
 def _require_columns(table: pa.Table, columns: tuple[str, ...], uri: str) -> None:

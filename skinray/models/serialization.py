@@ -23,6 +23,7 @@ from torch import nn
 import skinray
 from skinray import io
 from skinray.models.registry import CLASS_LOGITS, create_model, get_model_spec
+from skinray.models.zoo import resolve_model
 
 __all__ = [
     "CONFIG_FILE",
@@ -31,6 +32,7 @@ __all__ = [
     "load_model",
     "read_model_config",
     "save_model",
+    "write_model_config",
 ]
 
 WEIGHTS_FILE = "model.safetensors"
@@ -54,6 +56,8 @@ class SavedModelConfig:
     #: cut from (what a two-step pipeline assembled around it decodes to). None otherwise.
     roi_margin: float | None = None
     roi_source_size: tuple[int, int] | None = None
+    #: Class logits are divided by this before the softmax (``skinray.calibration``; 1: as trained).
+    temperature: float = 1.0
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
@@ -76,6 +80,9 @@ class SavedModelConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    def replace(self, **changes: Any) -> SavedModelConfig:
+        return dataclasses.replace(self, **changes)
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple | list):
@@ -96,6 +103,8 @@ def save_model(
     mask_threshold: float = 0.5,
     roi_margin: float | None = None,
     roi_source_size: Sequence[int] | None = None,
+    temperature: float = 1.0,
+    weights_dtype: torch.dtype = torch.float32,
     filesystem=None,
 ) -> SavedModelConfig:
     """Write ``model`` (made by ``create_model``) to the directory ``uri``.
@@ -103,6 +112,8 @@ def save_model(
     ``input_size`` defaults to the paper's, ``mean``/``std`` to the encoder's pretraining statistics.
     A model with class logits needs one class name per logit: a model saved without them would
     pass here and fail a scoring run after the whole archive had been decoded and segmented.
+    ``weights_dtype=torch.float16`` halves the file (released models); loading casts back to the
+    model's float32 parameters.
     """
     name = getattr(model, "skinray_model_name", None)
     if name is None:
@@ -114,7 +125,13 @@ def save_model(
     )
     # Tied parameters share storage, which safetensors refuses; contiguous copies store them apart
     # and load_state_dict writes both names back into the one tensor.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    # Only parameters take ``weights_dtype``: buffers (normalisation constants, BatchNorm
+    # statistics) are small and keep their precision.
+    parameters = {name for name, _ in model.named_parameters()}
+    state = {
+        k: (v.to(weights_dtype) if k in parameters else v).detach().cpu().contiguous().clone()
+        for k, v in model.state_dict().items()
+    }
     weights = safetensors.torch.save(state, metadata={"skinray_model": name})
     config = SavedModelConfig(
         model=name,
@@ -130,6 +147,7 @@ def save_model(
         skinray_version=skinray.__version__,
         roi_margin=float(roi_margin) if roi_margin is not None else None,
         roi_source_size=tuple(int(s) for s in roi_source_size) if roi_source_size else None,
+        temperature=float(temperature),
     )
     io.write_bytes(io.join(uri, WEIGHTS_FILE), weights, filesystem)
     io.write_bytes(io.join(uri, CONFIG_FILE), config.to_json().encode(), filesystem)
@@ -163,7 +181,13 @@ def _check_class_names(model: nn.Module, spec, class_names, uri: str) -> None:
         )
 
 
+def write_model_config(uri: str, config: SavedModelConfig, filesystem=None) -> None:
+    """Rewrite ``config.json`` (e.g. a fitted temperature); the weights, and their SHA-256, stay."""
+    io.write_bytes(io.join(resolve_model(uri), CONFIG_FILE), config.to_json().encode(), filesystem)
+
+
 def read_model_config(uri: str, filesystem=None) -> SavedModelConfig:
+    uri = resolve_model(uri)
     path = io.join(uri, CONFIG_FILE)
     return SavedModelConfig.from_json(io.read_bytes(path, filesystem).decode(), source=path)
 
@@ -171,8 +195,10 @@ def read_model_config(uri: str, filesystem=None) -> SavedModelConfig:
 def load_model(uri: str, *, device: str | torch.device = "cpu", filesystem=None) -> nn.Module:
     """Rebuild a saved model through the registry; its config is ``model.saved_config``.
 
-    The model comes back in eval mode.
+    ``uri`` is a directory (local or s3://) or the short name of a released model
+    (``skinray.models.zoo``). The model comes back in eval mode.
     """
+    uri = resolve_model(uri)
     config = read_model_config(uri, filesystem)
     weights = io.read_bytes(io.join(uri, WEIGHTS_FILE), filesystem)
     digest = hashlib.sha256(weights).hexdigest()

@@ -43,7 +43,14 @@ from skinray import io
 from skinray.data.decode import ImageDecodeError, decode, encode_png
 from skinray.score.schema import ERROR_STAGES, ROI_BOX_COLUMNS
 
-__all__ = ["ReportError", "build_report", "latest_run_date", "stratified_sample"]
+__all__ = [
+    "ReportError",
+    "build_report",
+    "latest_run_date",
+    "predicted_class_counts",
+    "stratified_sample",
+    "write_report",
+]
 
 TILE_PX = 256  # longer side of a tile's image; the source's aspect ratio is kept
 CONTOUR_RGB = (255, 0, 255)  # magenta: found neither on skin nor in the JET map under it
@@ -126,6 +133,26 @@ def build_report(
         _errors_html(errors),
     ]
     return _page_html(f"skinray scoring report · {run_date}", sections)
+
+
+def write_report(output_uri: str, run_date: str, target: str | None = None, **options) -> str:
+    """Build the page and write it (default ``<output>/reports/run_date=…/report.html``); its URI."""
+    page = build_report(output_uri, run_date, **options)
+    target = target or io.join(output_uri, "reports", f"run_date={run_date}", "report.html")
+    io.write_bytes(target, page.encode("utf-8"))
+    return target
+
+
+def predicted_class_counts(output_uri: str, run_date: str) -> dict[str, int]:
+    """Results per predicted class in one run date's partition (no class: ``"none"``)."""
+    results = _partition_dataset(output_uri, "results", run_date)
+    if results is None:
+        return {}
+    classes = results.to_table(columns=["predicted_class"])["predicted_class"].to_pylist()
+    counts: dict[str, int] = {}
+    for name in classes:
+        counts[name or "none"] = counts.get(name or "none", 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
 def latest_run_date(output_uri: str) -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from skinray.data.decode import DEFAULT_MAX_PIXELS
+from skinray.models.zoo import DEFAULT_CLASSIFIER, DEFAULT_SEGMENTER, released_models
 
 __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
 
@@ -23,7 +24,9 @@ class ScoreConfig(BaseModel):
     input: str
     #: Output root (local or s3://): ``results/``, ``errors/`` and ``summaries/`` go under it.
     output: str
-    #: Saved segmenter (``save_model`` directory); a joint model (MB-DCNN, CLNet) also classifies.
+    #: Saved segmenter (``save_model`` directory, or a released model's name); a joint model
+    #: (MB-DCNN, CLNet) also classifies. Not given: the released ``lesion-segmenter`` with the
+    #: released ``ham10000-classifier`` (``skinray.models.zoo``).
     segmenter: str
     #: Saved ROI classifier; None when the segmenter classifies.
     classifier: str | None = None
@@ -60,6 +63,21 @@ class ScoreConfig(BaseModel):
     prefetch_batches: int = Field(8, ge=1)
     #: Target rows per output Parquet file (few large files, not thousands of small ones).
     rows_per_file: int = Field(100_000, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _released_models_by_default(cls, values: dict) -> dict:
+        if isinstance(values, dict) and not values.get("segmenter"):
+            released = released_models()
+            if DEFAULT_SEGMENTER not in released:
+                raise ValueError(
+                    f"no --segmenter given and no released {DEFAULT_SEGMENTER!r} in this install"
+                )
+            classifier = values.get("classifier")
+            if classifier is None and DEFAULT_CLASSIFIER in released:
+                classifier = DEFAULT_CLASSIFIER
+            values = {**values, "segmenter": DEFAULT_SEGMENTER, "classifier": classifier}
+        return values
 
     @field_validator("input", "output", "segmenter", "classifier")
     @classmethod

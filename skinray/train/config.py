@@ -55,7 +55,9 @@ class DataConfig(_Strict):
     #: Use at most this many training images (None: all); for quick runs.
     limit: int | None = Field(None, gt=0)
     synthetic_count: int = Field(64, gt=1)
-    augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet", "dermoscopy"] = "flips"
+    augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet", "dermoscopy"] = (
+        "flips"
+    )
     #: A new order of the training rows every epoch (the same orders for the same ``seed``).
     shuffle: bool = True
     #: What the model sees: the whole image, or the lesion ROI (the two-step classifier, Innani et

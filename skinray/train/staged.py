@@ -122,4 +122,5 @@ def _save_two_step(model_uris: dict[str, str]) -> None:
         std=segmenter.saved_config.std,
         class_names=classifier.saved_config.class_names,
         mask_threshold=segmenter.saved_config.mask_threshold,
+        temperature=classifier.saved_config.temperature,
     )

@@ -1,0 +1,120 @@
+"""Release a trained model into skinray's zoo (``skinray/pretrained/<name>``), with its model card.
+
+    python jobs/release.py runs/segmenter_cpu/model --name lesion-segmenter \
+        --data isic2017 --root ../shared/data/isic2017
+    python jobs/release.py runs/classifier_roi/model --name ham10000-classifier \
+        --segmenter lesion-segmenter --data ham10000 --root ../shared/data/ham10000
+
+Measures the model on the validation split it was chosen on (ISIC 2017's official split; HAM10000's
+lesion-grouped hold-out drawn as training drew it), fits a temperature for class outputs, writes fp16
+weights when they hold the figures, the card, ``metrics.json``, ``reliability.png`` and the regression
+fixture under ``tests/fixtures/released/``. The training run's ``metrics.json`` (beside the model)
+gives the recipe as run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+from skinray import io
+from skinray.data.datasets import DatasetError, read_split
+from skinray.models.release import ReleaseSpec, release_model
+from skinray.predict import ModelCheckError, check_models
+from skinray.train.config import TrainConfig, recipe_summary
+
+FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released"
+
+DATA = {
+    "isic2017": (
+        "ISIC 2017 challenge (Codella et al., ISBI 2018), 256 px copies: trained on the 1,808 "
+        "training images, measured on the official 150-image validation split.",
+        "CC0 1.0 (ISIC Archive, as the challenge gives it).",
+    ),
+    "ham10000": (
+        "HAM10000 (Tschandl et al., Sci. Data 2018; 85 % copy, 8,525 images, 200×150 px), 7 `dx` "
+        "classes: trained on 85 % of the lesions, measured on the other 15 % (split by `lesion_id`, "
+        "seed 0: no lesion on both sides).",
+        "CC BY-NC 4.0 (as the ISIC challenge states it; the Harvard Dataverse release says CC BY-NC-SA "
+        "4.0): non-commercial use only, attribution required. Models trained on it inherit the "
+        "non-commercial term.",
+    ),
+}
+
+LIMITS = [
+    "Trained and measured on dermoscopy images only; clinical (non-dermoscopic) photographs, "
+    "other body imaging and non-skin images are out of scope and not detected as such.",
+    "The data sets are mostly from fair-skinned patients (ISIC: Europe, Australia, USA); accuracy on "
+    "darker skin types is not measured here.",
+    "The validation split chose the checkpoint; a held-out test figure is lower in expectation.",
+    "Not a medical device: outputs are for research and triage, never a diagnosis.",
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="the trained model directory (local or s3://)")
+    parser.add_argument("--name", required=True, help="short name in the zoo")
+    parser.add_argument("--title", help="one-line description (default from the data)")
+    parser.add_argument("--data", choices=tuple(DATA), required=True)
+    parser.add_argument("--root", required=True)
+    parser.add_argument("--segmenter", help="for a ROI classifier: the segmenter cutting its ROIs")
+    parser.add_argument("--reproduce", default="", help="the command that trained it, for the card")
+    parser.add_argument("--training-metrics", help="the run's metrics.json (default: beside model)")
+    parser.add_argument("--no-calibrate", action="store_true")
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--destination", help="default: skinray/pretrained/<name>")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.segmenter:
+            check_models(args.segmenter, args.model)
+        else:
+            check_models(args.model, segments=False)
+        samples = read_split(args.data, args.root, "validation")
+        run_dir = args.model.rstrip("/").rsplit("/", 1)[0]
+        training_uri = args.training_metrics or io.join(run_dir, "metrics.json")
+        training = json.loads(io.read_bytes(training_uri))
+    except (ModelCheckError, DatasetError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    config = TrainConfig.model_validate(training["config"])
+    data, licence = DATA[args.data]
+    spec = ReleaseSpec(
+        name=args.name,
+        title=args.title or f"{config.model} trained on {args.data}",
+        data=data,
+        licence=licence,
+        recipe=recipe_summary(config),
+        reproduce=args.reproduce,
+        training={
+            "best": training["best_metrics"],
+            "epochs_run": len(training["history"]),
+            "wall_time_s": training["wall_time_s"],
+            "machine": f"{platform.machine()} CPU, see docs/benchmarks.md",
+        },
+        limits=LIMITS,
+        segmenter=args.segmenter,
+        shared_root=str(Path(args.root).resolve().parent),
+    )
+    report = release_model(
+        args.model,
+        spec,
+        samples,
+        calibrate=not args.no_calibrate,
+        resamples=args.bootstrap,
+        destination=args.destination,
+        fixture_dir=str(FIXTURES),
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "report"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

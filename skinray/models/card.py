@@ -1,0 +1,188 @@
+"""A released model's card (``MODEL_CARD.md``) and reliability diagram, from its measured report.
+
+The card follows Mitchell et al., *Model Cards for Model Reporting* (FAT* 2019): what the model is,
+the data and split it was measured on, the figures with their 95 % bootstrap intervals, per-class
+sensitivity, specificity, PPV and NPV, calibration, intended use, limits and licence. Every figure is
+read from the report ``skinray.models.release`` measured; nothing is typed in by hand.
+"""
+
+from __future__ import annotations
+
+import io as stdio
+import math
+
+import numpy as np
+from scipy.special import softmax
+
+from skinray import metrics
+
+__all__ = ["reliability_png", "render_model_card"]
+
+_FIGURE_NAMES = {
+    "segmentation": {
+        "jaccard": "per-image Jaccard (mean)",
+        "threshold_jaccard": "thresholded Jaccard (ISIC 2018: < 0.65 counts 0)",
+        "dice": "Dice (mean per image)",
+        "sensitivity": "pixel sensitivity",
+        "specificity": "pixel specificity",
+        "accuracy": "pixel accuracy",
+    },
+    "classification": {
+        "accuracy": "accuracy",
+        "balanced_accuracy": "balanced accuracy (mean per-class sensitivity)",
+        "auc_mean": "mean one-vs-rest AUC",
+        "ece": "expected calibration error (15 bins)",
+    },
+}
+_PER_CLASS = ("sensitivity", "specificity", "ppv", "npv", "auc", "auc_sens_80", "ap")
+
+
+def _interval(entry) -> str:
+    if isinstance(entry, dict):
+        value, low, high = entry.get("value"), entry.get("low"), entry.get("high")
+    else:
+        value, low, high = entry, None, None
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{low:.3f}, {high:.3f}]"
+
+
+def _headline_table(report: dict) -> list[str]:
+    rows = ["| metric | value [95 % CI] |", "|---|---|"]
+    for section, names in _FIGURE_NAMES.items():
+        for key, entry in report["report"].get(section, {}).items():
+            rows.append(f"| {names.get(key, key)} | {_interval(entry)} |")
+    return rows
+
+
+def _per_class_table(report: dict) -> list[str]:
+    per_class = report["report"].get("per_class") or {}
+    if not per_class:
+        return []
+    header = "| class | n | " + " | ".join(_PER_CLASS) + " |"
+    rows = [header, "|" + "---|" * (len(_PER_CLASS) + 2)]
+    for name, entry in per_class.items():
+        cells = " | ".join(_interval(entry.get(key)) for key in _PER_CLASS)
+        rows.append(f"| {name} | {entry.get('n', '')} | {cells} |")
+    return rows
+
+
+def _calibration_lines(report: dict) -> list[str]:
+    calibration = report.get("calibration")
+    if not calibration:
+        return ["Not applicable: the model has no class output."]
+    before, after = calibration["before"], calibration["after"]
+    return [
+        f"Temperature scaling (Guo et al. 2017) fitted on the validation split: T = "
+        f"{calibration['temperature']:.3f}, stored in `config.json` and applied by `Predictor`.",
+        "",
+        "| | ECE (15 bins) | NLL |",
+        "|---|---|---|",
+        f"| before | {before['ece']:.4f} | {before['nll']:.4f} |",
+        f"| after | {after['ece']:.4f} | {after['nll']:.4f} |",
+        "",
+        "![reliability diagram](reliability.png)",
+        "",
+        "Both fitted and measured on the same validation images: the ECE after is optimistic.",
+    ]
+
+
+def render_model_card(spec, config, report: dict) -> str:
+    """``MODEL_CARD.md`` text for the released model ``spec.name``."""
+    training = spec.training or {}
+    best = training.get("best", {})
+    lines = [
+        f"# {spec.name}: {spec.title}",
+        "",
+        "```python",
+        "from skinray.predict import Predictor",
+        (
+            f'predictor = Predictor.load("{spec.segmenter}", "{spec.name}")  # ROIs from the segmenter'
+            if spec.segmenter
+            else f'predictor = Predictor.load("{spec.name}")'
+        ),
+        "```",
+        "",
+        "## Model",
+        f"- Architecture: `{config.model}` {config.kwargs}; input {config.input_size[0]}×"
+        f"{config.input_size[1]}, normalisation mean {list(config.mean)}, std {list(config.std)}.",
+        f"- Outputs: {', '.join(config.outputs)}"
+        + (f"; classes: {list(config.class_names)}" if "class_logits" in config.outputs else "")
+        + (
+            f"; mask threshold {config.mask_threshold}." if "mask_logits" in config.outputs else "."
+        ),
+        f"- Weights: `model.safetensors`, {report['weights_dtype']} (fp16 against fp32: the largest "
+        f"change of a headline figure was {report['fp16_change']:.4f}), "
+        f"SHA-256 `{report['weights_sha256']}`.",
+        f"- Code: skinray commit `{report['commit']}`.",
+        "",
+        "## Training",
+        f"- Recipe: {spec.recipe}.",
+        f"- Reproduce: `{spec.reproduce}`." if spec.reproduce else "",
+        f"- Best epoch {best.get('epoch', 'n/a')} of {training.get('epochs_run', 'n/a')}; "
+        f"wall time {training.get('wall_time_s', float('nan')) / 60:.1f} min on "
+        f"{training.get('machine', 'the machine named in docs/benchmarks.md')}.",
+        "",
+        "## Data",
+        f"- {spec.data}",
+        f"- Licence of the training data: {spec.licence}",
+        "",
+        "## Results",
+        f"On {int(report['metrics'].get('images', 0))} validation images, through "
+        "`skinray.predict.Predictor` (the path `jobs/score.py` runs); 95 % percentile bootstrap "
+        "intervals over images. This split also chose the checkpoint (and fitted the temperature); "
+        "nothing was tuned on it by hand.",
+        "",
+        *_headline_table(report),
+        "",
+        *_per_class_table(report),
+        "",
+        "## Calibration",
+        *_calibration_lines(report),
+        "",
+        "## Intended use",
+        spec.intended_use
+        or "Research and batch triage of dermoscopy images; not a medical device, not for diagnosis.",
+        "",
+        "## Limits",
+        *[f"- {limit}" for limit in spec.limits],
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def reliability_png(labels: np.ndarray, probabilities: np.ndarray, calibration: dict) -> bytes:
+    """Reliability diagram before and after temperature scaling (``probabilities`` are after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temperature = calibration["temperature"]
+    before = softmax(np.log(np.clip(probabilities, 1e-12, 1)) * temperature, axis=1)
+    figure, axes = plt.subplots(1, 2, figsize=(8, 4), sharey=True)
+    for axis, values, title in (
+        (axes[0], before, "before"),
+        (axes[1], probabilities, f"T = {temperature:.2f}"),
+    ):
+        bins = metrics.reliability_bins(labels, values)
+        axis.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1)
+        filled = np.asarray(bins["count"]) > 0
+        axis.bar(
+            np.asarray(bins["confidence"])[filled],
+            np.asarray(bins["accuracy"])[filled],
+            width=1 / len(bins["count"]),
+            edgecolor="black",
+            alpha=0.7,
+        )
+        ece = metrics.expected_calibration_error(labels, values)
+        axis.set_title(f"{title}: ECE {ece:.3f}")
+        axis.set_xlabel("confidence")
+    axes[0].set_ylabel("accuracy")
+    figure.tight_layout()
+    buffer = stdio.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return buffer.getvalue()

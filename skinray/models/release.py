@@ -1,0 +1,217 @@
+"""Release a trained model into the zoo: measured, calibrated, halved, carded.
+
+``release_model`` takes a saved model and the validation split it was chosen on, and writes
+``skinray/pretrained/<name>/``: the weights in fp16 (kept in fp32 when fp16 moves a headline figure
+by more than ``FP16_TOLERANCE``), ``config.json`` with the fitted temperature, ``metrics.json`` (the
+full report with 95 % bootstrap intervals), ``reliability.png`` and ``MODEL_CARD.md``. It also writes
+the regression fixture ``tests/fixtures/released/<name>.npz``: the released model's outputs on 10
+fixed real images, which CI compares on every change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from skinray import calibration, io, metrics
+from skinray.evaluation import Evaluator, evaluate_samples
+from skinray.models.card import reliability_png, render_model_card
+from skinray.models.registry import CLASS_LOGITS
+from skinray.models.serialization import WEIGHTS_FILE, load_model, save_model
+from skinray.models.zoo import zoo_root
+from skinray.predict import Predictor
+
+__all__ = [
+    "FP16_TOLERANCE",
+    "REGRESSION_IMAGES",
+    "ReleaseSpec",
+    "regression_outputs",
+    "release_model",
+]
+
+#: fp16 weights are shipped when no headline figure moves by more than this.
+FP16_TOLERANCE = 0.005
+#: Images in the regression fixture.
+REGRESSION_IMAGES = 10
+_HEADLINES = ("jaccard", "threshold_jaccard", "dice", "accuracy", "balanced_accuracy", "auc_mean")
+
+
+@dataclass
+class ReleaseSpec:
+    """What a model card states besides the measurements."""
+
+    name: str
+    title: str
+    data: str  # the data set and split, in words
+    licence: str  # the training data's licence
+    recipe: str  # recipe name and its one-line summary
+    reproduce: str = ""  # the command that trains it
+    training: dict = field(default_factory=dict)  # metrics.json of the training run
+    intended_use: str = ""
+    limits: Sequence[str] = ()
+    segmenter: str | None = None  # for a ROI classifier: the segmenter that cuts its ROIs
+    shared_root: str = "../shared/data"  # regression image paths are stored relative to it
+
+
+def release_model(
+    model_uri: str,
+    spec: ReleaseSpec,
+    samples,
+    *,
+    calibrate: bool = True,
+    resamples: int = 1000,
+    destination: str | None = None,
+    fixture_dir: str | None = None,
+    batch_size: int = 16,
+) -> dict:
+    """Measure ``model_uri`` on ``samples`` (the validation split), fit its temperature, write the
+    release; returns the released model's report."""
+    destination = destination or str(zoo_root() / spec.name)
+    model = load_model(model_uri)
+    temperature, calibration_report = 1.0, None
+    classifies = CLASS_LOGITS in model.saved_config.outputs
+    if calibrate and classifies:
+        evaluator = _evaluate(model_uri, spec, samples, batch_size)
+        labels, probabilities = evaluator.labels_and_probabilities()
+        temperature = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
+        calibration_report = {
+            "temperature": temperature,
+            "before": _calibration(labels, probabilities),
+        }
+
+    fp32_report = _save_and_measure(
+        model, destination, torch.float32, temperature, spec, samples, batch_size, resamples
+    )
+    fp16_report = _save_and_measure(
+        model, destination, torch.float16, temperature, spec, samples, batch_size, resamples
+    )
+    moved = _largest_change(fp32_report["metrics"], fp16_report["metrics"])
+    report = fp16_report
+    if moved > FP16_TOLERANCE:
+        report = _save_and_measure(
+            model, destination, torch.float32, temperature, spec, samples, batch_size, resamples
+        )
+    report["fp16_change"] = moved
+    report["weights_dtype"] = "float16" if moved <= FP16_TOLERANCE else "float32"
+    if calibration_report is not None:
+        labels, probabilities = report.pop("_labels"), report.pop("_probabilities")
+        calibration_report["after"] = _calibration(labels, probabilities)
+        report["calibration"] = calibration_report
+        io.write_bytes(
+            io.join(destination, "reliability.png"),
+            reliability_png(labels, probabilities, calibration_report),
+        )
+    else:
+        report.pop("_labels", None), report.pop("_probabilities", None)
+    report["weights_sha256"] = hashlib.sha256(
+        io.read_bytes(io.join(destination, WEIGHTS_FILE))
+    ).hexdigest()
+    report["commit"] = _commit()
+    io.write_bytes(io.join(destination, "metrics.json"), json.dumps(report, indent=2).encode())
+    io.write_bytes(
+        io.join(destination, "MODEL_CARD.md"),
+        render_model_card(spec, load_model(destination).saved_config, report).encode(),
+    )
+    if fixture_dir is not None:
+        write_regression_fixture(destination, spec, samples, fixture_dir)
+    return report
+
+
+def _predictor(model_uri: str, spec: ReleaseSpec) -> Predictor:
+    return (
+        Predictor.load(spec.segmenter, model_uri) if spec.segmenter else Predictor.load(model_uri)
+    )
+
+
+def _evaluate(model_uri: str, spec: ReleaseSpec, samples, batch_size: int) -> Evaluator:
+    predictor = _predictor(model_uri, spec)
+    evaluator = Evaluator(predictor.class_names or samples.class_names)
+    evaluate_samples(predictor, samples, batch_size=batch_size, evaluator=evaluator)
+    return evaluator
+
+
+def _save_and_measure(
+    model, destination, dtype, temperature, spec, samples, batch_size, resamples
+) -> dict:
+    config = model.saved_config
+    save_model(
+        model,
+        destination,
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+        class_names=config.class_names,
+        mask_threshold=config.mask_threshold,
+        roi_margin=config.roi_margin,
+        roi_source_size=config.roi_source_size,
+        temperature=temperature,
+        weights_dtype=dtype,
+    )
+    evaluator = _evaluate(destination, spec, samples, batch_size)
+    report = {"metrics": evaluator.result(), "report": evaluator.report(resamples=resamples)}
+    if CLASS_LOGITS in config.outputs:
+        labels, probabilities = evaluator.labels_and_probabilities()
+        report["_labels"], report["_probabilities"] = labels, probabilities
+    return report
+
+
+def _largest_change(reference: dict, candidate: dict) -> float:
+    changes = [
+        abs(reference[key] - candidate[key])
+        for key in _HEADLINES
+        if key in reference and np.isfinite(reference[key])
+    ]
+    return float(max(changes, default=0.0))
+
+
+def _calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict:
+    return {
+        "ece": metrics.expected_calibration_error(labels, probabilities),
+        "nll": calibration.negative_log_likelihood(
+            np.log(np.clip(probabilities, 1e-12, 1)), labels
+        ),
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# -- the regression fixture ----------------------------------------------------------------------
+def regression_outputs(predictor: Predictor, image_uris: Sequence[str]) -> dict[str, np.ndarray]:
+    """The predictor's mask and class probabilities on the images, decoded as evaluation decodes."""
+    from skinray.data.decode import decode
+
+    images = [
+        decode(io.read_bytes(uri), predictor.input_size, source=uri).rgb for uri in image_uris
+    ]
+    prediction = predictor(np.stack(images)).numpy()
+    return {key: prediction[key] for key in ("mask", "class_probabilities") if key in prediction}
+
+
+def write_regression_fixture(model_dir: str, spec: ReleaseSpec, samples, fixture_dir: str) -> str:
+    """The first ``REGRESSION_IMAGES`` validation images by id, with the released model's outputs."""
+    uris = sorted(samples.rows["image_uri"].to_pylist())[:REGRESSION_IMAGES]
+    outputs = regression_outputs(_predictor(model_dir, spec), uris)
+    shared = Path(spec.shared_root).resolve()
+    relative = np.array([str(Path(uri).resolve().relative_to(shared)) for uri in uris])
+    path = Path(fixture_dir) / f"{spec.name}.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, image=relative, segmenter=np.array(spec.segmenter or ""), **outputs)
+    return str(path)

@@ -1,0 +1,59 @@
+"""Temperature scaling: the fit recovers a known temperature, the Predictor applies the stored one,
+and the ranking (accuracy, AUC) does not move."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+from skinray.calibration import fit_temperature, negative_log_likelihood
+from skinray.models import create_model, get_model_spec, load_model, read_model_config, save_model
+from skinray.models.serialization import write_model_config
+from skinray.predict import Predictor
+
+
+def _labels_drawn_from(logits: np.ndarray, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    probabilities = softmax(logits, axis=1)
+    cumulative = probabilities.cumsum(1)
+    return (rng.random((len(logits), 1)) > cumulative).sum(1)
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 1.0, 3.0])
+def test_fit_recovers_the_temperature_that_made_the_labels(true_temperature):
+    rng = np.random.default_rng(1)
+    calibrated = rng.normal(size=(8000, 4)) * 2
+    labels = _labels_drawn_from(calibrated)
+    fitted = fit_temperature(calibrated * true_temperature, labels)
+    assert fitted == pytest.approx(true_temperature, rel=0.08)
+    # The fitted T is the minimum of the NLL: both neighbours are worse.
+    over = calibrated * true_temperature
+    nll = negative_log_likelihood(over, labels, fitted)
+    assert nll < negative_log_likelihood(over, labels, fitted * 1.2)
+    assert nll < negative_log_likelihood(over, labels, fitted / 1.2)
+
+
+def test_fit_refuses_logits_and_labels_that_do_not_pair():
+    with pytest.raises(ValueError, match="do not pair"):
+        fit_temperature(np.zeros((3, 2)), np.zeros(4, int))
+
+
+def test_predictor_divides_class_logits_by_the_stored_temperature(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(model, str(tmp_path / "m"), input_size=(64, 64), class_names=["a", "b", "c"])
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    predictor = Predictor.load(str(tmp_path / "m"))
+    outputs, before = predictor.run(images)
+    assert predictor.temperature == 1.0
+
+    config = read_model_config(str(tmp_path / "m"))
+    write_model_config(str(tmp_path / "m"), config.replace(temperature=2.5))
+    after = Predictor.load(str(tmp_path / "m"))(images)
+    expected = torch.softmax(outputs["class_logits"] / 2.5, 1)
+    torch.testing.assert_close(after.class_probabilities, expected)
+    assert torch.equal(after.class_probabilities.argmax(1), before.class_probabilities.argmax(1))
+    # Rewriting the config left the weights and their hash as they were.
+    assert load_model(str(tmp_path / "m")).saved_config.weights_sha256 == config.weights_sha256

@@ -1,0 +1,170 @@
+"""``Evaluator.report``: training's figures with bootstrap intervals, ISIC's per-class figures and
+calibration, on synthetic predictions (no model, no Ray)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from skinray import metrics
+from skinray.evaluation import (
+    CLASSIFICATION_FIGURES,
+    PER_CLASS_FIGURES,
+    SEGMENTATION_FIGURES,
+    Evaluator,
+)
+from skinray.predict import Prediction
+
+CLASSES = ["MEL", "NV", "SK"]
+SIZE = 16
+
+
+def _batch(seed: int, count: int, classify: bool = True, segment: bool = True):
+    """(Prediction, truth masks, labels): square lesions predicted with varied shifts (per-image
+    Jaccard on both sides of 0.65) and class probabilities that favour the label."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros((count, SIZE, SIZE), np.uint8)
+    truth[:, 4:12, 4:12] = 1
+    predicted = np.stack([np.roll(m, int(rng.integers(0, 4)), axis=1) for m in truth])
+    labels = rng.integers(0, len(CLASSES), count)
+    logits = rng.normal(size=(count, len(CLASSES))) + 1.5 * np.eye(len(CLASSES))[labels]
+    probabilities = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    prediction = Prediction(
+        mask_probability=None,
+        mask=torch.from_numpy(predicted) if segment else None,
+        class_probabilities=torch.from_numpy(probabilities).float() if classify else None,
+        cam=None,
+        roi_box=None,
+    )
+    return prediction, torch.from_numpy(truth), torch.from_numpy(labels)
+
+
+def _evaluator(batches=((0, 40), (1, 60)), **kind) -> Evaluator:
+    evaluator = Evaluator(CLASSES)
+    for seed, count in batches:
+        evaluator.update(*_batch(seed, count, **kind))
+    return evaluator
+
+
+def test_report_values_are_the_result_figures_with_intervals_around_them():
+    evaluator = _evaluator()
+    result, report = evaluator.result(), evaluator.report(resamples=300)
+    assert report["images"] == 100
+    assert report["bootstrap"] == {"resamples": 300, "confidence": 0.95, "seed": 0}
+    assert list(report["segmentation"]) == list(SEGMENTATION_FIGURES)
+    for name in ("jaccard", "threshold_jaccard", "dice", "sensitivity", "specificity"):
+        figure = report["segmentation"][name]
+        assert figure["value"] == pytest.approx(result[name], abs=1e-12), name
+        assert figure["low"] < figure["value"] < figure["high"], name
+    classification = report["classification"]
+    assert list(classification) == list(CLASSIFICATION_FIGURES)
+    assert classification["accuracy"]["value"] == pytest.approx(result["accuracy"])
+    assert classification["balanced_accuracy"]["value"] == pytest.approx(
+        result["balanced_accuracy"]
+    )
+    assert classification["auc_mean"]["value"] == pytest.approx(result["auc_mean"], abs=1e-9)
+    for figure in classification.values():
+        assert figure["low"] <= figure["value"] <= figure["high"]
+    for name in CLASSES:
+        per_class = report["per_class"][name]
+        assert list(per_class) == ["n", *PER_CLASS_FIGURES]
+        assert per_class["auc"]["value"] == pytest.approx(result[f"auc_{name}"], abs=1e-9)
+        for figure in PER_CLASS_FIGURES:
+            assert 0 <= per_class[figure]["low"] <= per_class[figure]["high"] <= 1, figure
+    labels, _ = evaluator.labels_and_probabilities()
+    assert [report["per_class"][n]["n"] for n in CLASSES] == np.bincount(labels).tolist()
+    assert sum(report["reliability"]["count"]) == 100
+
+
+def test_report_thresholded_jaccard_is_isics():
+    evaluator = _evaluator()
+    report = evaluator.report(resamples=0)
+    jaccard = np.concatenate(evaluator._per_image["jaccard"])
+    assert (jaccard < 0.65).any() and (jaccard >= 0.65).any()
+    expected = np.where(jaccard >= 0.65, jaccard, 0.0).mean()
+    assert report["segmentation"]["threshold_jaccard"]["value"] == pytest.approx(expected)
+    assert report["segmentation"]["jaccard"]["value"] == pytest.approx(jaccard.mean())
+
+
+def test_report_classification_matches_the_metric_functions():
+    evaluator = _evaluator()
+    labels, probabilities = evaluator.labels_and_probabilities()
+    report = evaluator.report(resamples=0)
+    ece = metrics.expected_calibration_error(labels, probabilities)
+    assert report["classification"]["ece"]["value"] == pytest.approx(ece)
+    expected = metrics.per_class_report(labels, probabilities, CLASSES)
+    for name in CLASSES:
+        for figure in PER_CLASS_FIGURES:
+            assert report["per_class"][name][figure]["value"] == pytest.approx(
+                expected[name][figure]
+            )
+
+
+def test_report_is_seeded_and_without_resamples_has_no_intervals():
+    evaluator = _evaluator()
+
+    def text(seed):  # as text: NaN (empty reliability bins) never equals itself
+        return json.dumps(evaluator.report(resamples=100, seed=seed))
+
+    assert text(1) == text(1)
+    assert text(1) != text(2)
+    bare = evaluator.report(resamples=0)
+    figure = bare["segmentation"]["dice"]
+    assert math.isnan(figure["low"]) and math.isnan(figure["high"])
+    assert not math.isnan(figure["value"])
+
+
+def test_report_sections_follow_what_the_model_predicts():
+    segmenter = _evaluator(classify=False).report(resamples=20)
+    assert "segmentation" in segmenter and "per_class" not in segmenter
+    assert "classification" not in segmenter and "reliability" not in segmenter
+    classifier = _evaluator(segment=False).report(resamples=20)
+    assert "segmentation" not in classifier and set(classifier["per_class"]) == set(CLASSES)
+    assert Evaluator(CLASSES).report() == {
+        "images": 0,
+        "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": 0},
+    }
+
+
+def test_an_absent_class_reports_nan_not_an_error():
+    evaluator = Evaluator([*CLASSES, "BCC"])  # no image is BCC, and none is predicted BCC
+    prediction, masks, labels = _batch(0, 30)
+    probabilities = torch.cat([prediction.class_probabilities, torch.zeros(30, 1)], dim=1)
+    prediction.class_probabilities = probabilities
+    evaluator.update(prediction, masks, labels)
+    report = evaluator.report(resamples=50)
+    bcc = report["per_class"]["BCC"]
+    assert bcc["n"] == 0
+    assert math.isnan(bcc["auc"]["value"]) and math.isnan(bcc["auc"]["low"])
+    assert bcc["specificity"]["value"] == 1.0
+    assert not math.isnan(report["classification"]["auc_mean"]["value"])
+
+
+def _evaluate_job():
+    """``jobs/evaluate.py`` imported from its file (``jobs/`` is scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_evaluate_job_prints_and_writes_the_report():
+    job = _evaluate_job()
+    report = _evaluator().report(resamples=50)
+    text = job.format_report(report, skipped=2)
+    jaccard = report["segmentation"]["jaccard"]
+    assert "images 100, skipped 2" in text
+    expected = f"{jaccard['value']:.4f} [{jaccard['low']:.4f}, {jaccard['high']:.4f}]"
+    assert any(line.startswith("jaccard") and line.endswith(expected) for line in text.splitlines())
+    header = next(line for line in text.splitlines() if line.startswith("class "))
+    assert header.split() == ["class", "n", *PER_CLASS_FIGURES]
+    assert "[" not in job.format_report(_evaluator().report(resamples=0))
+    # NaN (an undefined figure) is written as JSON null.
+    assert json.loads(json.dumps(job._json_safe({"a": [float("nan"), 1.0]}))) == {"a": [None, 1.0]}
