@@ -23,7 +23,7 @@ import math
 import sys
 
 from skinray import io
-from skinray.data.datasets import DatasetError, read_ham10000, read_isic2017, read_manifest
+from skinray.data.datasets import DatasetError, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
     PER_CLASS_FIGURES,
@@ -43,8 +43,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("isic2017", "ham10000", "manifest"), required=True)
     parser.add_argument("--root", required=True, help="dataset root, or the manifest file")
     parser.add_argument(
-        "--split", default="validation", help="ISIC 2017 split (training/validation)"
+        "--split",
+        default="validation",
+        type=str.lower,
+        choices=("training", "validation"),
+        help="ISIC 2017: its own folders; HAM10000: the lesion-grouped hold-out as training draws "
+        "it (a manifest is evaluated whole)",
     )
+    parser.add_argument(
+        "--holdout-fraction", type=float, default=0.15, help="HAM10000 hold-out (recipe default)"
+    )
+    parser.add_argument("--holdout-seed", type=int, default=0, help="HAM10000 hold-out seed")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -69,12 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         configs = check_models(args.model, args.classifier, segments=bool(args.classifier))
-        if args.data == "isic2017":
-            samples = read_isic2017(args.root, args.split)
-        elif args.data == "ham10000":
-            samples = read_ham10000(args.root)
-        else:
-            samples = read_manifest(args.root, configs[-1].class_names)
+        samples = read_split(
+            args.data,
+            args.root,
+            args.split,
+            fraction=args.holdout_fraction,
+            seed=args.holdout_seed,
+            class_names=configs[-1].class_names,
+        )
         if args.limit:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
