@@ -12,7 +12,7 @@ pools every pixel of the batch into one ratio, which lets large lesions drown sm
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -23,6 +23,7 @@ __all__ = [
     "LOSSES",
     "bce_dice_loss",
     "binary_focal_loss",
+    "class_weights",
     "cross_entropy",
     "dice_loss",
     "focal_dice_loss",
@@ -164,9 +165,25 @@ def softmax_cross_entropy(mask_logits: torch.Tensor, target: torch.Tensor) -> to
     return F.cross_entropy(mask_logits.float(), target.long())
 
 
-def cross_entropy(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy of class logits (the two-step classifier's and mask-CN's loss)."""
-    return F.cross_entropy(class_logits.float(), labels)
+def cross_entropy(
+    class_logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax cross-entropy of class logits (the two-step classifier's and mask-CN's loss);
+    ``weight`` (C,) weighs each class (PyTorch's weighted mean over the batch)."""
+    if weight is not None:
+        weight = weight.to(class_logits.device, torch.float32)
+    return F.cross_entropy(class_logits.float(), labels, weight=weight)
+
+
+def class_weights(counts: Sequence[int], power: float = 1.0) -> torch.Tensor:
+    """Per-class loss weights ``(N / (C · n_c))^power`` from the training counts: 1 inverse
+    frequency (every class weighs as much in total), 0.5 its square root (a milder correction);
+    a class absent from training gets weight 0."""
+    counts_t = torch.tensor(counts, dtype=torch.float64)
+    present = counts_t > 0
+    weights = torch.zeros_like(counts_t)
+    weights[present] = (counts_t.sum() / (present.sum() * counts_t[present])) ** power
+    return weights.float()
 
 
 #: Every loss by the name recipes and the model registry use for it.

@@ -185,3 +185,26 @@ def test_softmax_ce_on_two_channels_equals_bce_on_their_difference():
 def test_mismatched_target_shape_is_an_error():
     with pytest.raises(ValueError, match="does not match"):
         dice_loss(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 4, 4))
+
+
+def test_class_weights_make_every_class_weigh_the_same_in_total():
+    from skinray.losses import class_weights
+
+    counts = [60, 30, 10, 0]
+    weights = class_weights(counts, power=1.0)
+    totals = weights * torch.tensor(counts, dtype=torch.float32)
+    torch.testing.assert_close(totals[:3], torch.full((3,), 100 / 3))
+    assert weights[3] == 0  # absent from training
+    torch.testing.assert_close(class_weights(counts, 0.5)[:3], weights[:3].sqrt())
+    torch.testing.assert_close(class_weights(counts, 0.0)[:3], torch.ones(3))
+
+
+def test_weighted_cross_entropy_is_the_weighted_mean_of_per_image_losses():
+    from skinray.losses import cross_entropy
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(8, 3), torch.tensor([0, 0, 0, 0, 0, 1, 1, 2])
+    weight = torch.tensor([0.5, 1.0, 4.0])
+    per_image = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (weight[labels] * per_image).sum() / weight[labels].sum()
+    torch.testing.assert_close(cross_entropy(logits, labels, weight), expected)

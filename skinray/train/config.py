@@ -125,6 +125,9 @@ class TrainConfig(_Strict):
     #: Loss names from ``skinray.losses.LOSSES``; None takes the paper's loss from the registry.
     segmentation_loss: str | None = None
     classification_loss: str | None = None
+    #: Class weights of the classification loss from the training labels' counts (``class_weights``):
+    #: 1 = inverse frequency, 0.5 = its square root, 0 = unweighted (the papers).
+    class_weight_power: float = Field(0.0, ge=0, le=1)
     #: Weight of the classification loss for models with both heads.
     classification_weight: float = Field(1.0, ge=0)
     data: DataConfig = DataConfig()
@@ -246,6 +249,11 @@ def recipe_summary(config: TrainConfig) -> str:
         if config.early_stopping_patience
         else "no early stop"
     )
+    weighting = (
+        f"class weights (N/C·n)^{config.class_weight_power:g}; "
+        if config.class_weight_power
+        else ""
+    )
     data = config.data
     roi = ""
     if data.input == "roi":
@@ -256,7 +264,7 @@ def recipe_summary(config: TrainConfig) -> str:
         f"augment {data.augment}, "
         f"shuffle {'on' if config.data.shuffle else 'off'}; {optim.name} lr {optim.lr:g} {schedule}, "
         f"wd {optim.weight_decay:g}, clip {optim.grad_clip_norm or 'none'}, {config.precision}; "
-        f"batch {config.batch_size}, {config.epochs} ep, {stopping}; seed {config.seed}"
+        f"{weighting}batch {config.batch_size}, {config.epochs} ep, {stopping}; seed {config.seed}"
     )
 
 

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safetensors.torch import load as load_safetensors
 from skinray import io
 from skinray.data.transforms import augment_batch, augmentation
 from skinray.evaluation import Evaluator
-from skinray.losses import LOSSES
+from skinray.losses import LOSSES, class_weights
 from skinray.models import CLASS_LOGITS, MASK_LOGITS, create_model, get_model_spec, load_model
 from skinray.models.serialization import WEIGHTS_FILE
 from skinray.models.two_step import TwoStep
@@ -169,12 +170,18 @@ def initialise_from(model: torch.nn.Module, uri: str) -> None:
 
 
 class _Objective:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, class_counts: list[int] | None = None):
         spec = get_model_spec(config.model)
         seg = config.segmentation_loss or spec.segmentation_loss
         cls = config.classification_loss or spec.classification_loss
         self.segmentation = LOSSES[seg] if seg and spec.segments else None
         self.classification = LOSSES[cls] if cls and spec.classifies else None
+        if self.classification is not None and config.class_weight_power and class_counts:
+            weights = class_weights(class_counts, config.class_weight_power)
+            keyword = {"cross_entropy": "weight", "focal": "alpha"}.get(cls)
+            if keyword is None:
+                raise ValueError(f"classification loss {cls!r} takes no class weights")
+            self.classification = partial(self.classification, **{keyword: weights})
         self.classification_weight = config.classification_weight
 
     def __call__(self, outputs, masks, labels) -> torch.Tensor:
@@ -288,7 +295,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
     step = _Step(
         model=model,
         stage=StagePredictor(config, _unwrap(model), loop_config["class_names"], device),
-        objective=_Objective(config),
+        objective=_Objective(config, loop_config.get("class_counts")),
         transform=augmentation(config.data.augment, config.data.image_size),
         optimizer=optimizer,
         scheduler=scheduler,

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from skinray import io
 from skinray.data.datasets import (
     DatasetError,
@@ -27,6 +29,7 @@ from skinray.data.datasets import (
 )
 from skinray.data.loading import to_ray_dataset
 from skinray.models import get_model_spec, save_model
+from skinray.models.zoo import resolve_model
 from skinray.train.checkpoint import read_checkpoint
 from skinray.train.config import ConfigError, TrainConfig
 from skinray.train.loop import (
@@ -96,6 +99,9 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
     def absolute(uri: str | None) -> str | None:
         return None if uri is None else io.absolute(uri)
 
+    def model(uri: str | None) -> str | None:  # a released model's short name, or a path
+        return None if uri is None else io.absolute(resolve_model(uri))
+
     return config.model_copy(
         update={
             "encoder_weights": absolute(config.encoder_weights),
@@ -104,8 +110,8 @@ def with_absolute_paths(config: TrainConfig) -> TrainConfig:
                 update={
                     "root": absolute(data.root),
                     "validation_manifest": absolute(data.validation_manifest),
-                    "roi_segmenter": absolute(data.roi_segmenter),
-                    "guidance_models": tuple(io.absolute(m) for m in data.guidance_models),
+                    "roi_segmenter": model(data.roi_segmenter),
+                    "guidance_models": tuple(model(m) for m in data.guidance_models),
                 }
             ),
         }
@@ -145,6 +151,9 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
         train_loop_config={
             "config": config.model_dump(mode="json"),
             "class_names": class_names,
+            "class_counts": np.bincount(
+                train_samples.rows["label"].to_numpy(), minlength=len(class_names)
+            ).tolist(),
             "train_count": len(train_samples),
             "fault_injection": fault_injection_from_environment(),
         },
