@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--holdout-fraction", type=float, default=0.15, help="HAM10000 hold-out (recipe default)"
     )
     parser.add_argument("--holdout-seed", type=int, default=0, help="HAM10000 hold-out seed")
+    parser.add_argument(
+        "--at-source-size",
+        action="store_true",
+        help="segmentation figures at each truth mask's own resolution (the predicted mask resized "
+        "to it, as a scored mask_png is), not at the model's input size",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             evaluator=evaluator,
             predictions_uri=args.predictions,
+            at_source_size=args.at_source_size,
         )
         report = evaluator.report(resamples=args.bootstrap, seed=args.seed)
     except (ModelCheckError, DatasetError, FileNotFoundError, ValueError) as error:

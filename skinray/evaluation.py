@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +30,8 @@ __all__ = [
     "SEGMENTATION_FIGURES",
     "Evaluator",
     "evaluate_samples",
+    "mask_at_size",
+    "read_truth_mask",
 ]
 
 #: The headline figures ``Evaluator.report`` puts a confidence interval on, in its order.
@@ -58,11 +61,21 @@ class Evaluator:
         self.predictions: list[dict[str, np.ndarray]] = []
         self.images = 0
 
-    def update(self, prediction: Prediction, masks: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(
+        self,
+        prediction: Prediction,
+        masks: torch.Tensor | Sequence[np.ndarray],
+        labels: torch.Tensor,
+    ) -> None:
+        """``masks``: the truth at the predictor's input size (N, H, W), or a list of truth masks
+        at any sizes (the source's), to which each predicted mask is resized (``mask_at_size``)."""
         self.images += len(labels)
         if prediction.mask is not None:
             predicted = prediction.mask.bool().cpu().numpy()
-            per_image = metrics.per_image_segmentation_metrics(predicted, masks.cpu().numpy())
+            if isinstance(masks, torch.Tensor):
+                per_image = metrics.per_image_segmentation_metrics(predicted, masks.cpu().numpy())
+            else:
+                per_image = _at_truth_size(predicted, masks)
             for name, values in per_image.items():
                 self._per_image.setdefault(name, []).append(values)
         if prediction.class_probabilities is not None:
@@ -179,6 +192,36 @@ def _report_figures(
     return figures
 
 
+def mask_at_size(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """A predicted mask at the model's resolution → ``size`` (height, width), nearest neighbour:
+    how a scored ``mask_png`` is compared with a truth mask at the source's resolution."""
+    mask = np.asarray(mask, np.uint8)
+    if mask.shape[:2] == tuple(size):
+        return mask
+    return cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+
+
+def read_truth_mask(uri: str) -> np.ndarray:
+    """A 0/255 mask file → bool (H, W) at its own resolution, lesion where > 127 as training reads
+    masks (``skinray.data.loading``)."""
+    from skinray.data.decode import ImageDecodeError
+
+    mask = cv2.imdecode(np.frombuffer(io.read_bytes(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ImageDecodeError(f"{uri}: mask is not a readable image")
+    return mask > 127
+
+
+def _at_truth_size(predicted: np.ndarray, truths: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    per_image: dict[str, list] = {}
+    for mask, truth in zip(predicted, truths, strict=True):
+        resized = mask_at_size(mask, truth.shape[:2])[None].astype(bool)
+        one = metrics.per_image_segmentation_metrics(resized, np.asarray(truth, bool)[None])
+        for name, values in one.items():
+            per_image.setdefault(name, []).append(values)
+    return {name: np.concatenate(values) for name, values in per_image.items()}
+
+
 @torch.inference_mode()
 def evaluate_samples(
     predictor: Predictor,
@@ -187,11 +230,14 @@ def evaluate_samples(
     batch_size: int = 16,
     evaluator: Evaluator | None = None,
     predictions_uri: str | None = None,
+    at_source_size: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``predictor`` on a labelled ``SampleTable``, decoded at the predictor's input size
     with the training pipeline's own reader; unreadable images are skipped and counted in
     ``skipped``. ``predictions_uri``: also write each image's prediction there as Parquet
-    (``PREDICTION_SCHEMA``), a batch at a time."""
+    (``PREDICTION_SCHEMA``), a batch at a time. ``at_source_size``: segmentation figures at each
+    truth mask's own resolution (the predicted mask resized to it, as a scored mask is), not at
+    the model's input size."""
     from skinray.data.loading import decode_samples
 
     evaluator = evaluator or Evaluator(predictor.class_names or samples.class_names)
@@ -209,7 +255,12 @@ def evaluate_samples(
             images = torch.from_numpy(batch["image"][ok]).permute(0, 3, 1, 2)
             prediction = predictor(images)
             labels = torch.from_numpy(batch["label"][ok])
-            evaluator.update(prediction, torch.from_numpy(batch["mask"][ok]), labels)
+            masks = (
+                [read_truth_mask(uri) for uri in np.asarray(chunk["mask_uri"])[ok]]
+                if at_source_size
+                else torch.from_numpy(batch["mask"][ok])
+            )
+            evaluator.update(prediction, masks, labels)
             if writer:
                 writer.write(batch["image_uri"][ok], labels.numpy(), prediction)
     finally:

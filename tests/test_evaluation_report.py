@@ -168,3 +168,17 @@ def test_the_evaluate_job_prints_and_writes_the_report():
     assert "[" not in job.format_report(_evaluator().report(resamples=0))
     # NaN (an undefined figure) is written as JSON null.
     assert json.loads(json.dumps(job._json_safe({"a": [float("nan"), 1.0]}))) == {"a": [None, 1.0]}
+
+
+def test_figures_at_source_size_compare_the_resized_prediction_with_full_size_truth():
+    from skinray.evaluation import mask_at_size
+
+    predicted = np.zeros((1, 4, 4), np.uint8)
+    predicted[0, :2, :2] = 1  # the top-left quarter, at the model's 4×4
+    truth = np.zeros((12, 16), bool)
+    truth[:6, :6] = True  # 36 px; the resized prediction covers 6×8 = 48 px of which 36 overlap
+    assert mask_at_size(predicted[0], truth.shape).sum() == 48
+    evaluator = Evaluator(None)
+    prediction = Prediction(None, torch.from_numpy(predicted), None, None, None)
+    evaluator.update(prediction, [truth], torch.zeros(1, dtype=torch.long))
+    assert evaluator.result()["jaccard"] == pytest.approx(36 / 48)
