@@ -60,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="segmentation figures at each truth mask's own resolution (the predicted mask resized "
         "to it, as a scored mask_png is), not at the model's input size",
     )
+    parser.add_argument(
+        "--test-time-flips",
+        action="store_true",
+        help="average over the image and its two flips, whatever the saved model says",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
+        predictor.test_time_flips = predictor.test_time_flips or args.test_time_flips
         evaluator = Evaluator(predictor.class_names or samples.class_names)
         results = evaluate_samples(
             predictor,

@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reproduce", default="", help="the command that trained it, for the card")
     parser.add_argument("--training-metrics", help="the run's metrics.json (default: beside model)")
     parser.add_argument("--no-calibrate", action="store_true")
+    parser.add_argument(
+        "--test-time-flips", action="store_true", help="ship with flip averaging on (3× compute)"
+    )
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--destination", help="default: skinray/pretrained/<name>")
     return parser.parse_args(argv)
@@ -101,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         limits=LIMITS,
         segmenter=args.segmenter,
+        test_time_flips=args.test_time_flips,
         shared_root=str(Path(args.root).resolve().parent),
     )
     report = release_model(

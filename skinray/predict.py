@@ -64,6 +64,7 @@ class Predictor:
             input channels (MB-DCNN: coarse-SN's lesion probability for mask-CN; coarse-SN then
             mask-CN's normalised CAMs for enhanced-SN, Sec. III-B and III-C).
         temperature: class logits are divided by it before the softmax (``skinray.calibration``).
+        test_time_flips: average the logits over the image and its two flips (3× the compute).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class Predictor:
         mask_threshold: float = 0.5,
         guidance: Sequence[nn.Module] = (),
         temperature: float = 1.0,
+        test_time_flips: bool = False,
         source: str = "model",
     ) -> None:
         self.model = model
@@ -86,6 +88,7 @@ class Predictor:
         self.mask_threshold = float(mask_threshold)
         self.guidance = list(guidance)
         self.temperature = float(temperature)
+        self.test_time_flips = bool(test_time_flips)
         extra = getattr(model, "input_channels", 3) - 3
         if extra > 0 and not self.guidance:
             raise ModelCheckError(
@@ -105,6 +108,7 @@ class Predictor:
             class_names=config.class_names,
             mask_threshold=config.mask_threshold,
             temperature=config.temperature,
+            test_time_flips=config.test_time_flips,
             source=source,
         )
         return cls(model, **{**settings, **overrides})
@@ -137,6 +141,7 @@ class Predictor:
             class_names=clf.class_names,
             mask_threshold=seg.mask_threshold,
             temperature=clf.temperature,
+            test_time_flips=seg.test_time_flips,
             source=source,
         )
 
@@ -210,13 +215,28 @@ class Predictor:
 
     def run(self, images) -> tuple[dict[str, torch.Tensor], Prediction]:
         """Raw outputs (float32) and the prediction; runs in whatever mode the model is in, under
-        bf16 autocast on CUDA."""
+        bf16 autocast on CUDA. With ``test_time_flips`` the mask and class logits are the mean over
+        the image and its horizontal and vertical flips (each flipped back); CAM and ROI box come
+        from the unflipped image."""
         x = self.model_input(self.as_batch(images))
+        outputs = self._forward(x)
+        if self.test_time_flips:
+            for dims in ([-1], [-2]):
+                flipped = self._forward(x.flip(dims))
+                if MASK_LOGITS in outputs:
+                    outputs[MASK_LOGITS] = outputs[MASK_LOGITS] + flipped[MASK_LOGITS].flip(dims)
+                if CLASS_LOGITS in outputs:
+                    outputs[CLASS_LOGITS] = outputs[CLASS_LOGITS] + flipped[CLASS_LOGITS]
+            for key in (MASK_LOGITS, CLASS_LOGITS):
+                if key in outputs:
+                    outputs[key] = outputs[key] / 3
+        return outputs, self.prediction(outputs)
+
+    def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         device = x.device
         with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
             outputs = self.model(x)
-        outputs = {key: value.float() for key, value in outputs.items()}
-        return outputs, self.prediction(outputs)
+        return {key: value.float() for key, value in outputs.items()}
 
     @torch.inference_mode()
     def __call__(self, images) -> Prediction:

@@ -128,3 +128,25 @@ def test_check_models_refuses_what_cannot_serve_with_the_directory_named(tmp_pat
     )
     with pytest.raises(ModelCheckError, match="input_size"):
         check_models(segmenter, classifier)
+
+
+def test_test_time_flips_average_the_logits_over_the_image_and_its_flips(tmp_path):
+    uri = _saved("clnet", tmp_path)
+    images = _images(2)
+    plain = Predictor.load(uri)
+    x = plain.model_input(plain.as_batch(images))
+    with torch.inference_mode():
+        passes = [
+            plain.model(x),
+            {k: v.flip(-1) if k == MASK_LOGITS else v for k, v in plain.model(x.flip(-1)).items()},
+            {k: v.flip(-2) if k == MASK_LOGITS else v for k, v in plain.model(x.flip(-2)).items()},
+        ]
+    flipped = Predictor.load(uri)
+    flipped.test_time_flips = True
+    with torch.inference_mode():
+        outputs, prediction = flipped.run(images)
+    for key in (MASK_LOGITS, "class_logits"):
+        expected = sum(p[key] for p in passes) / 3
+        torch.testing.assert_close(outputs[key], expected, rtol=1e-5, atol=1e-5)
+    assert prediction.class_probabilities is not None and prediction.mask is not None
+    assert not torch.allclose(outputs[MASK_LOGITS], passes[0][MASK_LOGITS])

@@ -116,6 +116,12 @@ def render_model_card(spec, config, report: dict) -> str:
         f"- Weights: `model.safetensors`, {report['weights_dtype']} (fp16 against fp32: the largest "
         f"change of a headline figure was {report['fp16_change']:.4f}), "
         f"SHA-256 `{report['weights_sha256']}`.",
+        "- Test-time flips: "
+        + (
+            "on (`Predictor` averages the logits over the image and its two flips)."
+            if config.test_time_flips
+            else "off."
+        ),
         f"- Code: skinray commit `{report['commit']}`.",
         "",
         "## Training",

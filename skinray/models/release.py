@@ -57,6 +57,7 @@ class ReleaseSpec:
     intended_use: str = ""
     limits: Sequence[str] = ()
     segmenter: str | None = None  # for a ROI classifier: the segmenter that cuts its ROIs
+    test_time_flips: bool = False  # ship with Predictor's flip averaging on
     shared_root: str = "../shared/data"  # regression image paths are stored relative to it
 
 
@@ -152,6 +153,7 @@ def _save_and_measure(
         roi_margin=config.roi_margin,
         roi_source_size=config.roi_source_size,
         temperature=temperature,
+        test_time_flips=spec.test_time_flips,
         weights_dtype=dtype,
     )
     evaluator = _evaluate(destination, spec, samples, batch_size)

@@ -58,6 +58,8 @@ class SavedModelConfig:
     roi_source_size: tuple[int, int] | None = None
     #: Class logits are divided by this before the softmax (``skinray.calibration``; 1: as trained).
     temperature: float = 1.0
+    #: ``Predictor`` averages the logits over the image and its horizontal and vertical flips.
+    test_time_flips: bool = False
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
@@ -104,6 +106,7 @@ def save_model(
     roi_margin: float | None = None,
     roi_source_size: Sequence[int] | None = None,
     temperature: float = 1.0,
+    test_time_flips: bool = False,
     weights_dtype: torch.dtype = torch.float32,
     filesystem=None,
 ) -> SavedModelConfig:
@@ -148,6 +151,7 @@ def save_model(
         roi_margin=float(roi_margin) if roi_margin is not None else None,
         roi_source_size=tuple(int(s) for s in roi_source_size) if roi_source_size else None,
         temperature=float(temperature),
+        test_time_flips=bool(test_time_flips),
     )
     io.write_bytes(io.join(uri, WEIGHTS_FILE), weights, filesystem)
     io.write_bytes(io.join(uri, CONFIG_FILE), config.to_json().encode(), filesystem)
