@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads per model actor on CPU (default: node CPUs / actors per node)",
     )
     parser.add_argument(
+        "--backend",
+        choices=("eager", "compile", "onnxruntime"),
+        help="how model actors run the networks (default: the fastest that passed the accuracy "
+        "guard on their device, skinray.backends.DEFAULT_BACKENDS)",
+    )
+    parser.add_argument(
         "--no-report",
         dest="report",
         action="store_false",

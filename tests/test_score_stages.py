@@ -58,13 +58,18 @@ def _png(rgb):
 
 
 @pytest.fixture(scope="module")
-def segmenter(tmp_path_factory):
+def segmenter_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("segmenter")
     save_model(
         create_model("unet", **get_model_spec("unet").smoke_kwargs), str(folder), input_size=SIZE
     )
-    return PredictActor(str(folder), None, batch_size=4)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def segmenter(segmenter_dir):
+    return PredictActor(segmenter_dir, None, batch_size=4)
 
 
 def _listing(archive):
@@ -115,3 +120,20 @@ def test_the_cpu_stages_never_import_torch():
     probe = "import sys, skinray.score.stages; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_onnxruntime_actor_gives_the_eager_actors_rows(
+    archive, segmenter, segmenter_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SKINRAY_CACHE", str(tmp_path))
+    fast = PredictActor(segmenter_dir, None, batch_size=4, backend="onnxruntime")
+    assert fast.backend == "onnxruntime" and segmenter.backend == "eager"
+    batch = read_and_decode(_listing(archive), SIZE, max_pixels=10**8)
+    reference = segmenter({k: v.copy() for k, v in batch.items()})
+    rows = fast(batch)
+    assert fast.backend == "onnxruntime"  # passed the guard on its first batch
+    assert list(rows["error_stage"]) == list(reference["error_stage"])
+    for i, stage in enumerate(reference["error_stage"]):
+        if not stage:
+            assert (rows["mask"][i] == reference["mask"][i]).mean() > 0.99
+    assert list(tmp_path.glob("onnx/*.onnx"))  # exported once, into the cache

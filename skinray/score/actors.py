@@ -6,18 +6,22 @@ never import torch: their worker processes start in a fraction of the time and s
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from skinray.backends import accelerated, compare_predictions
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
 from skinray.predict import Predictor
 from skinray.score.stages import KILL_ACTOR_MARKER_ENV, healthy_rows, mark_failed
 
 __all__ = ["PredictActor"]
+
+log = logging.getLogger(__name__)
 
 
 def _kill_once_if_asked() -> None:
@@ -30,7 +34,11 @@ def _kill_once_if_asked() -> None:
 class PredictActor:
     """A ``Predictor`` (the segmenter, or the two-step pair segmenter → ROI → classifier) on this
     actor's device (bf16 autocast on GPU), in ``inference_mode``: per row the lesion mask at the
-    decoded size, class probabilities, the predicted class's CAM and the ROI box."""
+    decoded size, class probabilities, the predicted class's CAM and the ROI box.
+
+    The networks run on ``backend`` (``skinray.backends``; None: the device's default). The first
+    batch runs both ways and the backend is dropped for eager, with a logged reason, where it fails
+    the accuracy guard."""
 
     def __init__(
         self,
@@ -39,15 +47,20 @@ class PredictActor:
         batch_size: int,
         kill_marker: str | None = None,
         cpu_threads: int | None = None,
+        backend: str | None = None,
     ) -> None:
         if kill_marker:
             os.environ[KILL_ACTOR_MARKER_ENV] = kill_marker
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
-        self.predictor = Predictor.load(segmenter, classifier, device=device)
+        eager = Predictor.load(segmenter, classifier, device=device)
         if device.type == "cuda":
-            self.predictor.model = self.predictor.model.to(memory_format=torch.channels_last)
+            eager.model = eager.model.to(memory_format=torch.channels_last)
+        self.predictor, self.backend, self.fallback_reason = accelerated(
+            eager, backend, threads=cpu_threads
+        )
+        self._unguarded = eager if self.backend != "eager" else None
         self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -71,10 +84,25 @@ class PredictActor:
             batch[key] = column
         return batch
 
+    def _guard(self, chunk: torch.Tensor) -> None:
+        """On the first batch: the backend against eager; eager from here on if it fails."""
+        eager, self._unguarded = self._unguarded, None
+        try:  # torch.compile compiles, and may fail, on its first call
+            result = compare_predictions(eager(chunk), self.predictor(chunk))
+            failure = None if result.passed else f"failed the accuracy guard ({result})"
+        except Exception as error:
+            failure = f"failed on the first batch ({type(error).__name__}: {error})"
+        if failure:
+            self.fallback_reason = f"{self.backend} {failure}"
+            log.warning("falling back to eager: %s", self.fallback_reason)
+            self.predictor, self.backend = eager, "eager"
+
     def _predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         chunks: dict[str, list[np.ndarray]] = {}
         for start in range(0, len(images), self.batch_size):
             chunk = torch.from_numpy(images[start : start + self.batch_size]).permute(0, 3, 1, 2)
+            if self._unguarded is not None:
+                self._guard(chunk)
             for key, value in self.predictor(chunk).numpy().items():
                 chunks.setdefault(key, []).append(value)
         outputs = {key: np.concatenate(values) for key, values in chunks.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -35,6 +36,9 @@ class ScoreConfig(BaseModel):
     incremental: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     include_cam: bool = False
+    #: How the model actors run the networks (``skinray.backends``): eager, compile or onnxruntime.
+    #: None: the fastest that passed the accuracy guard on the actor's device.
+    backend: Literal["eager", "compile", "onnxruntime"] | None = None
     #: Rows per model call on an actor.
     batch_size: int = Field(16, ge=1)
     #: Rows per read/decode task.

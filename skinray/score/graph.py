@@ -63,6 +63,7 @@ def _model_stages(rows, config: ScoreConfig, placement: Placement):
             "batch_size": config.batch_size,
             "kill_marker": os.environ.get(KILL_ACTOR_MARKER_ENV),
             "cpu_threads": placement.cpu_threads,
+            "backend": config.backend,
         },
         batch_size=config.batch_size,
         **placement.pool_args(config),

@@ -1,0 +1,238 @@
+"""Execution backends: the same networks, run by eager PyTorch, ``torch.compile`` or ONNX Runtime.
+
+A backend replaces the networks inside a ``skinray.predict.Predictor`` and nothing else: resizing,
+normalisation, guidance, the ROI cut, sigmoid/softmax, temperature and threshold stay the Predictor's,
+so every backend runs the one prediction path. ``accelerated`` returns a new Predictor whose networks
+run on the backend, or the eager one with the reason when the backend cannot take the model (an
+operator the exporter or runtime lacks). ``compare_predictions`` is the accuracy guard: per-image
+mask Jaccard against eager and the largest class-probability difference.
+
+ONNX Runtime sessions are exported when first asked for and cached under ``cache_dir`` by the
+SHA-256 of the network's weights and its input shape, so the actors of a node export once. A
+composite whose glue does not export (the two-step ROI cut) runs its networks on the backend and
+its glue in PyTorch.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from skinray.models.two_step import TwoStep
+
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_BACKENDS",
+    "GuardResult",
+    "OnnxNetwork",
+    "accelerated",
+    "compare_predictions",
+    "default_backend",
+]
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+#: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
+#: measured it (docs/benchmarks.md); a device type not here runs eager.
+DEFAULT_BACKENDS: dict[str, str] = {}
+#: The guard's bounds (fp32 backends): mean per-image mask Jaccard against eager, and the largest
+#: absolute difference of a class probability.
+MIN_MASK_JACCARD = 0.99
+MAX_PROBABILITY_DIFFERENCE = 0.01
+_OPSET = 17
+
+
+def default_backend(device: torch.device | str) -> str:
+    return DEFAULT_BACKENDS.get(torch.device(device).type, "eager")
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("SKINRAY_CACHE") or Path(tempfile.gettempdir()) / "skinray-cache"
+    return Path(root) / "onnx"
+
+
+# -- ONNX Runtime ----------------------------------------------------------------------------------
+class OnnxNetwork(nn.Module):
+    """An exported network run by ONNX Runtime; ``forward`` returns the registry's output dict on
+    the input's device, as the eager network does."""
+
+    def __init__(self, path: Path, output_names: Sequence[str], threads: int | None = None):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = list(output_names)
+        self.path = path
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        arrays = self.session.run(None, {"input": x.detach().float().cpu().numpy()})
+        return {
+            name: torch.from_numpy(array).to(x.device)
+            for name, array in zip(self.output_names, arrays, strict=True)
+        }
+
+
+class _AsTuple(nn.Module):
+    """The network with its output dict as a tuple in a fixed order, for the exporter."""
+
+    def __init__(self, network: nn.Module, names: Sequence[str]):
+        super().__init__()
+        self.network, self.names = network, list(names)
+
+    def forward(self, x):
+        outputs = self.network(x)
+        return tuple(outputs[name] for name in self.names)
+
+
+def weights_digest(network: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def onnx_network(
+    network: nn.Module,
+    input_shape: Sequence[int],
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+) -> OnnxNetwork:
+    """``network`` (eval mode) exported for inputs (N, *input_shape) with N free, cached by its
+    weights and shape, and loaded into an ONNX Runtime session."""
+    channels, height, width = (int(s) for s in input_shape)
+    example = torch.zeros(2, channels, height, width)
+    with torch.no_grad():
+        names = list(network(example).keys())
+    cache_dir = cache_dir or default_cache_dir()
+    path = cache_dir / f"{weights_digest(network)}-{channels}x{height}x{width}-op{_OPSET}.onnx"
+    if not path.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        # The exporter restores the wrapper's train/eval mode, recursively: a wrapper left in
+        # train mode would put the caller's eager network in train mode too.
+        wrapper = _AsTuple(network, names).train(network.training)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's tracer warnings are about shapes
+            torch.onnx.export(
+                wrapper,
+                (example,),
+                str(partial),
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                opset_version=_OPSET,
+                dynamo=False,
+            )
+        os.replace(partial, path)  # atomic: actors exporting side by side never read half a file
+    return OnnxNetwork(path, names, threads)
+
+
+def _onnx_model(model: nn.Module, input_size, channels, cache_dir, threads) -> nn.Module:
+    """The whole model exported; a two-step composite whose ROI glue does not export runs its two
+    networks exported and its glue in PyTorch."""
+    try:
+        return onnx_network(model, (channels, *input_size), cache_dir, threads)
+    except Exception as error:
+        if not isinstance(model, TwoStep):
+            raise
+        log.info("two_step does not export whole (%s); exporting its networks", error)
+    composite = copy.copy(model)  # shares buffers and settings; only the two networks change
+    composite._modules = dict(model._modules)
+    composite.segmenter = onnx_network(
+        model.segmenter, (3, *model.segmenter_input_size), cache_dir, threads
+    )
+    composite.classifier = onnx_network(
+        model.classifier, (3, *model.classifier_input_size), cache_dir, threads
+    )
+    return composite
+
+
+# -- choosing -----------------------------------------------------------------------------------------
+def accelerated(
+    predictor,
+    backend: str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    threads: int | None = None,
+):
+    """``(predictor on the backend, backend used, reason for a fallback or None)``. ``backend``
+    None: the device's default. The eager predictor is not changed."""
+    device = predictor.device
+    backend = backend or default_backend(device)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    if backend == "eager":
+        return predictor, "eager", None
+    if predictor.guidance:
+        return predictor, "eager", "guidance chains run eager (their stages feed each other)"
+    try:
+        if backend == "onnxruntime":
+            if device.type != "cpu":
+                return predictor, "eager", "onnxruntime runs on CPU here (no GPU provider)"
+            model = _onnx_model(
+                predictor.model,
+                predictor.input_size,
+                getattr(predictor.model, "input_channels", 3),
+                cache_dir,
+                threads,
+            )
+        else:
+            model = torch.compile(predictor.model, dynamic=False)
+    except Exception as error:
+        reason = f"{backend} cannot take {_name(predictor.model)}: {type(error).__name__}: {error}"
+        log.warning("falling back to eager: %s", reason)
+        return predictor, "eager", reason
+    fast = copy.copy(predictor)
+    fast.model = model
+    return fast, backend, None
+
+
+def _name(model: nn.Module) -> str:
+    return getattr(model, "skinray_model_name", type(model).__name__)
+
+
+@dataclass(frozen=True)
+class GuardResult:
+    mask_jaccard: float  # mean per-image Jaccard of the backend's masks against eager's (1: none)
+    max_probability_difference: float  # 0 where the model does not classify
+
+    @property
+    def passed(self) -> bool:
+        return (
+            self.mask_jaccard >= MIN_MASK_JACCARD
+            and self.max_probability_difference <= MAX_PROBABILITY_DIFFERENCE
+        )
+
+
+def compare_predictions(reference, candidate) -> GuardResult:
+    """The accuracy guard between two ``Prediction``s of the same images."""
+    jaccard = 1.0
+    if reference.mask is not None:
+        a = reference.mask.bool().cpu().numpy().reshape(len(reference.mask), -1)
+        b = candidate.mask.bool().cpu().numpy().reshape(len(candidate.mask), -1)
+        union = (a | b).sum(1)
+        per_image = np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0)
+        jaccard = float(per_image.mean())
+    difference = 0.0
+    if reference.class_probabilities is not None:
+        difference = float(
+            (reference.class_probabilities - candidate.class_probabilities).abs().max()
+        )
+    return GuardResult(jaccard, difference)

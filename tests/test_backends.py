@@ -1,0 +1,92 @@
+"""Execution backends against eager PyTorch, on real dermoscopy images: every registered model a
+backend takes passes the accuracy guard; what it cannot take falls back to eager and says why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from skinray.backends import accelerated, compare_predictions, onnx_network
+from skinray.models import create_model, get_model_spec, list_models, load_model, save_model
+from skinray.predict import Predictor
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIZE = (64, 64)
+CLASSES = ["a", "b", "c"]
+
+
+def _real_images(count: int = 4) -> list[np.ndarray]:
+    folder = SHARED_DATA / "isic2017" / "ISIC-2017_Validation_Data"
+    paths = sorted(folder.glob("*.jpg"))[:count]
+    return [cv2.cvtColor(cv2.imread(str(p)), cv2.COLOR_BGR2RGB) for p in paths]
+
+
+def _predictor(name: str, folder: Path) -> Predictor:
+    torch.manual_seed(0)
+    model = create_model(name, **get_model_spec(name).smoke_kwargs)
+    classes = CLASSES if get_model_spec(name).classifies else None
+    save_model(model, str(folder / name), input_size=SIZE, class_names=classes)
+    return Predictor.load(str(folder / name))
+
+
+def _takes_rgb(name: str) -> bool:
+    model = create_model(name, **get_model_spec(name).smoke_kwargs)
+    return getattr(model, "input_channels", 3) == 3
+
+
+#: Guided MB-DCNN stages run on their chain (the fallback test); every other model goes through.
+UNGUIDED = [name for name in list_models() if _takes_rgb(name)]
+
+
+@pytest.mark.parametrize("name", UNGUIDED)
+def test_onnxruntime_matches_eager_within_the_guard(name, tmp_path):
+    eager = _predictor(name, tmp_path)
+    fast, used, reason = accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
+    assert (used, reason) == ("onnxruntime", None)
+    images = _real_images()
+    result = compare_predictions(eager(images), fast(images))
+    assert result.passed, result
+    assert eager.model is not fast.model  # the eager predictor is left as it was
+
+
+def test_the_export_is_cached_by_weights_and_shape(tmp_path):
+    model = create_model("unet", **get_model_spec("unet").smoke_kwargs).eval()
+    first = onnx_network(model, (3, *SIZE), tmp_path)
+    modified = first.path.stat().st_mtime_ns
+    again = onnx_network(model, (3, *SIZE), tmp_path)
+    assert again.path == first.path and again.path.stat().st_mtime_ns == modified
+    assert onnx_network(model, (3, 96, 96), tmp_path).path != first.path
+    assert len(list(tmp_path.glob("*.onnx"))) == 2
+
+
+def test_a_model_the_backend_cannot_take_falls_back_to_eager_and_says_why(tmp_path):
+    chain = _predictor("mbdcnn_coarse_sn", tmp_path)
+    torch.manual_seed(0)
+    guided_model = create_model("mbdcnn_mask_cn", **get_model_spec("mbdcnn_mask_cn").smoke_kwargs)
+    save_model(guided_model, str(tmp_path / "mask_cn"), input_size=SIZE, class_names=CLASSES)
+    guided = Predictor.from_saved(load_model(str(tmp_path / "mask_cn")), guidance=[chain.model])
+    same, used, reason = accelerated(guided, "onnxruntime", cache_dir=tmp_path / "cache")
+    assert same is guided and used == "eager"
+    assert "guidance" in reason
+
+
+def test_the_guard_fails_a_backend_that_changes_the_outputs(tmp_path):
+    eager = _predictor("clnet", tmp_path)
+    images = _real_images()
+    reference = eager(images)
+    shifted = eager(images)
+    shifted.class_probabilities = shifted.class_probabilities.roll(1, dims=1)
+    shifted.mask = 1 - shifted.mask
+    result = compare_predictions(reference, shifted)
+    assert not result.passed
+    assert result.mask_jaccard < 0.5 and result.max_probability_difference > 0.01
+
+
+def test_exporting_leaves_the_eager_network_in_eval_mode(tmp_path):
+    eager = _predictor("unet", tmp_path)
+    accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
+    assert not eager.model.training
