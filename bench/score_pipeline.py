@@ -387,9 +387,10 @@ def time_stage(stage, batch: dict, batch_size: int) -> tuple[float, list[dict]]:
     return seconds, outputs
 
 
-def model_only(images: str, config, input_size, threads: int) -> dict:
+def model_only(images: str, config, input_size, threads: int, backend: str = "eager") -> dict:
     """(b) The pipeline's PredictActor code (segmenter → ROI → classifier, one ``Predictor``) in
-    the driver, on pre-decoded images."""
+    the driver, on pre-decoded images, with the networks on ``backend``; for a backend other than
+    eager, also its accuracy guard against eager's outputs on the same images."""
     import torch
 
     from skinray.score.actors import PredictActor
@@ -401,18 +402,55 @@ def model_only(images: str, config, input_size, threads: int) -> dict:
     try:
         listing = list_inputs(images).to_pydict()
         decoded = read_and_decode(listing, input_size, config.max_pixels)
-        predict = PredictActor(config.segmenter, config.classifier, config.batch_size)
-        # Each pass runs twice, timing the second: oneDNN builds its kernels per batch shape.
+        predict = PredictActor(
+            config.segmenter,
+            config.classifier,
+            config.batch_size,
+            cpu_threads=threads,
+            backend=backend,
+        )
+        # Each pass runs twice, timing the second: oneDNN builds its kernels per batch shape (and
+        # torch.compile compiles, ONNX Runtime plans, on the first calls).
         time_stage(predict, decoded, config.batch_size)
-        predict_s, _ = time_stage(predict, decoded, config.batch_size)
+        predict_s, outputs = time_stage(predict, decoded, config.batch_size)
+        guard = None
+        if predict.backend != "eager":
+            eager = PredictActor(config.segmenter, config.classifier, config.batch_size)
+            _, reference = time_stage(eager, decoded, config.batch_size)
+            guard = accuracy_guard(reference, outputs)
     finally:
         torch.set_num_threads(previous)
     count = len(listing["source_uri"])
     return {
         "images": count,
         "torch_threads": threads,
+        "backend_asked": backend,
+        "backend": predict.backend,
+        "fallback_reason": predict.fallback_reason,
+        "guard": guard,
         "predict_s": round(predict_s, 2),
         "images_per_s": count / predict_s,
+    }
+
+
+def accuracy_guard(reference: list[dict], candidate: list[dict]) -> dict:
+    """Mean per-image mask Jaccard and the largest class-probability difference against eager."""
+    from skinray.backends import MAX_PROBABILITY_DIFFERENCE, MIN_MASK_JACCARD
+
+    jaccards, difference = [], 0.0
+    for ref, cand in zip(reference, candidate, strict=True):
+        a = ref["mask"].reshape(len(ref["mask"]), -1) > 0
+        b = cand["mask"].reshape(len(cand["mask"]), -1) > 0
+        union = (a | b).sum(1)
+        jaccards.extend(np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0))
+        if "class_probabilities" in ref:
+            gap = np.abs(ref["class_probabilities"] - cand["class_probabilities"]).max()
+            difference = max(difference, float(gap))
+    jaccard = float(np.mean(jaccards))
+    return {
+        "mask_jaccard": round(jaccard, 5),
+        "max_probability_difference": round(difference, 6),
+        "passed": jaccard >= MIN_MASK_JACCARD and difference <= MAX_PROBABILITY_DIFFERENCE,
     }
 
 
@@ -474,6 +512,7 @@ def plain_pattern(images: str, config, segment_size) -> dict:
 def throughput_session(args: argparse.Namespace) -> dict:
     import ray
 
+    from skinray.backends import BACKENDS
     from skinray.models import read_model_config
 
     models = json.loads(args.models)
@@ -490,12 +529,22 @@ def throughput_session(args: argparse.Namespace) -> dict:
         for path in sorted(Path(args.images).iterdir())[: config.decode_batch_size]:
             (warm / path.name).symlink_to(path.resolve())
         decode_only(str(warm), config, segment_size)
+        cpus = os.cpu_count() or 1
+        backends = {
+            name: model_only(args.images, config, segment_size, cpus, name) for name in BACKENDS
+        }
+        best = max(
+            (r for r in backends.values() if r["backend"] == "eager" or r["guard"]["passed"]),
+            key=lambda r: r["images_per_s"],
+        )["backend"]
         out = {
             "actor_threads": threads,
             "decode_only": decode_only(args.images, config, segment_size),
-            "model_only": model_only(args.images, config, segment_size, os.cpu_count() or 1),
-            "model_only_1_thread": model_only(args.images, config, segment_size, 1),
-            "pipeline": run_pipeline(config),
+            "model_only_backends": backends,
+            "best_backend": best,
+            "model_only": backends[best],
+            "model_only_1_thread": model_only(args.images, config, segment_size, 1, best),
+            "pipeline": run_pipeline(config.model_copy(update={"backend": best})),
             "plain": plain_pattern(args.images, config, segment_size),
         }
         if args.more_images:  # (d) over 10×N too, for its rate net of fixed costs
@@ -623,6 +672,9 @@ def marginal_rates(small: dict, large: dict, throughput: dict) -> dict:
 
 def print_report(results: dict) -> None:
     n, memory = results["settings"]["n"], results["memory"]
+    if memory is None:
+        print_throughput(results, n)
+        return
     small, large = memory["n"]["memory"], memory["10n"]["memory"]
     print(f"\nMemory (peaks, MiB) — {n} vs {10 * n} images")
     print(f"{'':34}{n:>10}{10 * n:>10}{'ratio':>9}")
@@ -658,28 +710,42 @@ def print_report(results: dict) -> None:
             f"pipeline {name.upper()}: {p['images']} images, {p['results']} results, "
             f"{p['timed_wall_s']} s, {p['timed_images_per_s']:.2f} images/s"
         )
-    t = results["throughput"]
-    if t is None:
+    if results["throughput"] is None:
         m = results["marginal"]["pipeline"]
         print(f"(c) net of fixed costs: {m['images_per_s']} images/s")
         return
+    print_throughput(results, n)
+
+
+def print_throughput(results: dict, n: int) -> None:
+    t = results["throughput"]
     print(f"\nThroughput on {n} images (images/s)")
     rows_ = [
         ("(a) decode only (read_and_decode)", t["decode_only"]["images_per_s"]),
-        (
-            f"(b) models only, driver, {t['model_only']['torch_threads']} threads",
-            t["model_only"]["images_per_s"],
+        *(
+            (
+                f"(b) models only, {name} ({r['backend']}), {r['torch_threads']} threads",
+                r["images_per_s"],
+            )
+            for name, r in t["model_only_backends"].items()
         ),
-        ("    models only, driver, 1 thread", t["model_only_1_thread"]["images_per_s"]),
+        (
+            f"    models only, {t['best_backend']}, 1 thread",
+            t["model_only_1_thread"]["images_per_s"],
+        ),
         ("(c) full pipeline (own timing)", t["pipeline"]["timed_images_per_s"]),
         ("    full pipeline (run summary)", t["pipeline"]["summary_images_per_s"]),
         ("(d) read_images + map_batches", t["plain"]["images_per_s"]),
     ]
     for label, value in rows_:
-        print(f"{label:44}{value:>8.2f}")
+        print(f"{label:52}{value:>8.2f}")
+    for name, r in t["model_only_backends"].items():
+        if r["guard"] or r["fallback_reason"]:
+            print(f"    {name}: guard {r['guard']}; fallback {r['fallback_reason']}")
+    print(f"    best backend (fastest passing the guard): {t['best_backend']}")
     if "plain_10n" in t:
         print(f"{'    read_images + map_batches, 10×N':44}{t['plain_10n']['images_per_s']:>8.2f}")
-    m = results["marginal"]
+    m = results.get("marginal", {})
     print("Net of fixed costs ((10×N − N) images / extra seconds):")
     for key, label in (("pipeline", "(c) full pipeline (memory runs)"), ("plain", "(d) plain")):
         if key in m:
@@ -707,8 +773,10 @@ def main_benchmark(args: argparse.Namespace) -> None:
     started = dt.datetime.now(dt.UTC)
     inputs = prepare_inputs(workdir, args.n)
     models = inputs["models"]
-    small = run_session("memory", inputs["small"], workdir / "out_memory_n", models, args)
-    large = run_session("memory", inputs["large"], workdir / "out_memory_10n", models, args)
+    small = large = None
+    if not args.throughput_only:
+        small = run_session("memory", inputs["small"], workdir / "out_memory_n", models, args)
+        large = run_session("memory", inputs["large"], workdir / "out_memory_10n", models, args)
     throughput = None
     if not args.memory_only:
         throughput = run_session(
@@ -732,10 +800,14 @@ def main_benchmark(args: argparse.Namespace) -> None:
             "object_store_used": "raylet GetNodeStats store_stats.object_store_bytes_used",
         },
         "inputs": inputs,
-        "memory": {"n": small, "10n": large},
+        "memory": {"n": small, "10n": large} if small else None,
         "throughput": throughput,
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
     }
+    if small is None:
+        results["throughput_ratios"] = throughput_ratios(throughput)
+        finish(results, args)
+        return
     results["memory"]["ratios"] = memory_ratios(small["memory"], large["memory"])
     if args.also_times:  # a further run over M×N images, to show where the peaks level off
         images = pick_images(sorted(SOURCE_IMAGES.glob("*.jpg")), args.n)
@@ -751,6 +823,10 @@ def main_benchmark(args: argparse.Namespace) -> None:
     if throughput is not None:
         results["throughput_ratios"] = throughput_ratios(throughput)
     results["marginal"] = marginal_rates(small["pipeline"], large["pipeline"], throughput or {})
+    finish(results, args)
+
+
+def finish(results: dict, args: argparse.Namespace) -> None:
     print_report(results)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2, default=str))
@@ -770,6 +846,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--also-times", type=int, default=0, help="also a memory run over this many times N"
     )
     parser.add_argument("--memory-only", action="store_true", help="skip the throughput session")
+    parser.add_argument(
+        "--throughput-only", action="store_true", help="skip the memory sessions (N and 10×N)"
+    )
     # One measurement in a fresh process; the benchmark runs itself with these.
     for name in ("--session", "--images", "--more-images", "--output", "--models", "--result"):
         parser.add_argument(name, help=argparse.SUPPRESS)
