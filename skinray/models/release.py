@@ -77,52 +77,55 @@ def release_model(
     destination = destination or str(zoo_root() / spec.name)
     model = load_model(model_uri)
     temperature, calibration_report = 1.0, None
-    classifies = CLASS_LOGITS in model.saved_config.outputs
-    if calibrate and classifies:
-        evaluator = _evaluate(model_uri, spec, samples, batch_size)
-        labels, probabilities = evaluator.labels_and_probabilities()
-        temperature = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
-        calibration_report = {
-            "temperature": temperature,
-            "before": _calibration(labels, probabilities),
+    if calibrate and CLASS_LOGITS in model.saved_config.outputs:
+        temperature, calibration_report = _fit_temperature(model_uri, spec, samples, batch_size)
+
+    def save_and_measure(dtype: torch.dtype) -> dict:
+        _save(model, destination, dtype, temperature, spec.test_time_flips)
+        evaluator = _evaluate(destination, spec, samples, batch_size)
+        return {
+            "metrics": evaluator.result(),
+            "report": evaluator.report(resamples=resamples),
+            "_evaluator": evaluator,
         }
 
-    fp32_report = _save_and_measure(
-        model, destination, torch.float32, temperature, spec, samples, batch_size, resamples
-    )
-    fp16_report = _save_and_measure(
-        model, destination, torch.float16, temperature, spec, samples, batch_size, resamples
-    )
-    moved = _largest_change(fp32_report["metrics"], fp16_report["metrics"])
-    report = fp16_report
+    fp32 = save_and_measure(torch.float32)
+    report = save_and_measure(torch.float16)
+    moved = _largest_change(fp32["metrics"], report["metrics"])
     if moved > FP16_TOLERANCE:
-        report = _save_and_measure(
-            model, destination, torch.float32, temperature, spec, samples, batch_size, resamples
-        )
-    report["fp16_change"] = moved
-    report["weights_dtype"] = "float16" if moved <= FP16_TOLERANCE else "float32"
+        report = save_and_measure(torch.float32)
+    report.update(
+        fp16_change=moved, weights_dtype="float16" if moved <= FP16_TOLERANCE else "float32"
+    )
+    evaluator = report.pop("_evaluator")
     if calibration_report is not None:
-        labels, probabilities = report.pop("_labels"), report.pop("_probabilities")
+        labels, probabilities = evaluator.labels_and_probabilities()
         calibration_report["after"] = _calibration(labels, probabilities)
         report["calibration"] = calibration_report
-        io.write_bytes(
-            io.join(destination, "reliability.png"),
-            reliability_png(labels, probabilities, calibration_report),
-        )
-    else:
-        report.pop("_labels", None), report.pop("_probabilities", None)
-    report["weights_sha256"] = hashlib.sha256(
-        io.read_bytes(io.join(destination, WEIGHTS_FILE))
-    ).hexdigest()
-    report["commit"] = _commit()
-    io.write_bytes(io.join(destination, "metrics.json"), json.dumps(report, indent=2).encode())
-    io.write_bytes(
-        io.join(destination, "MODEL_CARD.md"),
-        render_model_card(spec, load_model(destination).saved_config, report).encode(),
-    )
+        png = reliability_png(labels, probabilities, calibration_report)
+        io.write_bytes(io.join(destination, "reliability.png"), png)
+    _write_card(destination, spec, report)
     if fixture_dir is not None:
         write_regression_fixture(destination, spec, samples, fixture_dir)
     return report
+
+
+def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int):
+    """The NLL-minimising temperature on the validation split, and the calibration before it. The
+    logs of the softmax are the logits up to a per-image constant, which the softmax ignores."""
+    labels, probabilities = _evaluate(
+        model_uri, spec, samples, batch_size
+    ).labels_and_probabilities()
+    temperature = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
+    return temperature, {"temperature": temperature, "before": _calibration(labels, probabilities)}
+
+
+def _write_card(destination: str, spec: ReleaseSpec, report: dict) -> None:
+    weights = io.read_bytes(io.join(destination, WEIGHTS_FILE))
+    report.update(weights_sha256=hashlib.sha256(weights).hexdigest(), commit=_commit())
+    io.write_bytes(io.join(destination, "metrics.json"), json.dumps(report, indent=2).encode())
+    card = render_model_card(spec, load_model(destination).saved_config, report)
+    io.write_bytes(io.join(destination, "MODEL_CARD.md"), card.encode())
 
 
 def _predictor(model_uri: str, spec: ReleaseSpec) -> Predictor:
@@ -138,9 +141,7 @@ def _evaluate(model_uri: str, spec: ReleaseSpec, samples, batch_size: int) -> Ev
     return evaluator
 
 
-def _save_and_measure(
-    model, destination, dtype, temperature, spec, samples, batch_size, resamples
-) -> dict:
+def _save(model, destination: str, dtype, temperature: float, test_time_flips: bool) -> None:
     config = model.saved_config
     save_model(
         model,
@@ -153,15 +154,9 @@ def _save_and_measure(
         roi_margin=config.roi_margin,
         roi_source_size=config.roi_source_size,
         temperature=temperature,
-        test_time_flips=spec.test_time_flips,
+        test_time_flips=test_time_flips,
         weights_dtype=dtype,
     )
-    evaluator = _evaluate(destination, spec, samples, batch_size)
-    report = {"metrics": evaluator.result(), "report": evaluator.report(resamples=resamples)}
-    if CLASS_LOGITS in config.outputs:
-        labels, probabilities = evaluator.labels_and_probabilities()
-        report["_labels"], report["_probabilities"] = labels, probabilities
-    return report
 
 
 def _largest_change(reference: dict, candidate: dict) -> float:

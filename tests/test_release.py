@@ -1,0 +1,46 @@
+"""``jobs/release.py``'s library: a classifier released with a fitted temperature, fp16 weights
+that hold its figures, and a card stating what was measured."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from skinray.data.datasets import synthetic_samples
+from skinray.models import create_model, get_model_spec, load_model, save_model
+from skinray.models.release import ReleaseSpec, release_model
+
+
+def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(model, str(tmp_path / "trained"), input_size=(64, 64), class_names=["a", "b", "c"])
+    spec = ReleaseSpec(
+        name="tiny-classifier",
+        title="a test classifier",
+        data="synthetic",
+        licence="none",
+        recipe="smoke",
+        training={"best": {"epoch": 1}, "epochs_run": 1, "wall_time_s": 1.0},
+        limits=["a test model"],
+    )
+    samples = synthetic_samples(24, num_classes=3)
+    destination = tmp_path / "released"
+    report = release_model(
+        str(tmp_path / "trained"), spec, samples, resamples=50, destination=str(destination)
+    )
+
+    released = load_model(str(destination))
+    assert released.saved_config.temperature == report["calibration"]["temperature"]
+    assert released.saved_config.temperature != 1.0
+    # Temperature scaling minimises the validation NLL: never above the uncalibrated one.
+    calibration = report["calibration"]
+    assert calibration["after"]["nll"] <= calibration["before"]["nll"] + 1e-6
+    assert report["weights_dtype"] == "float16" and report["fp16_change"] <= 0.005
+    assert (destination / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    card = (destination / "MODEL_CARD.md").read_text()
+    assert report["weights_sha256"] in card and f"T = {calibration['temperature']:.3f}" in card
+    for name in ("a", "b", "c"):
+        assert f"| {name} |" in card  # a per-class row
+    assert json.loads((destination / "metrics.json").read_text())["commit"] == report["commit"]
