@@ -2,6 +2,7 @@
 
 ``--config paper`` (default) builds each at its paper's configuration and input size; ``--config
 smoke`` the small test configuration. ``--markdown`` prints the table docs/models.md holds.
+``--released`` lists the released models (``skinray/pretrained``) instead, from their configs.
 """
 
 from __future__ import annotations
@@ -37,11 +38,29 @@ def describe(name: str, config: str) -> dict:
     )
 
 
+def print_released() -> None:
+    from skinray.models import read_model_config
+    from skinray.models.zoo import released_models
+
+    for name in released_models():
+        config = read_model_config(name)
+        classes = ", ".join(config.class_names or ()) if "class_logits" in config.outputs else "-"
+        print(
+            f"{name:<22} {config.model:<11} input {config.input_size[0]}×{config.input_size[1]}  "
+            f"classes {classes}  T {config.temperature:.3f}  "
+            f"flips {'on' if config.test_time_flips else 'off'}  sha256 {config.weights_sha256[:12]}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=("paper", "smoke"), default="paper")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--released", action="store_true", help="list the released models")
     args = parser.parse_args()
+    if args.released:
+        print_released()
+        return
     torch.manual_seed(0)
     rows = [describe(name, args.config) for name in list_models()]
     if args.markdown:
