@@ -64,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--segmenter", help="for a ROI classifier: the segmenter cutting its ROIs")
     parser.add_argument("--reproduce", default="", help="the command that trained it, for the card")
     parser.add_argument("--training-metrics", help="the run's metrics.json (default: beside model)")
+    parser.add_argument(
+        "--training-commit",
+        help="the commit the model was trained with, where metrics.json lacks it",
+    )
     parser.add_argument("--no-calibrate", action="store_true")
     parser.add_argument(
         "--test-time-flips", action="store_true", help="ship with flip averaging on (3× compute)"
@@ -100,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "best": training["best_metrics"],
             "epochs_run": len(training["history"]),
             "wall_time_s": training["wall_time_s"],
+            "commit": args.training_commit or training.get("commit", "not recorded"),
             "machine": f"{platform.machine()} CPU, see docs/benchmarks.md",
         },
         limits=LIMITS,

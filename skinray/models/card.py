@@ -122,7 +122,8 @@ def render_model_card(spec, config, report: dict) -> str:
             if config.test_time_flips
             else "off."
         ),
-        f"- Code: skinray commit `{report['commit']}`.",
+        f"- Code: trained with skinray commit `{training.get('commit', 'not recorded')}`, "
+        f"released with `{report['commit']}`.",
         "",
         "## Training",
         f"- Recipe: {spec.recipe}.",

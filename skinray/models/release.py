@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import skinray
 from skinray import calibration, io, metrics
 from skinray.evaluation import Evaluator, evaluate_samples
 from skinray.models.card import reliability_png, render_model_card
@@ -122,7 +122,7 @@ def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int
 
 def _write_card(destination: str, spec: ReleaseSpec, report: dict) -> None:
     weights = io.read_bytes(io.join(destination, WEIGHTS_FILE))
-    report.update(weights_sha256=hashlib.sha256(weights).hexdigest(), commit=_commit())
+    report.update(weights_sha256=hashlib.sha256(weights).hexdigest(), commit=skinray.code_commit())
     io.write_bytes(io.join(destination, "metrics.json"), json.dumps(report, indent=2).encode())
     card = render_model_card(spec, load_model(destination).saved_config, report)
     io.write_bytes(io.join(destination, "MODEL_CARD.md"), card.encode())
@@ -175,19 +175,6 @@ def _calibration(labels: np.ndarray, probabilities: np.ndarray) -> dict:
             np.log(np.clip(probabilities, 1e-12, 1)), labels
         ),
     }
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 # -- the regression fixture ----------------------------------------------------------------------

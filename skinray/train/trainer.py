@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+import skinray
 from skinray import io
 from skinray.data.datasets import (
     DatasetError,
@@ -131,7 +132,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), skinray.code_commit()
     config = with_absolute_paths(config)
     check_stage_inputs(config)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
@@ -210,6 +211,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
         "train_images": len(train_samples),
         "validation_images": len(validation_samples),
         "wall_time_s": wall_time_s,
+        "commit": commit,
         "config": config.model_dump(mode="json"),
     }
     io.write_bytes(io.join(config.output, "metrics.json"), json.dumps(summary, indent=2).encode())
