@@ -98,6 +98,7 @@ def render_model_card(spec, config, report: dict) -> str:
         "",
         "```python",
         "from skinray.predict import Predictor",
+        "",
         (
             f'predictor = Predictor.load("{spec.segmenter}", "{spec.name}")  # ROIs from the segmenter'
             if spec.segmenter
