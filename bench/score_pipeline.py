@@ -780,7 +780,12 @@ def main_benchmark(args: argparse.Namespace) -> None:
     throughput = None
     if not args.memory_only:
         throughput = run_session(
-            "throughput", inputs["small"], workdir / "out_throughput", models, args, inputs["large"]
+            "throughput",
+            inputs["small"],
+            workdir / "out_throughput",
+            models,
+            args,
+            None if args.skip_plain_10n else inputs["large"],
         )
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -848,6 +853,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory-only", action="store_true", help="skip the throughput session")
     parser.add_argument(
         "--throughput-only", action="store_true", help="skip the memory sessions (N and 10×N)"
+    )
+    parser.add_argument(
+        "--skip-plain-10n", action="store_true", help="run the docs pattern over N only, not 10×N"
     )
     # One measurement in a fresh process; the benchmark runs itself with these.
     for name in ("--session", "--images", "--more-images", "--output", "--models", "--result"):
