@@ -15,6 +15,7 @@ its glue in PyTorch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import logging
@@ -100,6 +101,15 @@ class _AsTuple(nn.Module):
         return tuple(outputs[name] for name in self.names)
 
 
+@contextlib.contextmanager
+def _restoring(modes: dict[nn.Module, bool]):
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
 def weights_digest(network: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in network.state_dict().items():
@@ -125,10 +135,12 @@ def onnx_network(
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")
-        # The exporter restores the wrapper's train/eval mode, recursively: a wrapper left in
-        # train mode would put the caller's eager network in train mode too.
-        wrapper = _AsTuple(network, names).train(network.training)
-        with warnings.catch_warnings(), torch.no_grad():
+        # The exporter exports in eval mode and then restores the top module's mode recursively,
+        # which would put eval children of a train-mode parent (an assembled two-step pair) in
+        # train mode: every module's own mode is put back here instead.
+        modes = {module: module.training for module in network.modules()}
+        wrapper = _AsTuple(network, names)
+        with _restoring(modes), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's tracer warnings are about shapes
             torch.onnx.export(
                 wrapper,

@@ -90,3 +90,20 @@ def test_exporting_leaves_the_eager_network_in_eval_mode(tmp_path):
     eager = _predictor("unet", tmp_path)
     accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
     assert not eager.model.training
+
+
+def test_an_assembled_pair_runs_on_onnxruntime_within_the_guard(tmp_path):
+    torch.manual_seed(0)
+    segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
+    classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(segmenter, str(tmp_path / "seg"), input_size=SIZE)
+    save_model(classifier, str(tmp_path / "clf"), input_size=SIZE, class_names=CLASSES)
+    eager = Predictor.load(str(tmp_path / "seg"), str(tmp_path / "clf"))
+    images = _real_images()
+    reference = eager(images)
+    fast, used, _ = accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
+    assert used == "onnxruntime"
+    # The networks stay in eval mode (the exporter must not flip them to train mode).
+    assert not any(m.training for m in eager.model.segmenter.modules())
+    assert compare_predictions(reference, eager(images)).passed
+    assert compare_predictions(reference, fast(images)).passed
