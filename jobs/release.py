@@ -1,4 +1,4 @@
-"""Release a trained model into skinray's zoo (``skinray/pretrained/<name>``), with its model card.
+"""Release a trained model into skinray's zoo (``models/<name>``), with its model card.
 
     python jobs/release.py runs/segmenter_cpu/model --name lesion-segmenter \
         --data isic2017 --root ../shared/data/isic2017
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--test-time-flips", action="store_true", help="ship with flip averaging on (3× compute)"
     )
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--destination", help="default: skinray/pretrained/<name>")
+    parser.add_argument("--destination", help="default: models/<name>")
     return parser.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""The released models (``skinray/pretrained``): they load by name, their files match their cards,
+"""The released models (``models/``): they load by name, their files match their cards,
 they fit the size limits, and on 10 fixed real images they still give the outputs recorded when
 they were released (``tests/fixtures/released/<name>.npz``, written by ``jobs/release.py``)."""
 

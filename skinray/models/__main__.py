@@ -2,7 +2,7 @@
 
 ``--config paper`` (default) builds each at its paper's configuration and input size; ``--config
 smoke`` the small test configuration. ``--markdown`` prints the table docs/models.md holds.
-``--released`` lists the released models (``skinray/pretrained``) instead, from their configs.
+``--released`` lists the released models (``models/``) instead, from their configs.
 """
 
 from __future__ import annotations

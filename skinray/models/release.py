@@ -1,7 +1,7 @@
 """Release a trained model into the zoo: measured, calibrated, halved, carded.
 
 ``release_model`` takes a saved model and the validation split it was chosen on, and writes
-``skinray/pretrained/<name>/``: the weights in fp16 (kept in fp32 when fp16 moves a headline figure
+``models/<name>/``: the weights in fp16 (kept in fp32 when fp16 moves a headline figure
 by more than ``FP16_TOLERANCE``), ``config.json`` with the fitted temperature, ``metrics.json`` (the
 full report with 95 % bootstrap intervals), ``reliability.png`` and ``MODEL_CARD.md``. It also writes
 the regression fixture ``tests/fixtures/released/<name>.npz``: the released model's outputs on 10

@@ -1,6 +1,7 @@
 """Released models, shipped inside the package and loaded by a short name.
 
-Each lives in ``skinray/pretrained/<name>/``: ``model.safetensors`` (fp16), ``config.json`` and
+Each lives in the repository's ``models/<name>/`` (``$SKINRAY_MODELS`` points elsewhere, e.g. for an
+install that is not an editable checkout): ``model.safetensors`` (fp16), ``config.json`` and
 ``MODEL_CARD.md`` (data, recipe, commit, metrics with confidence intervals, calibration, intended use
 and licence). ``load_model("lesion-segmenter")`` finds them; a path or s3:// URI is used as given.
 """
@@ -26,7 +27,8 @@ DEFAULT_CLASSIFIER = "ham10000-classifier"
 
 
 def zoo_root() -> Path:
-    return Path(str(resources.files("skinray") / "pretrained"))
+    override = os.environ.get("SKINRAY_MODELS")
+    return Path(override) if override else Path(__file__).resolve().parents[2] / "models"
 
 
 def example_archive() -> str:
