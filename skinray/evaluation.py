@@ -202,14 +202,10 @@ def mask_at_size(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
 
 
 def read_truth_mask(uri: str) -> np.ndarray:
-    """A 0/255 mask file → bool (H, W) at its own resolution, lesion where > 127 as training reads
-    masks (``skinray.data.loading``)."""
-    from skinray.data.decode import ImageDecodeError
+    """A 0/255 mask file → bool (H, W) at its own resolution, read as training reads masks."""
+    from skinray.data.loading import read_mask
 
-    mask = cv2.imdecode(np.frombuffer(io.read_bytes(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ImageDecodeError(f"{uri}: mask is not a readable image")
-    return mask > 127
+    return read_mask(uri).astype(bool)
 
 
 def _at_truth_size(predicted: np.ndarray, truths: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

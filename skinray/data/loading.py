@@ -35,6 +35,14 @@ def _read(uri: str) -> bytes:
     return io.read_bytes(uri, _filesystem("s3" if uri.startswith("s3://") else "local"))
 
 
+def read_mask(uri: str) -> np.ndarray:
+    """A 0/255 mask file → uint8 (H, W) 0/1 at its own resolution, lesion where > 127."""
+    mask = cv2.imdecode(np.frombuffer(_read(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise ImageDecodeError(f"{uri}: mask is not a readable image")
+    return (mask > 127).astype(np.uint8)
+
+
 def _load_one(image_uri, mask_uri, label, size, num_classes):
     height, width = size
     if image_uri.startswith(SYNTHETIC_SCHEME):
@@ -48,11 +56,8 @@ def _load_one(image_uri, mask_uri, label, size, num_classes):
     image = decode(_read(image_uri), (height, width), source=image_uri).rgb
     if mask_uri is None:
         return image, np.zeros((height, width), np.uint8)
-    mask = cv2.imdecode(np.frombuffer(_read(mask_uri), np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ImageDecodeError(f"{mask_uri}: mask is not a readable image")
-    mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST)
-    return image, (mask > 127).astype(np.uint8)
+    mask = cv2.resize(read_mask(mask_uri), (width, height), interpolation=cv2.INTER_NEAREST)
+    return image, mask
 
 
 def decode_samples(batch: dict, image_size: tuple[int, int], num_classes: int) -> dict:
