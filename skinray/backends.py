@@ -206,7 +206,9 @@ def accelerated(
                 threads,
             )
         else:
-            model = torch.compile(predictor.model, dynamic=False)
+            # dynamic=None: a second batch shape (a short last batch) recompiles once with a
+            # dynamic batch dimension instead of once per shape, as dynamic=False did.
+            model = torch.compile(predictor.model)
     except Exception as error:
         reason = f"{backend} cannot take {_name(predictor.model)}: {type(error).__name__}: {error}"
         log.warning("falling back to eager: %s", reason)

@@ -18,7 +18,7 @@ from skinray import io
 from skinray.score.actors import PredictActor
 from skinray.score.commit import STAGING_ROWS_PER_FILE
 from skinray.score.config import ScoreConfig
-from skinray.score.plan import LIGHT_TASK_CPUS, Placement, ScoringModels
+from skinray.score.plan import LIGHT_TASK_CPUS, WRITE_TASK_CPUS, Placement, ScoringModels
 from skinray.score.stages import (
     KILL_ACTOR_MARKER_ENV,
     describe_lesions,
@@ -102,7 +102,7 @@ def write_staging(
     rows.write_parquet(
         staging if staging.startswith("s3://") else staging_path,
         filesystem=staging_fs if staging.startswith("s3://") else None,
-        ray_remote_args={"num_cpus": LIGHT_TASK_CPUS},
+        ray_remote_args={"num_cpus": WRITE_TASK_CPUS},  # not fused: see WRITE_TASK_CPUS
         # Rows are small (a mask PNG and scalars): a staging file per decode batch would mean
         # thousands of tiny files, each a PUT and a GET on S3 and a fragment in the split.
         min_rows_per_file=STAGING_ROWS_PER_FILE,

@@ -15,6 +15,7 @@ from skinray.score.config import ScoreConfig, ScoreConfigError
 
 __all__ = [
     "LIGHT_TASK_CPUS",
+    "WRITE_TASK_CPUS",
     "Placement",
     "ScoringModels",
     "object_store_budget",
@@ -22,9 +23,15 @@ __all__ = [
     "read_scoring_models",
 ]
 
-#: CPUs claimed by the ROI, row-building and write tasks: milliseconds an image, they must not wait for a
+#: CPUs claimed by the descriptor and row-building tasks: milliseconds an image, they must not wait for a
 #: whole free CPU behind the decode tasks (on 2 CPUs, 440 images: 45.0 s at 0.25, 49.2 s at 1).
 LIGHT_TASK_CPUS = 0.25
+#: CPUs claimed by a staging-write task. It differs from ``LIGHT_TASK_CPUS`` on purpose: Ray Data
+#: fuses map stages with equal remote args into the write, and a fused write bundles its
+#: ``min_rows_per_file`` rows *before* the fused stages run, so image+mask batches, not finished rows,
+#: queued under the object-store bound until 1,024 had arrived and the model actor stalled (440
+#: images: predict busy 58.9 s of a 301.9 s span, 1.36 images/s).
+WRITE_TASK_CPUS = 0.2
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,10 @@ class ScalingSettings(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
+    #: Intra-op threads of each worker's PyTorch (None: Ray's, which is ``cpus_per_worker``). On a
+    #: small CPU node the worker holds one CPU so that Ray Data's read and augment tasks get the
+    #: rest, yet its forward and backward passes may use every core between their batches.
+    torch_threads: int | None = Field(None, ge=1)
 
 
 class CheckpointConfig(_Strict):

@@ -264,6 +264,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(config.seed + rank)
+    if config.scaling.torch_threads:
+        torch.set_num_threads(config.scaling.torch_threads)
 
     model = build_model(config, num_classes)
     if config.init_from:
@@ -321,6 +323,7 @@ def train_func(loop_config: dict[str, Any]) -> None:
             "train_images": seen,
             "train_skipped": skipped,
             "images_per_s": seen / max(elapsed, 1e-9),
+            "torch_threads": torch.get_num_threads(),
             "lr": lr_at_start,
             "global_step": global_step,
         }
