@@ -18,7 +18,7 @@ import sys
 from skinray.data.datasets import DatasetError
 from skinray.models import ModelConfigError
 from skinray.models.zoo import example_archive
-from skinray.score.config import ScoreConfigError, make_score_config
+from skinray.score.config import BACKEND_NAMES, ScoreConfigError, make_score_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--backend",
-        choices=("eager", "compile", "onnxruntime"),
+        choices=BACKEND_NAMES,
         help="how model actors run the networks (default: the fastest that passed the accuracy "
         "guard on their device, skinray.backends.DEFAULT_BACKENDS)",
     )

@@ -1,4 +1,4 @@
-"""Execution backends: the same networks, run by eager PyTorch, ``torch.compile`` or ONNX Runtime.
+"""Execution backends: the same networks, run by eager PyTorch, ``torch.compile`` or OpenVINO.
 
 A backend replaces the networks inside a ``skinray.predict.Predictor`` and nothing else: resizing,
 normalisation, guidance, the ROI cut, sigmoid/softmax, temperature and threshold stay the Predictor's,
@@ -7,10 +7,13 @@ run on the backend, or the eager one with the reason when the backend cannot tak
 operator the exporter or runtime lacks). ``compare_predictions`` is the accuracy guard: per-image
 mask Jaccard against eager and the largest class-probability difference.
 
-ONNX Runtime sessions are exported when first asked for and cached under ``cache_dir`` by the
-SHA-256 of the network's weights and its input shape, so the actors of a node export once. A
-composite whose glue does not export (the two-step ROI cut) runs its networks on the backend and
-its glue in PyTorch.
+OpenVINO was chosen over ONNX Runtime by measurement (docs/benchmarks.md): on this project's 2-core
+AMD EPYC, U-Net ResNet34 at 256 px, batch 16, 2 threads, eager ran 6.3 images/s, ONNX Runtime 10.7,
+OpenVINO f32 11.7 and OpenVINO bf16 24.3. ``openvino`` runs f32; ``openvino-bf16`` asks OpenVINO
+for bf16 arithmetic where the CPU has it (AVX512_BF16 or AMX), and is held to the same guard.
+Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
+of their weights and their input shape, so the actors of a node export once. A composite whose glue
+does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKENDS",
     "GuardResult",
-    "OnnxNetwork",
+    "OpenVinoNetwork",
     "accelerated",
     "compare_predictions",
     "default_backend",
@@ -44,7 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "compile", "onnxruntime")
+BACKENDS = ("eager", "compile", "openvino", "openvino-bf16")
+_OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
 #: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
 #: measured it (docs/benchmarks.md); a device type not here runs eager.
 DEFAULT_BACKENDS: dict[str, str] = {}
@@ -64,28 +68,35 @@ def default_cache_dir() -> Path:
     return Path(root) / "onnx"
 
 
-# -- ONNX Runtime ----------------------------------------------------------------------------------
-class OnnxNetwork(nn.Module):
-    """An exported network run by ONNX Runtime; ``forward`` returns the registry's output dict on
-    the input's device, as the eager network does."""
+# -- OpenVINO --------------------------------------------------------------------------------------
+class OpenVinoNetwork(nn.Module):
+    """An exported network compiled by OpenVINO for the CPU; ``forward`` returns the registry's
+    output dict on the input's device, as the eager network does. ``precision`` is OpenVINO's
+    inference precision: ``f32``, or ``bf16`` (where the CPU has native bf16: AVX512_BF16 or AMX;
+    elsewhere OpenVINO runs f32)."""
 
-    def __init__(self, path: Path, output_names: Sequence[str], threads: int | None = None):
+    def __init__(
+        self,
+        path: Path,
+        output_names: Sequence[str],
+        threads: int | None = None,
+        precision: str = "f32",
+    ):
         super().__init__()
-        import onnxruntime as ort
+        import openvino as ov
 
-        options = ort.SessionOptions()
+        settings = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
         if threads:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            settings["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", settings)
         self.output_names = list(output_names)
-        self.path = path
+        self.path, self.precision = path, precision
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        arrays = self.session.run(None, {"input": x.detach().float().cpu().numpy()})
+        outputs = self.compiled(x.detach().float().cpu().numpy())
         return {
-            name: torch.from_numpy(array).to(x.device)
-            for name, array in zip(self.output_names, arrays, strict=True)
+            name: torch.from_numpy(outputs[index]).to(x.device)
+            for index, name in enumerate(self.output_names)
         }
 
 
@@ -118,14 +129,15 @@ def weights_digest(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def onnx_network(
+def exported_network(
     network: nn.Module,
     input_shape: Sequence[int],
     cache_dir: Path | None = None,
     threads: int | None = None,
-) -> OnnxNetwork:
-    """``network`` (eval mode) exported for inputs (N, *input_shape) with N free, cached by its
-    weights and shape, and loaded into an ONNX Runtime session."""
+    precision: str = "f32",
+) -> OpenVinoNetwork:
+    """``network`` (eval mode) exported to ONNX for inputs (N, *input_shape) with N free, cached by
+    its weights and shape, and compiled by OpenVINO."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
     with torch.no_grad():
@@ -153,25 +165,31 @@ def onnx_network(
                 dynamo=False,
             )
         os.replace(partial, path)  # atomic: actors exporting side by side never read half a file
-    return OnnxNetwork(path, names, threads)
+    exported = OpenVinoNetwork(path, names, threads, precision)
+    # A graph that traced its batch size into a shape (the two-step ROI glue) compiles but fails on
+    # another batch size: run one here, so that the caller can fall back before any real batch.
+    exported(torch.zeros(3, channels, height, width))
+    return exported
 
 
-def _onnx_model(model: nn.Module, input_size, channels, cache_dir, threads) -> nn.Module:
+def _exported_model(
+    model: nn.Module, input_size, channels, cache_dir, threads, precision
+) -> nn.Module:
     """The whole model exported; a two-step composite whose ROI glue does not export runs its two
     networks exported and its glue in PyTorch."""
     try:
-        return onnx_network(model, (channels, *input_size), cache_dir, threads)
+        return exported_network(model, (channels, *input_size), cache_dir, threads, precision)
     except Exception as error:
         if not isinstance(model, TwoStep):
             raise
         log.info("two_step does not export whole (%s); exporting its networks", error)
     composite = copy.copy(model)  # shares buffers and settings; only the two networks change
     composite._modules = dict(model._modules)
-    composite.segmenter = onnx_network(
-        model.segmenter, (3, *model.segmenter_input_size), cache_dir, threads
+    composite.segmenter = exported_network(
+        model.segmenter, (3, *model.segmenter_input_size), cache_dir, threads, precision
     )
-    composite.classifier = onnx_network(
-        model.classifier, (3, *model.classifier_input_size), cache_dir, threads
+    composite.classifier = exported_network(
+        model.classifier, (3, *model.classifier_input_size), cache_dir, threads, precision
     )
     return composite
 
@@ -195,15 +213,16 @@ def accelerated(
     if predictor.guidance:
         return predictor, "eager", "guidance chains run eager (their stages feed each other)"
     try:
-        if backend == "onnxruntime":
+        if backend in _OPENVINO_PRECISION:
             if device.type != "cpu":
-                return predictor, "eager", "onnxruntime runs on CPU here (no GPU provider)"
-            model = _onnx_model(
+                return predictor, "eager", f"{backend} runs on CPU nodes (GPUs run eager or compile)"
+            model = _exported_model(
                 predictor.model,
                 predictor.input_size,
                 getattr(predictor.model, "input_channels", 3),
                 cache_dir,
                 threads,
+                _OPENVINO_PRECISION[backend],
             )
         else:
             # dynamic=None: a second batch shape (a short last batch) recompiles once with a

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from skinray.backends import accelerated, compare_predictions, onnx_network
+from skinray.backends import BACKENDS, accelerated, compare_predictions, exported_network
 from skinray.models import create_model, get_model_spec, list_models, load_model, save_model
 from skinray.predict import Predictor
 
@@ -43,10 +43,10 @@ UNGUIDED = [name for name in list_models() if _takes_rgb(name)]
 
 
 @pytest.mark.parametrize("name", UNGUIDED)
-def test_onnxruntime_matches_eager_within_the_guard(name, tmp_path):
+def test_openvino_matches_eager_within_the_guard(name, tmp_path):
     eager = _predictor(name, tmp_path)
-    fast, used, reason = accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
-    assert (used, reason) == ("onnxruntime", None)
+    fast, used, reason = accelerated(eager, "openvino", cache_dir=tmp_path / "cache")
+    assert (used, reason) == ("openvino", None)
     images = _real_images()
     result = compare_predictions(eager(images), fast(images))
     assert result.passed, result
@@ -55,11 +55,11 @@ def test_onnxruntime_matches_eager_within_the_guard(name, tmp_path):
 
 def test_the_export_is_cached_by_weights_and_shape(tmp_path):
     model = create_model("unet", **get_model_spec("unet").smoke_kwargs).eval()
-    first = onnx_network(model, (3, *SIZE), tmp_path)
+    first = exported_network(model, (3, *SIZE), tmp_path)
     modified = first.path.stat().st_mtime_ns
-    again = onnx_network(model, (3, *SIZE), tmp_path)
+    again = exported_network(model, (3, *SIZE), tmp_path)
     assert again.path == first.path and again.path.stat().st_mtime_ns == modified
-    assert onnx_network(model, (3, 96, 96), tmp_path).path != first.path
+    assert exported_network(model, (3, 96, 96), tmp_path).path != first.path
     assert len(list(tmp_path.glob("*.onnx"))) == 2
 
 
@@ -69,7 +69,7 @@ def test_a_model_the_backend_cannot_take_falls_back_to_eager_and_says_why(tmp_pa
     guided_model = create_model("mbdcnn_mask_cn", **get_model_spec("mbdcnn_mask_cn").smoke_kwargs)
     save_model(guided_model, str(tmp_path / "mask_cn"), input_size=SIZE, class_names=CLASSES)
     guided = Predictor.from_saved(load_model(str(tmp_path / "mask_cn")), guidance=[chain.model])
-    same, used, reason = accelerated(guided, "onnxruntime", cache_dir=tmp_path / "cache")
+    same, used, reason = accelerated(guided, "openvino", cache_dir=tmp_path / "cache")
     assert same is guided and used == "eager"
     assert "guidance" in reason
 
@@ -88,11 +88,11 @@ def test_the_guard_fails_a_backend_that_changes_the_outputs(tmp_path):
 
 def test_exporting_leaves_the_eager_network_in_eval_mode(tmp_path):
     eager = _predictor("unet", tmp_path)
-    accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
+    accelerated(eager, "openvino", cache_dir=tmp_path / "cache")
     assert not eager.model.training
 
 
-def test_an_assembled_pair_runs_on_onnxruntime_within_the_guard(tmp_path):
+def test_an_assembled_pair_runs_on_openvino_within_the_guard(tmp_path):
     torch.manual_seed(0)
     segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
     classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
@@ -101,9 +101,31 @@ def test_an_assembled_pair_runs_on_onnxruntime_within_the_guard(tmp_path):
     eager = Predictor.load(str(tmp_path / "seg"), str(tmp_path / "clf"))
     images = _real_images()
     reference = eager(images)
-    fast, used, _ = accelerated(eager, "onnxruntime", cache_dir=tmp_path / "cache")
-    assert used == "onnxruntime"
+    fast, used, _ = accelerated(eager, "openvino", cache_dir=tmp_path / "cache")
+    assert used == "openvino"
     # The networks stay in eval mode (the exporter must not flip them to train mode).
     assert not any(m.training for m in eager.model.segmenter.modules())
     assert compare_predictions(reference, eager(images)).passed
     assert compare_predictions(reference, fast(images)).passed
+
+
+def test_the_released_segmenter_passes_the_guard_in_bf16(tmp_path):
+    # bf16 is held to the fp32 guard on a trained model (random weights give logits near 0, where
+    # any rounding flips a pixel). On a CPU without bf16 OpenVINO runs f32 and this holds trivially.
+    eager = Predictor.load("lesion-segmenter")
+    images = _real_images(8)
+    fast, used, reason = accelerated(eager, "openvino-bf16", cache_dir=tmp_path / "cache")
+    assert (used, reason) == ("openvino-bf16", None)
+    result = compare_predictions(eager(images), fast(images))
+    assert result.passed, result
+
+
+def test_an_unknown_backend_is_refused_with_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="openvino-bf16"):
+        accelerated(_predictor("unet", tmp_path), "onnxruntime")
+
+
+def test_the_score_config_names_every_backend():
+    from skinray.score.config import BACKEND_NAMES
+
+    assert BACKEND_NAMES == BACKENDS

@@ -122,16 +122,16 @@ def test_the_cpu_stages_never_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_an_onnxruntime_actor_gives_the_eager_actors_rows(
+def test_an_openvino_actor_gives_the_eager_actors_rows(
     archive, segmenter, segmenter_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("SKINRAY_CACHE", str(tmp_path))
-    fast = PredictActor(segmenter_dir, None, batch_size=4, backend="onnxruntime")
-    assert fast.backend == "onnxruntime" and segmenter.backend == "eager"
+    fast = PredictActor(segmenter_dir, None, batch_size=4, backend="openvino")
+    assert fast.backend == "openvino" and segmenter.backend == "eager"
     batch = read_and_decode(_listing(archive), SIZE, max_pixels=10**8)
     reference = segmenter({k: v.copy() for k, v in batch.items()})
     rows = fast(batch)
-    assert fast.backend == "onnxruntime"  # passed the guard on its first batch
+    assert fast.backend == "openvino"  # passed the guard on its first batch
     assert list(rows["error_stage"]) == list(reference["error_stage"])
     for i, stage in enumerate(reference["error_stage"]):
         if not stage:

@@ -13,6 +13,9 @@ from skinray.models.zoo import DEFAULT_CLASSIFIER, DEFAULT_SEGMENTER, released_m
 
 __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
 
+#: ``skinray.backends.BACKENDS``, named here without importing torch.
+BACKEND_NAMES = ("eager", "compile", "openvino", "openvino-bf16")
+
 
 class ScoreConfigError(ValueError):
     """A scoring configuration that cannot be used; the message names the key."""
@@ -36,9 +39,10 @@ class ScoreConfig(BaseModel):
     incremental: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     include_cam: bool = False
-    #: How the model actors run the networks (``skinray.backends``): eager, compile or onnxruntime.
+    #: How the model actors run the networks (``skinray.backends``): eager, compile, openvino or
+    #: openvino-bf16.
     #: None: the fastest that passed the accuracy guard on the actor's device.
-    backend: Literal["eager", "compile", "onnxruntime"] | None = None
+    backend: Literal[BACKEND_NAMES] | None = None
     #: Rows per model call on an actor.
     batch_size: int = Field(16, ge=1)
     #: Rows per read/decode task.
