@@ -215,7 +215,11 @@ def accelerated(
     try:
         if backend in _OPENVINO_PRECISION:
             if device.type != "cpu":
-                return predictor, "eager", f"{backend} runs on CPU nodes (GPUs run eager or compile)"
+                return (
+                    predictor,
+                    "eager",
+                    f"{backend} runs on CPU nodes (GPUs run eager or compile)",
+                )
             model = _exported_model(
                 predictor.model,
                 predictor.input_size,
