@@ -23,6 +23,7 @@ import math
 import sys
 
 from skinray import io
+from skinray.backends import BACKENDS, accelerated
 from skinray.data.datasets import DatasetError, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
@@ -65,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="average over the image and its two flips, whatever the saved model says",
     )
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="eager",
+        help="run the networks as a scoring actor would (skinray.backends): the figures a backend "
+        "gives, to set beside eager's",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -101,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
         predictor.test_time_flips = predictor.test_time_flips or args.test_time_flips
+        predictor, used, reason = accelerated(predictor, args.backend)
+        if reason:
+            print(f"backend {args.backend} fell back to {used}: {reason}", file=sys.stderr)
         evaluator = Evaluator(predictor.class_names or samples.class_names)
         results = evaluate_samples(
             predictor,
@@ -118,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         payload = {
             "model": args.model,
+            "backend": args.backend,
             "data": args.data,
             "root": args.root,
             "metrics": results,

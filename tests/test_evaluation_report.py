@@ -182,3 +182,20 @@ def test_figures_at_source_size_compare_the_resized_prediction_with_full_size_tr
     prediction = Prediction(None, torch.from_numpy(predicted), None, None, None)
     evaluator.update(prediction, [truth], torch.zeros(1, dtype=torch.long))
     assert evaluator.result()["jaccard"] == pytest.approx(36 / 48)
+
+
+def test_the_evaluate_job_measures_a_backend_beside_eager(tmp_path):
+    # The released segmenter on 8 ISIC 2017 validation images: OpenVINO f32 gives eager's figures.
+    job = _evaluate_job()
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "isic2017"
+    figures = {}
+    for backend in ("eager", "openvino"):
+        out = tmp_path / f"{backend}.json"
+        common = ["--data", "isic2017", "--root", str(root), "--limit", "8", "--bootstrap", "0"]
+        argv = ["lesion-segmenter", *common, "--backend", backend, "--json", str(out)]
+        assert job.main(argv) == 0
+        payload = json.loads(out.read_text())
+        assert payload["backend"] == backend
+        figures[backend] = payload["metrics"]["jaccard"]
+    assert figures["openvino"] == pytest.approx(figures["eager"], abs=1e-3)
+    assert 0.3 < figures["eager"] < 1.0
