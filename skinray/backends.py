@@ -93,9 +93,12 @@ class OpenVinoNetwork(nn.Module):
         self.path, self.precision = path, precision
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        count = len(x)
+        if count == 0:  # no ROI in a batch: OpenVINO refuses an empty batch, eager returns one
+            x = x.new_zeros((1, *x.shape[1:]))
         outputs = self.compiled(x.detach().float().cpu().numpy())
         return {
-            name: torch.from_numpy(outputs[index]).to(x.device)
+            name: torch.from_numpy(outputs[index][:count]).to(x.device)
             for index, name in enumerate(self.output_names)
         }
 

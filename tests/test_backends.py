@@ -63,6 +63,18 @@ def test_the_export_is_cached_by_weights_and_shape(tmp_path):
     assert len(list(tmp_path.glob("*.onnx"))) == 2
 
 
+def test_an_empty_batch_gives_empty_outputs_as_eager_does(tmp_path):
+    # A two-step batch in which no image has a lesion hands its classifier no ROI at all (this
+    # failed the first pipeline run on OpenVINO: random weights find no lesion).
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs).eval()
+    exported = exported_network(model, (3, *SIZE), tmp_path)
+    empty = torch.zeros(0, 3, *SIZE)
+    with torch.no_grad():
+        expected = model(empty)
+    outputs = exported(empty)
+    assert {k: v.shape for k, v in outputs.items()} == {k: v.shape for k, v in expected.items()}
+
+
 def test_a_model_the_backend_cannot_take_falls_back_to_eager_and_says_why(tmp_path):
     chain = _predictor("mbdcnn_coarse_sn", tmp_path)
     torch.manual_seed(0)
