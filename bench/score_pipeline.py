@@ -9,10 +9,10 @@ default N = 440 it is every image there four times —, the 10×N set is the N s
 so both have the same mix of sizes). N must be large enough for the pipeline to reach its steady
 state (decoding runs ahead of the models until the run's object-store bound holds it): with the
 default bound of 54 MiB, 110 images (21 MB decoded) never reach it, so the N figure would be the
-data size, not the ceiling. Models: a U-Net
-(ResNet-34 encoder, 256×256) and a ROI classifier (ResNet-18, 224×224, 3 classes), freshly
-initialised and saved with ``save_model``; random weights cost the same time and memory as trained
-ones (the masks differ, so the ROIs differ, but the ROI stage's cost barely depends on them).
+data size, not the ceiling. Models (``--model-set``, ``save_models``): by default the shipped
+lesion segmenter and the shipped HAM10000 classifier (until that is released, a freshly initialised
+ROI classifier of its recipe's kind); ``random`` gives the earlier figures' random U-Net ResNet-34 at
+256×256 and ResNet-18 ROI classifier at 224×224.
 
 Memory: ``run_scoring`` over N and over 10×N images, each in its own Python process and its own
 ``ray.init(num_cpus=2)``, while a thread samples every 0.25 s the driver's RSS, the summed RSS of
@@ -50,6 +50,7 @@ import numpy as np
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SOURCE_IMAGES = SHARED / "data" / "isic2017_fullres" / "images"
 CLASS_NAMES = ("melanoma", "seborrheic_keratosis", "nevus")
+HAM10000_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 MIB = 1024 * 1024
 TARGET_MEMORY_RATIO = 1.2
 TARGET_VS_PARTS = 0.8
@@ -103,13 +104,37 @@ def describe_images(images: list[Path]) -> dict:
     }
 
 
-def save_models(folder: Path) -> dict[str, str]:
-    """A fresh U-Net (ResNet-34) and ROI classifier (ResNet-18), random weights, saved."""
+def save_models(folder: Path, kind: str = "released") -> dict[str, str]:
+    """The models every measurement runs. ``released``: the shipped segmenter, and the shipped
+    classifier or, until one is released, a freshly initialised ROI classifier of the recipes'
+    kind (EfficientNet-Lite0, 176×176, HAM10000's 7 classes). ``random``: the earlier figures'
+    U-Net (ResNet-34, 256×256) and ROI classifier (ResNet-18, 224×224, 3 classes), both random.
+    Random weights cost the same time as trained ones, but a random segmenter finds no lesion, so
+    its ROI classifier idles, and reduced-precision backends fail the guard on its logits near 0."""
     import torch
 
     from skinray.models import create_model, save_model
+    from skinray.models.zoo import (
+        DEFAULT_CLASSIFIER,
+        DEFAULT_SEGMENTER,
+        released_models,
+        resolve_model,
+    )
 
     torch.manual_seed(0)
+    if kind == "released":
+        models = {"segmenter": resolve_model(DEFAULT_SEGMENTER)}
+        if DEFAULT_CLASSIFIER in released_models():
+            return {**models, "classifier": resolve_model(DEFAULT_CLASSIFIER)}
+        classifier = folder / "classifier_lite0_roi"
+        save_model(
+            create_model("classifier", encoder="tf_efficientnet_lite0", num_classes=7),
+            str(classifier),
+            input_size=(176, 176),
+            class_names=HAM10000_CLASSES,
+            roi_source_size=(150, 200),
+        )
+        return {**models, "classifier": str(classifier)}
     segmenter, classifier = folder / "unet_resnet34", folder / "classifier_resnet18"
     save_model(create_model("unet", encoder="resnet34"), str(segmenter), input_size=(256, 256))
     save_model(
@@ -121,7 +146,7 @@ def save_models(folder: Path) -> dict[str, str]:
     return {"segmenter": str(segmenter), "classifier": str(classifier)}
 
 
-def prepare_inputs(workdir: Path, n: int) -> dict:
+def prepare_inputs(workdir: Path, n: int, models: str = "released") -> dict:
     sources = sorted(SOURCE_IMAGES.glob("*.jpg"))
     if not sources:
         raise SystemExit(f"no JPEGs in {SOURCE_IMAGES}")
@@ -136,7 +161,7 @@ def prepare_inputs(workdir: Path, n: int) -> dict:
         "large": str(large),
         "distinct_images": describe_images(images),
         "all_source_images": describe_images(sources),
-        "models": save_models(workdir / "models"),
+        "models": save_models(workdir / "models", models),
     }
 
 
@@ -771,7 +796,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
     started = dt.datetime.now(dt.UTC)
-    inputs = prepare_inputs(workdir, args.n)
+    inputs = prepare_inputs(workdir, args.n, args.model_set)
     models = inputs["models"]
     small = large = None
     if not args.throughput_only:
@@ -798,8 +823,7 @@ def main_benchmark(args: argparse.Namespace) -> None:
             # ScoreConfig's defaults, which every run here uses.
             "batch_size": ScoreConfig.model_fields["batch_size"].default,
             "decode_batch_size": ScoreConfig.model_fields["decode_batch_size"].default,
-            "segmenter": "unet, encoder resnet34, 256×256, random weights",
-            "classifier": "classifier, encoder resnet18, 224×224, 3 classes, random weights",
+            "model_set": args.model_set,  # save_models says what each set is
             "worker_processes": "ray:: workers and actors (Ray Data's own actors included); "
             "system = GCS, raylet, dashboard and its modules, log monitor, agents",
             "object_store_used": "raylet GetNodeStats store_stats.object_store_bytes_used",
@@ -844,6 +868,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--n", type=int, default=440, help="images in the small set (10× in the large)"
     )
     parser.add_argument("--workdir", default="/work/runs/bench_score")
+    parser.add_argument(
+        "--model-set",
+        choices=("released", "random"),
+        default="released",
+        help="the shipped models (default) or the earlier figures' random ResNet pair",
+    )
     parser.add_argument("--json", default=None, help="default: <workdir>/results.json")
     parser.add_argument("--cpus", type=int, default=2, help="ray.init(num_cpus=…)")
     parser.add_argument("--sample-interval", type=float, default=0.25, help="seconds")
