@@ -82,6 +82,15 @@ class SavedModelConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    @property
+    def config_sha256(self) -> str:
+        """SHA-256 of every setting that shapes a prediction, the weights' hash among them (not the
+        skinray version that wrote it): a recalibrated temperature or test-time flips change it
+        where the weights' hash stays."""
+        settings = dataclasses.asdict(self)
+        del settings["skinray_version"]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
     def replace(self, **changes: Any) -> SavedModelConfig:
         return dataclasses.replace(self, **changes)
 

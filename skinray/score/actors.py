@@ -69,6 +69,7 @@ class PredictActor:
             self._decode_jpegs(batch)
         count = len(batch["source_uri"])
         batch["mask"] = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
+        batch["backend"] = np.array([None] * count, dtype=object)
         healthy = np.flatnonzero(healthy_rows(batch))
         if not len(healthy):
             return batch
@@ -82,6 +83,7 @@ class PredictActor:
             column = np.zeros((count, *values.shape[1:]), values.dtype)
             column[healthy] = values
             batch[key] = column
+        batch["backend"][healthy] = self.backend  # after the first batch's guard: what ran
         return batch
 
     def _guard(self, chunk: torch.Tensor) -> None:

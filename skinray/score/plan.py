@@ -38,9 +38,9 @@ WRITE_TASK_CPUS = 0.2
 class ScoringModels:
     """The run's models as their configs describe them.
 
-    ``identity`` holds the model names and weight hashes every row records (``segmenter``,
-    ``segmenter_sha256``, ``classifier``, ``classifier_sha256``; the classifier's are None without
-    one); ``input_size`` is what images are decoded to for the ``Predictor``: the model's input
+    ``identity`` holds the model names, weight hashes and config hashes every row records
+    (``segmenter``, ``segmenter_sha256``, ``segmenter_config_sha256`` and the classifier's three,
+    None without one); ``input_size`` is what images are decoded to for the ``Predictor``: the model's input
     size, or for a two-step pair the size its classifier's ROIs are cut from."""
 
     identity: dict[str, str | None]
@@ -61,8 +61,10 @@ def read_scoring_models(config: ScoreConfig) -> ScoringModels:
     identity = {
         "segmenter": segmenter.model,
         "segmenter_sha256": segmenter.weights_sha256,
+        "segmenter_config_sha256": segmenter.config_sha256,
         "classifier": classifier.model if classifier else None,
         "classifier_sha256": classifier.weights_sha256 if classifier else None,
+        "classifier_config_sha256": classifier.config_sha256 if classifier else None,
     }
     source = classifier or segmenter
     # A segmenter alone gives masks and descriptors; its rows have no diagnosis.

@@ -53,8 +53,11 @@ _RESULT_TAIL = [
     pa.field("cam_png", pa.binary()),
     pa.field("segmenter", pa.string()),
     pa.field("segmenter_sha256", pa.string()),
+    pa.field("segmenter_config_sha256", pa.string()),
     pa.field("classifier", pa.string()),
     pa.field("classifier_sha256", pa.string()),
+    pa.field("classifier_config_sha256", pa.string()),
+    pa.field("backend", pa.string()),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("scored_at", TIMESTAMP),
 ]

@@ -121,16 +121,20 @@ def list_inputs(uri: str) -> pa.Table:
 
 
 def _already_scored(config: ScoreConfig, models: dict[str, str]) -> set[tuple[str, str]]:
-    """(source_uri, etag) pairs some earlier run scored with the same models."""
+    """(source_uri, etag) pairs some earlier run scored with the same models: the same config
+    hashes (weights, temperature, test-time flips and every other setting). Rows written before
+    the config hashes were recorded never match, so their images are scored again."""
     fs, path = io.resolve(io.join(config.output, "results"))
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return set()
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    columns = ["source_uri", "source_etag", "segmenter_sha256", "classifier_sha256"]
-    table = dataset.to_table(columns=columns)
+    keys = ["segmenter_config_sha256", "classifier_config_sha256"]
+    if not set(keys) <= set(dataset.schema.names):
+        return set()
+    table = dataset.to_table(columns=["source_uri", "source_etag", *keys])
     same_models = pc.and_(
-        pc.equal(table["segmenter_sha256"], models["segmenter_sha256"]),
-        pc.equal(pc.fill_null(table["classifier_sha256"], ""), models["classifier_sha256"] or ""),
+        pc.equal(table[keys[0]], models[keys[0]]),
+        pc.equal(pc.fill_null(table[keys[1]], ""), models[keys[1]] or ""),
     )
     table = table.filter(same_models)
     return set(zip(table["source_uri"].to_pylist(), table["source_etag"].to_pylist(), strict=True))

@@ -219,6 +219,7 @@ def finish_rows(
             dtype=object,
         ),
         **{key: np.array([value] * count, dtype=object) for key, value in models.items()},
+        "backend": batch.get("backend", np.array([None] * count, dtype=object)),
         "run_id": np.array([run_id] * count, dtype=object),
         "scored_at": np.full(count, now),
         "error_stage": batch["error_stage"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io as stdio
 import re
+import shutil
 from pathlib import Path
 
 import cv2
@@ -19,7 +20,13 @@ from PIL import Image
 
 from skinray import io
 from skinray.data.synthetic import synthetic_sample
-from skinray.models import create_model, get_model_spec, save_model
+from skinray.models import (
+    create_model,
+    get_model_spec,
+    read_model_config,
+    save_model,
+)
+from skinray.models.serialization import write_model_config
 from skinray.models.two_step import lesion_boxes
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import run_scoring
@@ -212,7 +219,9 @@ def test_a_dying_actor_loses_nothing(ray_cluster, s3_bucket, models, tmp_path, m
     assert summary.results == sum(v == "result" for v in expected.values())
 
 
-def test_rerun_replaces_and_incremental_scores_only_new_images(ray_cluster, s3_bucket, models):
+def test_rerun_replaces_and_incremental_scores_only_new_images(
+    ray_cluster, s3_bucket, models, tmp_path
+):
     _archive(f"{s3_bucket}/archive")
     first = run_scoring(_config(s3_bucket, models))
     second = run_scoring(_config(s3_bucket, models))
@@ -227,6 +236,18 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(ray_cluster, s3_b
     results = _read(s3_bucket, "results")
     assert results.num_rows == first.results + 5
     assert len(set(results["source_uri"].to_pylist())) == results.num_rows
+    assert set(results["backend"].to_pylist()) == {"eager"}
+
+    # The same weights with a new temperature are new predictions: nothing is skipped.
+    recalibrated = shutil.copytree(models[1], tmp_path / "recalibrated")
+    config = read_model_config(str(recalibrated))
+    write_model_config(str(recalibrated), config.replace(temperature=2.0))
+    again = run_scoring(_config(s3_bucket, (models[0], str(recalibrated)), incremental=True))
+    assert again.skipped_already_scored == 0 and again.results == first.results + 5
+    new_hash = read_model_config(str(recalibrated)).config_sha256
+    assert new_hash != config.config_sha256
+    hashes = _read(s3_bucket, "results")["classifier_config_sha256"].to_pylist()
+    assert hashes.count(new_hash) == again.results  # beside the earlier model's rows
 
 
 def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, models):
