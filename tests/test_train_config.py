@@ -184,3 +184,15 @@ def test_malformed_override_is_rejected():
 def test_smoke_config_exists_for_every_model(model):
     config = smoke_test_config(model)
     assert config.data.source == "synthetic" and config.epochs == 2
+
+
+def test_bf16_precision_autocasts_the_training_pass_on_cpu_too():
+    import torch
+
+    from skinray.train.loop import _autocast
+
+    conv, x = torch.nn.Conv2d(3, 4, 3), torch.randn(1, 3, 8, 8)
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        config = load_config("segmenter_cpu", [f"precision={precision}"])
+        with _autocast(config, torch.device("cpu")):
+            assert conv(x).dtype == dtype

@@ -140,7 +140,9 @@ class TrainConfig(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(16, ge=1)
-    #: ``bf16``: bf16 autocast on GPU (no effect on CPU); ``fp32``: full precision, as the papers.
+    #: ``bf16``: bf16 autocast of the training passes, on GPU and CPU alike (fast on CPUs with bf16
+    #: arithmetic, AVX512_BF16 or AMX; emulated, slow, elsewhere); validation runs as the Predictor
+    #: does. ``fp32``: full precision, as the papers.
     precision: Literal["fp32", "bf16"] = "fp32"
     #: Stop when ``checkpoint.metric`` has not improved for this many epochs (None: never); the
     #: best checkpoint is kept either way.

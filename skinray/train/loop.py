@@ -250,8 +250,9 @@ def _unwrap(model):
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    enabled = config.precision == "bf16" and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"
+    )
 
 
 def train_func(loop_config: dict[str, Any]) -> None:
