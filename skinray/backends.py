@@ -38,6 +38,7 @@ from skinray.models.two_step import TwoStep
 __all__ = [
     "BACKENDS",
     "DEFAULT_BACKENDS",
+    "GUARD_FALLBACK",
     "GuardResult",
     "OpenVinoNetwork",
     "accelerated",
@@ -48,6 +49,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compile", "openvino", "openvino-bf16")
+#: What an actor tries next when a backend fails the accuracy guard (then eager): reduced precision
+#: falls back to the same runtime at full precision.
+GUARD_FALLBACK = {"openvino-bf16": "openvino"}
 _OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
 #: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
 #: measured it (docs/benchmarks.md); a device type not here runs eager.
@@ -178,14 +182,11 @@ def exported_network(
 def _exported_model(
     model: nn.Module, input_size, channels, cache_dir, threads, precision
 ) -> nn.Module:
-    """The whole model exported; a two-step composite whose ROI glue does not export runs its two
-    networks exported and its glue in PyTorch."""
-    try:
+    """The whole model exported; a two-step composite runs its two networks exported and its ROI
+    glue in PyTorch (the glue's data-dependent box does not export: the exporter fails on it, after
+    seconds of tracing and a dump of the graph)."""
+    if not isinstance(model, TwoStep):
         return exported_network(model, (channels, *input_size), cache_dir, threads, precision)
-    except Exception as error:
-        if not isinstance(model, TwoStep):
-            raise
-        log.info("two_step does not export whole (%s); exporting its networks", error)
     composite = copy.copy(model)  # shares buffers and settings; only the two networks change
     composite._modules = dict(model._modules)
     composite.segmenter = exported_network(

@@ -137,3 +137,32 @@ def test_an_openvino_actor_gives_the_eager_actors_rows(
         if not stage:
             assert (rows["mask"][i] == reference["mask"][i]).mean() > 0.99
     assert list(tmp_path.glob("onnx/*.onnx"))  # exported once, into the cache
+
+
+def test_an_actor_whose_backend_fails_the_guard_tries_the_full_precision_one_next(
+    archive, segmenter, segmenter_dir, tmp_path, monkeypatch
+):
+    # The guard's verdict is forced for the first comparison only (whether bf16 really fails
+    # depends on the CPU); the fallback and the second guard run for real.
+    import skinray.score.actors as actors
+    from skinray.backends import GuardResult, compare_predictions
+
+    calls = []
+
+    def first_fails(reference, candidate):
+        calls.append(candidate)
+        real = compare_predictions(reference, candidate)
+        return GuardResult(0.5, real.max_probability_difference) if len(calls) == 1 else real
+
+    monkeypatch.setattr(actors, "compare_predictions", first_fails)
+    monkeypatch.setenv("SKINRAY_CACHE", str(tmp_path))
+    fast = PredictActor(segmenter_dir, None, batch_size=4, backend="openvino-bf16")
+    batch = read_and_decode(_listing(archive), SIZE, max_pixels=10**8)
+    reference = segmenter({k: v.copy() for k, v in batch.items()})
+    rows = fast(batch)
+    assert fast.backend == "openvino" and len(calls) == 2
+    assert fast.fallback_reason.startswith("openvino-bf16 failed the accuracy guard")
+    assert set(rows["backend"][rows["error_stage"] == ""]) == {"openvino"}
+    for i, stage in enumerate(reference["error_stage"]):
+        if not stage:
+            assert (rows["mask"][i] == reference["mask"][i]).mean() > 0.99

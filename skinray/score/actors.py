@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinray.backends import accelerated, compare_predictions
+from skinray.backends import GUARD_FALLBACK, accelerated, compare_predictions
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
 from skinray.predict import Predictor
@@ -57,6 +57,7 @@ class PredictActor:
         eager = Predictor.load(segmenter, classifier, device=device)
         if device.type == "cuda":
             eager.model = eager.model.to(memory_format=torch.channels_last)
+        self.cpu_threads = cpu_threads
         self.predictor, self.backend, self.fallback_reason = accelerated(
             eager, backend, threads=cpu_threads
         )
@@ -87,17 +88,27 @@ class PredictActor:
         return batch
 
     def _guard(self, chunk: torch.Tensor) -> None:
-        """On the first batch: the backend against eager; eager from here on if it fails."""
+        """On the first batch: the backend against eager. One that fails hands over to its
+        ``GUARD_FALLBACK`` (guarded in turn), or to eager, with the reason logged."""
         eager, self._unguarded = self._unguarded, None
-        try:  # torch.compile compiles, and may fail, on its first call
-            result = compare_predictions(eager(chunk), self.predictor(chunk))
-            failure = None if result.passed else f"failed the accuracy guard ({result})"
-        except Exception as error:
-            failure = f"failed on the first batch ({type(error).__name__}: {error})"
-        if failure:
-            self.fallback_reason = f"{self.backend} {failure}"
-            log.warning("falling back to eager: %s", self.fallback_reason)
-            self.predictor, self.backend = eager, "eager"
+        reference = eager(chunk)
+        while self.backend != "eager":
+            try:  # torch.compile compiles, and may fail, on its first call
+                result = compare_predictions(reference, self.predictor(chunk))
+                failure = None if result.passed else f"failed the accuracy guard ({result})"
+            except Exception as error:
+                failure = f"failed on the first batch ({type(error).__name__}: {error})"
+            if not failure:
+                return
+            reason = f"{self.backend} {failure}"
+            self.fallback_reason = "; ".join(filter(None, [self.fallback_reason, reason]))
+            log.warning("falling back from %s", reason)
+            following = GUARD_FALLBACK.get(self.backend, "eager")
+            self.predictor, self.backend, reason = accelerated(
+                eager, following, threads=self.cpu_threads
+            )
+            if reason:
+                self.fallback_reason += f"; {reason}"
 
     def _predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
         chunks: dict[str, list[np.ndarray]] = {}
