@@ -89,7 +89,13 @@ class OpenVinoNetwork(nn.Module):
         super().__init__()
         import openvino as ov
 
-        settings = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+        settings = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "PERFORMANCE_HINT": "LATENCY",
+            # OpenVINO's own cache of compiled networks, beside the exports: an actor that starts
+            # after the first loads the compiled blob instead of compiling again.
+            "CACHE_DIR": str(path.parent / "openvino"),
+        }
         if threads:
             settings["INFERENCE_NUM_THREADS"] = int(threads)
         self.compiled = ov.Core().compile_model(str(path), "CPU", settings)
