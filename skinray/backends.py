@@ -178,11 +178,7 @@ def exported_network(
                 dynamo=False,
             )
         os.replace(partial, path)  # atomic: actors exporting side by side never read half a file
-    exported = OpenVinoNetwork(path, names, threads, precision)
-    # A graph that traced its batch size into a shape (the two-step ROI glue) compiles but fails on
-    # another batch size: run one here, so that the caller can fall back before any real batch.
-    exported(torch.zeros(3, channels, height, width))
-    return exported
+    return OpenVinoNetwork(path, names, threads, precision)
 
 
 def _exported_model(
