@@ -10,7 +10,10 @@ mask Jaccard against eager and the largest class-probability difference.
 OpenVINO was chosen over ONNX Runtime by measurement (docs/benchmarks.md): on this project's 2-core
 AMD EPYC, U-Net ResNet34 at 256 px, batch 16, 2 threads, eager ran 6.3 images/s, ONNX Runtime 10.7,
 OpenVINO f32 11.7 and OpenVINO bf16 24.3. ``openvino`` runs f32; ``openvino-bf16`` asks OpenVINO
-for bf16 arithmetic where the CPU has it (AVX512_BF16 or AMX), and is held to the same guard.
+for bf16 arithmetic where the CPU has it (AVX512_BF16 or AMX), and is held to the same guard;
+``openvino-mixed`` runs the networks without class outputs (segmenters) in bf16 and those with class
+outputs in f32, for a pair whose masks hold in bf16 and whose probabilities do not (the released
+classifier's moved by up to 0.087 in bf16).
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights and their input shape, so the actors of a node export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
@@ -48,11 +51,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "compile", "openvino", "openvino-bf16")
+BACKENDS = ("eager", "compile", "openvino", "openvino-bf16", "openvino-mixed")
 #: What an actor tries next when a backend fails the accuracy guard (then eager): reduced precision
-#: falls back to the same runtime at full precision.
-GUARD_FALLBACK = {"openvino-bf16": "openvino"}
-_OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16"}
+#: falls back to the same runtime with the class outputs at full precision, then to all of it.
+GUARD_FALLBACK = {"openvino-bf16": "openvino-mixed", "openvino-mixed": "openvino"}
+#: OpenVINO inference precision per backend; "mixed": bf16 for a network without class outputs.
+_OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-mixed": "mixed"}
 #: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
 #: measured it (docs/benchmarks.md); a device type not here runs eager.
 DEFAULT_BACKENDS: dict[str, str] = {}
@@ -155,6 +159,8 @@ def exported_network(
     example = torch.zeros(2, channels, height, width)
     with torch.no_grad():
         names = list(network(example).keys())
+    if precision == "mixed":
+        precision = "f32" if "class_logits" in names else "bf16"
     cache_dir = cache_dir or default_cache_dir()
     path = cache_dir / f"{weights_digest(network)}-{channels}x{height}x{width}-op{_OPSET}.onnx"
     if not path.exists():

@@ -243,10 +243,17 @@ class Predictor:
         return self.run(images)[1]
 
 
+def pair_input_size(seg: SavedModelConfig, clf: SavedModelConfig) -> tuple[int, int]:
+    """The size a segmenter → classifier pair decodes its images to: for an ROI classifier, the
+    size its training ROIs were cut from; for a whole-image classifier, its own input size, so
+    that it sees each image as in training."""
+    return tuple(clf.roi_source_size or clf.input_size)
+
+
 def assemble_two_step(segmenter: nn.Module, classifier: nn.Module) -> tuple[TwoStep, tuple]:
     """The ``two_step`` composite around two saved networks (shared, not copied), and the size its
-    images are decoded to: the size the classifier's training ROIs were cut from, else the
-    segmenter's input size."""
+    images are decoded to (``pair_input_size``). A classifier saved with ``roi_source_size``
+    (trained on ROIs) gets the ROI; one without it was trained on whole images and gets the image."""
     seg, clf = segmenter.saved_config, classifier.saved_config
     composite = TwoStep.from_stages(
         segmenter,
@@ -257,10 +264,9 @@ def assemble_two_step(segmenter: nn.Module, classifier: nn.Module) -> tuple[TwoS
         roi_margin=clf.roi_margin if clf.roi_margin is not None else DEFAULT_ROI_MARGIN,
         segmenter_normalization=(seg.mean, seg.std),
         classifier_normalization=(clf.mean, clf.std),
+        classifier_input="roi" if clf.roi_source_size else "image",
     )
-    return composite.to(next(segmenter.parameters()).device), tuple(
-        clf.roi_source_size or seg.input_size
-    )
+    return composite.to(next(segmenter.parameters()).device), pair_input_size(seg, clf)
 
 
 def check_models(

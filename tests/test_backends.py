@@ -109,7 +109,13 @@ def test_an_assembled_pair_runs_on_openvino_within_the_guard(tmp_path):
     segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
     classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
     save_model(segmenter, str(tmp_path / "seg"), input_size=SIZE)
-    save_model(classifier, str(tmp_path / "clf"), input_size=SIZE, class_names=CLASSES)
+    save_model(
+        classifier,
+        str(tmp_path / "clf"),
+        input_size=SIZE,
+        class_names=CLASSES,
+        roi_source_size=SIZE,
+    )
     eager = Predictor.load(str(tmp_path / "seg"), str(tmp_path / "clf"))
     images = _real_images()
     reference = eager(images)
@@ -128,6 +134,17 @@ def test_the_released_segmenter_passes_the_guard_in_bf16(tmp_path):
     images = _real_images(8)
     fast, used, reason = accelerated(eager, "openvino-bf16", cache_dir=tmp_path / "cache")
     assert (used, reason) == ("openvino-bf16", None)
+    result = compare_predictions(eager(images), fast(images))
+    assert result.passed, result
+
+
+def test_mixed_precision_runs_the_released_segmenter_in_bf16_and_its_classifier_in_f32(tmp_path):
+    eager = Predictor.load("lesion-segmenter", "ham10000-classifier")
+    images = _real_images(8)
+    fast, used, reason = accelerated(eager, "openvino-mixed", cache_dir=tmp_path / "cache")
+    assert (used, reason) == ("openvino-mixed", None)
+    assert fast.model.segmenter.precision == "bf16"
+    assert fast.model.classifier.precision == "f32"
     result = compare_predictions(eager(images), fast(images))
     assert result.passed, result
 

@@ -150,3 +150,34 @@ def test_test_time_flips_average_the_logits_over_the_image_and_its_flips(tmp_pat
         torch.testing.assert_close(outputs[key], expected, rtol=1e-5, atol=1e-5)
     assert prediction.class_probabilities is not None and prediction.mask is not None
     assert not torch.allclose(outputs[MASK_LOGITS], passes[0][MASK_LOGITS])
+
+
+def test_a_whole_image_classifier_in_a_pair_sees_the_whole_image_as_in_training(tmp_path):
+    # A classifier saved without roi_source_size was trained on whole images: paired with a
+    # segmenter, it must give the probabilities it gives alone, and the pair decodes at its size.
+    torch.manual_seed(0)
+    segmenter_uri = _saved("unet", tmp_path)
+    classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(classifier, str(tmp_path / "whole"), input_size=(48, 80), class_names=CLASSES)
+    alone = Predictor.load(str(tmp_path / "whole"))
+    pair = Predictor.load(segmenter_uri, str(tmp_path / "whole"))
+    assert pair.input_size == (48, 80) and pair.model.classifier_input == "image"
+    images = [synthetic_sample(seed, (120, 200)).image for seed in range(3)]
+    together, apart = pair(images), alone(images)
+    assert together.roi_box is None and together.mask.shape == (3, 48, 80)
+    torch.testing.assert_close(together.class_probabilities, apart.class_probabilities)
+
+
+def test_an_roi_classifier_in_a_pair_gets_the_lesion_box(tmp_path):
+    segmenter_uri = _saved("unet", tmp_path)
+    classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(
+        classifier,
+        str(tmp_path / "roi"),
+        input_size=(48, 48),
+        class_names=CLASSES,
+        roi_source_size=(96, 96),
+    )
+    pair = Predictor.load(segmenter_uri, str(tmp_path / "roi"))
+    assert pair.input_size == (96, 96) and pair.model.classifier_input == "roi"
+    assert pair(_images(2)).roi_box.shape == (2, 4)

@@ -17,6 +17,9 @@ dermoscopy frame would reach a 224 px classifier as a ~50 px speck in black; the
 the classifier's resolution, and the mask keeps what the paper's classifier was shown (lesion
 pixels only). docs/models.md gives the choice with its reasons.
 
+A classifier trained on whole images (no ROI) is paired with ``classifier_input="image"``: it is
+given the whole image, resized to its input size, as it was trained, and the pair adds only the mask.
+
 The composite is registered as ``two_step``: ``save_model`` writes both networks into one directory,
 and ``TwoStep.from_stages`` assembles it from a separately saved segmenter and classifier, so
 ``--segmenter X --classifier Y`` and one saved two-step model are the same model.
@@ -137,6 +140,8 @@ class TwoStep(nn.Module):
         segmenter_normalization, classifier_normalization: ((mean), (std)) of each network.
         mask_threshold: the segmenter's lesion threshold on its sigmoid.
         roi_margin: the ROI box's margin, a fraction of the lesion box.
+        classifier_input: ``"roi"`` (the classifier was trained on ROIs) or ``"image"`` (on whole
+            images: it is given the whole image, and there is no ROI box).
     """
 
     def __init__(
@@ -149,6 +154,7 @@ class TwoStep(nn.Module):
         classifier_normalization: Sequence[Sequence[float]] = _IMAGENET,
         mask_threshold: float = 0.5,
         roi_margin: float = DEFAULT_ROI_MARGIN,
+        classifier_input: str = "roi",
     ) -> None:
         super().__init__()
         self._wire(
@@ -160,6 +166,7 @@ class TwoStep(nn.Module):
             roi_margin,
             segmenter_normalization,
             classifier_normalization,
+            classifier_input,
         )
 
     def _wire(
@@ -172,9 +179,13 @@ class TwoStep(nn.Module):
         roi_margin: float,
         segmenter_normalization=None,
         classifier_normalization=None,
+        classifier_input: str = "roi",
     ) -> None:
         if getattr(classifier, "input_channels", 3) != 3:
             raise ValueError("the two-step classifier must take RGB ROIs (3 input channels)")
+        if classifier_input not in ("roi", "image"):
+            raise ValueError(f"classifier_input must be 'roi' or 'image', not {classifier_input!r}")
+        self.classifier_input = classifier_input
         self.segmenter, self.classifier = segmenter, classifier
         self.segmenter_input_size = tuple(int(s) for s in segmenter_input_size)
         self.classifier_input_size = tuple(int(s) for s in classifier_input_size)
@@ -198,6 +209,7 @@ class TwoStep(nn.Module):
         roi_margin: float = DEFAULT_ROI_MARGIN,
         segmenter_normalization: Sequence[Sequence[float]] | None = None,
         classifier_normalization: Sequence[Sequence[float]] | None = None,
+        classifier_input: str = "roi",
     ) -> TwoStep:
         """Assemble two networks made by ``create_model`` (shared, not copied) into the pipeline;
         each network's normalisation defaults to its encoder's."""
@@ -212,6 +224,7 @@ class TwoStep(nn.Module):
             roi_margin,
             segmenter_normalization,
             classifier_normalization,
+            classifier_input,
         )
         chain.skinray_model_name = "two_step"
         chain.skinray_model_kwargs = {
@@ -232,6 +245,8 @@ class TwoStep(nn.Module):
             "mask_threshold": chain.mask_threshold,
             "roi_margin": chain.roi_margin,
         }
+        if classifier_input != "roi":  # saved two-step models from before stay as they were
+            chain.skinray_model_kwargs["classifier_input"] = classifier_input
         return chain
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
@@ -254,8 +269,21 @@ class TwoStep(nn.Module):
         rois = cut_rois(pixels, lesion, boxes, self.classifier_input_size)
         return (rois - cls_mean) / cls_std, boxes
 
+    def image_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole image as the classifier's input (its normalisation, its input size)."""
+        seg_mean, seg_std = self._segmenter_stats
+        cls_mean, cls_std = self._classifier_stats
+        pixels = _resize(x.float() * seg_std + seg_mean, self.classifier_input_size)
+        return (pixels - cls_mean) / cls_std
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         mask_logits = self.segment(x)
+        if self.classifier_input == "image":
+            classified = self.classifier(self.image_input(x))
+            outputs = {MASK_LOGITS: mask_logits, CLASS_LOGITS: classified[CLASS_LOGITS]}
+            if CAM in classified:
+                outputs[CAM] = classified[CAM]
+            return outputs
         rois, boxes = self.roi_input(x, mask_logits)
         classified = self.classifier(rois)
         outputs = {MASK_LOGITS: mask_logits, CLASS_LOGITS: classified[CLASS_LOGITS], ROI_BOX: boxes}

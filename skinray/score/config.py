@@ -14,7 +14,7 @@ from skinray.models.zoo import DEFAULT_CLASSIFIER, DEFAULT_SEGMENTER, released_m
 __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
 
 #: ``skinray.backends.BACKENDS``, named here without importing torch.
-BACKEND_NAMES = ("eager", "compile", "openvino", "openvino-bf16")
+BACKEND_NAMES = ("eager", "compile", "openvino", "openvino-bf16", "openvino-mixed")
 
 
 class ScoreConfigError(ValueError):
@@ -39,8 +39,8 @@ class ScoreConfig(BaseModel):
     incremental: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     include_cam: bool = False
-    #: How the model actors run the networks (``skinray.backends``): eager, compile, openvino or
-    #: openvino-bf16.
+    #: How the model actors run the networks (``skinray.backends``): eager, compile, openvino,
+    #: openvino-bf16 or openvino-mixed (bf16 segmenter, f32 classifier).
     #: None: the fastest that passed the accuracy guard on the actor's device.
     backend: Literal[BACKEND_NAMES] | None = None
     #: Rows per model call on an actor.

@@ -51,7 +51,7 @@ class ScoringModels:
 def read_scoring_models(config: ScoreConfig) -> ScoringModels:
     """The configs of ``config``'s segmenter and classifier (no weights read), checked for the roles
     scoring gives them before any Ray work (``skinray.predict.check_models``)."""
-    from skinray.predict import ModelCheckError, check_models
+    from skinray.predict import ModelCheckError, check_models, pair_input_size
 
     try:
         configs = check_models(config.segmenter, config.classifier)
@@ -69,9 +69,7 @@ def read_scoring_models(config: ScoreConfig) -> ScoringModels:
     source = classifier or segmenter
     # A segmenter alone gives masks and descriptors; its rows have no diagnosis.
     class_names = list(source.class_names or ()) if "class_logits" in source.outputs else []
-    input_size = segmenter.input_size
-    if classifier is not None and classifier.roi_source_size:
-        input_size = classifier.roi_source_size
+    input_size = pair_input_size(segmenter, classifier) if classifier else segmenter.input_size
     return ScoringModels(identity, class_names, tuple(input_size))
 
 

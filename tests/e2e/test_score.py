@@ -95,7 +95,13 @@ def models(tmp_path_factory):
     segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
     classifier = create_model("classifier", encoder="resnet18", num_classes=3)
     save_model(segmenter, str(folder / "segmenter"), input_size=(64, 64))
-    save_model(classifier, str(folder / "classifier"), input_size=(64, 64), class_names=CLASSES)
+    save_model(
+        classifier,
+        str(folder / "classifier"),
+        input_size=(64, 64),
+        class_names=CLASSES,
+        roi_source_size=(64, 64),  # an ROI classifier: the pair cuts it the lesion's box
+    )
     return str(folder / "segmenter"), str(folder / "classifier")
 
 
