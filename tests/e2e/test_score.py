@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from skinray import io
+from skinray.backends import default_backend
 from skinray.data.synthetic import synthetic_sample
 from skinray.models import (
     create_model,
@@ -242,7 +243,7 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(
     results = _read(s3_bucket, "results")
     assert results.num_rows == first.results + 5
     assert len(set(results["source_uri"].to_pylist())) == results.num_rows
-    assert set(results["backend"].to_pylist()) == {"eager"}
+    assert set(results["backend"].to_pylist()) == {default_backend("cpu")}
 
     # The same weights with a new temperature are new predictions: nothing is skipped.
     recalibrated = shutil.copytree(models[1], tmp_path / "recalibrated")
