@@ -69,7 +69,7 @@ def segmenter_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def segmenter(segmenter_dir):
-    return PredictActor(segmenter_dir, None, batch_size=4)
+    return PredictActor(segmenter_dir, None, batch_size=4, backend="eager")
 
 
 def _listing(archive):

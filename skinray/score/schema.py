@@ -46,6 +46,8 @@ _RESULT_HEAD = [
 _RESULT_TAIL = [
     *(pa.field(name, pa.float32()) for name in DESCRIPTOR_NAMES if name != "component_count"),
     pa.field("component_count", pa.int32()),
+    pa.field("skin_ita_deg", pa.float32()),
+    pa.field("skin_tone", pa.string()),
     pa.field("mask_png", pa.binary()),
     pa.field("mask_height", pa.int32()),
     pa.field("mask_width", pa.int32()),

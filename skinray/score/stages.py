@@ -25,6 +25,7 @@ from skinray import io
 from skinray.data.decode import ImageDecodeError, decode, encode_png, screen_jpeg
 from skinray.score.roi import DESCRIPTOR_NAMES, lesion_descriptors
 from skinray.score.schema import ROI_BOX_COLUMNS, probability_column
+from skinray.skin_tone import individual_typology_angle, ita_category
 
 if TYPE_CHECKING:
     from ray import ObjectRef
@@ -131,11 +132,13 @@ def read_and_decode_slice(
 
 def describe_lesions(batch: dict) -> dict[str, np.ndarray]:
     """ABCD descriptors of every healthy row's predicted mask, measured at the source image's
-    aspect ratio and in its pixels; the mask as PNG; the ROI box the two-step classifier used (in
+    aspect ratio and in its pixels; the skin tone (ITA of the skin around the lesion, and its
+    category); the mask as PNG; the ROI box the two-step classifier used (in
     mask pixels; NaN, null in the output, without one). The decoded image and mask are dropped."""
     count = len(batch["source_uri"])
     healthy = healthy_rows(batch)
     descriptors = {name: np.full(count, np.nan, np.float32) for name in DESCRIPTOR_NAMES}
+    ita = np.full(count, np.nan, np.float32)
     mask_png = np.array([b""] * count, dtype=object)
     for i in np.flatnonzero(healthy):
         image, mask = batch["image"][i], batch["mask"][i]
@@ -143,11 +146,14 @@ def describe_lesions(batch: dict) -> dict[str, np.ndarray]:
         for name, value in lesion_descriptors(mask, image, source_size=source_size).items():
             descriptors[name][i] = value
         mask_png[i] = encode_png(mask * 255)
+        ita[i] = individual_typology_angle(image, mask)
     boxes = batch.pop("roi_box", np.full((count, 4), np.nan, np.float32))
     boxes = np.where(healthy[:, None], boxes, np.nan)
     batch.update(descriptors)
     batch.update({name: boxes[:, k].astype(np.float32) for k, name in enumerate(ROI_BOX_COLUMNS)})
     batch["mask_png"] = mask_png
+    batch["skin_ita_deg"] = ita
+    batch["skin_tone"] = np.array([ita_category(float(a)) for a in ita], dtype=object)
     batch["mask_height"] = np.full(count, batch["mask"].shape[1], np.int32)
     batch["mask_width"] = np.full(count, batch["mask"].shape[2], np.int32)
     del batch["image"], batch["mask"]
@@ -207,6 +213,8 @@ def finish_rows(
             for c, name in enumerate(class_names)
         },
         **{name: batch[name] for name in DESCRIPTOR_NAMES},
+        "skin_ita_deg": batch["skin_ita_deg"],
+        "skin_tone": batch["skin_tone"],
         "mask_png": batch["mask_png"],
         "mask_height": batch["mask_height"],
         "mask_width": batch["mask_width"],
