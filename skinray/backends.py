@@ -164,7 +164,11 @@ def exported_network(
     if precision == "mixed":
         precision = "f32" if "class_logits" in names else "bf16"
     cache_dir = cache_dir or default_cache_dir()
-    path = cache_dir / f"{weights_digest(network)}-{channels}x{height}x{width}-op{_OPSET}.onnx"
+    outputs = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]  # a new output, a new file
+    path = (
+        cache_dir
+        / f"{weights_digest(network)}-{channels}x{height}x{width}-{outputs}-op{_OPSET}.onnx"
+    )
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")

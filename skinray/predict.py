@@ -21,10 +21,19 @@ import torch
 from torch import nn
 
 from skinray.data.transforms import normalise
-from skinray.models import CAM, CLASS_LOGITS, MASK_LOGITS, ROI_BOX, load_model, read_model_config
+from skinray.models import (
+    CAM,
+    CLASS_LOGITS,
+    FEATURES,
+    MASK_LOGITS,
+    ROI_BOX,
+    load_model,
+    read_model_config,
+)
 from skinray.models.mbdcnn import normalise_cam
 from skinray.models.serialization import SavedModelConfig
 from skinray.models.two_step import DEFAULT_ROI_MARGIN, TwoStep
+from skinray.uncertainty import flip_disagreement
 
 __all__ = ["ModelCheckError", "Prediction", "Predictor", "check_models"]
 
@@ -42,6 +51,8 @@ class Prediction:
     class_probabilities: torch.Tensor | None  # (N, C), softmax
     cam: torch.Tensor | None  # (N, h, w) the predicted class's raw map
     roi_box: torch.Tensor | None  # (N, 4) (y0, x0, y1, x1) in input pixels, end-exclusive
+    ood_score: torch.Tensor | None = None  # (N,) distance from the training data (skinray.ood)
+    flip_disagreement: torch.Tensor | None = None  # (N,) over the test-time flips' probabilities
 
     def numpy(self) -> dict[str, np.ndarray]:
         return {
@@ -65,6 +76,7 @@ class Predictor:
             mask-CN's normalised CAMs for enhanced-SN, Sec. III-B and III-C).
         temperature: class logits are divided by it before the softmax (``skinray.calibration``).
         test_time_flips: average the logits over the image and its two flips (3× the compute).
+        ood: the classifier's out-of-distribution score (``skinray.ood``), from its features.
     """
 
     def __init__(
@@ -79,9 +91,11 @@ class Predictor:
         guidance: Sequence[nn.Module] = (),
         temperature: float = 1.0,
         test_time_flips: bool = False,
+        ood=None,
         source: str = "model",
     ) -> None:
         self.model = model
+        self.ood = ood
         self.input_size = (int(input_size[0]), int(input_size[1]))
         self.mean, self.std = tuple(mean), tuple(std)
         self.class_names = list(class_names) if class_names is not None else None
@@ -109,6 +123,7 @@ class Predictor:
             mask_threshold=config.mask_threshold,
             temperature=config.temperature,
             test_time_flips=config.test_time_flips,
+            ood=getattr(model, "ood", None),
             source=source,
         )
         return cls(model, **{**settings, **overrides})
@@ -142,6 +157,7 @@ class Predictor:
             mask_threshold=seg.mask_threshold,
             temperature=clf.temperature,
             test_time_flips=seg.test_time_flips,
+            ood=getattr(classifier, "ood", None),
             source=source,
         )
 
@@ -211,26 +227,37 @@ class Predictor:
                 picked = probabilities.argmax(1)
                 cam = outputs[CAM].float()[torch.arange(len(picked)), picked]
         box = outputs[ROI_BOX].float() if ROI_BOX in outputs else None
-        return Prediction(probability, mask, probabilities, cam, box)
+        ood_score = None
+        if self.ood is not None and FEATURES in outputs:
+            ood_score = self.ood.score(outputs[FEATURES])
+        return Prediction(probability, mask, probabilities, cam, box, ood_score)
 
     def run(self, images) -> tuple[dict[str, torch.Tensor], Prediction]:
         """Raw outputs (float32) and the prediction; runs in whatever mode the model is in, under
         bf16 autocast on CUDA. With ``test_time_flips`` the mask and class logits are the mean over
         the image and its horizontal and vertical flips (each flipped back); CAM and ROI box come
-        from the unflipped image."""
+        from the unflipped image, as do the features. The prediction's ``flip_disagreement`` is the
+        views' disagreement (``skinray.uncertainty.flip_disagreement``)."""
         x = self.model_input(self.as_batch(images))
         outputs = self._forward(x)
-        if self.test_time_flips:
-            for dims in ([-1], [-2]):
-                flipped = self._forward(x.flip(dims))
-                if MASK_LOGITS in outputs:
-                    outputs[MASK_LOGITS] = outputs[MASK_LOGITS] + flipped[MASK_LOGITS].flip(dims)
-                if CLASS_LOGITS in outputs:
-                    outputs[CLASS_LOGITS] = outputs[CLASS_LOGITS] + flipped[CLASS_LOGITS]
-            for key in (MASK_LOGITS, CLASS_LOGITS):
-                if key in outputs:
-                    outputs[key] = outputs[key] / 3
-        return outputs, self.prediction(outputs)
+        if not self.test_time_flips:
+            return outputs, self.prediction(outputs)
+        views = [outputs.get(CLASS_LOGITS)]
+        for dims in ([-1], [-2]):
+            flipped = self._forward(x.flip(dims))
+            if MASK_LOGITS in outputs:
+                outputs[MASK_LOGITS] = outputs[MASK_LOGITS] + flipped[MASK_LOGITS].flip(dims)
+            if CLASS_LOGITS in outputs:
+                outputs[CLASS_LOGITS] = outputs[CLASS_LOGITS] + flipped[CLASS_LOGITS]
+                views.append(flipped[CLASS_LOGITS])
+        for key in (MASK_LOGITS, CLASS_LOGITS):
+            if key in outputs:
+                outputs[key] = outputs[key] / 3
+        prediction = self.prediction(outputs)
+        if CLASS_LOGITS in outputs:
+            view_probabilities = torch.softmax(torch.stack(views) / self.temperature, 2)
+            prediction.flip_disagreement = flip_disagreement(view_probabilities)
+        return outputs, prediction
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         device = x.device

@@ -40,7 +40,7 @@ def test_config_records_what_scoring_needs(tmp_path):
     assert config["mean"] == pytest.approx([0.485, 0.456, 0.406])
     assert config["std"] == pytest.approx([0.229, 0.224, 0.225])
     assert config["class_names"] == ["melanoma", "seborrheic_keratosis", "nevus"]
-    assert config["outputs"] == ["class_logits"]
+    assert config["outputs"] == ["class_logits", "features"]
     assert len(config["weights_sha256"]) == 64
     assert config["skinray_version"]
 

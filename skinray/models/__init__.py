@@ -11,6 +11,7 @@ from skinray.models.backbones import PretrainedWeightsError
 from skinray.models.registry import (
     CAM,
     CLASS_LOGITS,
+    FEATURES,
     MASK_LOGITS,
     ROI_BOX,
     ModelConfigError,
@@ -30,6 +31,7 @@ from skinray.models.serialization import (
 __all__ = [
     "CAM",
     "CLASS_LOGITS",
+    "FEATURES",
     "MASK_LOGITS",
     "ROI_BOX",
     "ModelConfigError",

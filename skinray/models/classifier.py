@@ -10,14 +10,14 @@ import torch
 from torch import nn
 
 from skinray.models.backbones import create_timm_model, last_feature_layer, normalization_of
-from skinray.models.registry import CLASS_LOGITS, register_model
+from skinray.models.registry import CLASS_LOGITS, FEATURES, register_model
 
 __all__ = ["Classifier"]
 
 
 @register_model(
     "classifier",
-    outputs=(CLASS_LOGITS,),
+    outputs=(CLASS_LOGITS, FEATURES),
     paper="Innani et al., two-step segmentation then classification (ROI classifier)",
     paper_input_size=(224, 224),
     paper_kwargs={"encoder": "legacy_xception", "num_classes": 7},
@@ -61,4 +61,7 @@ class Classifier(nn.Module):
         return last_feature_layer(self.net)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {CLASS_LOGITS: self.net(x)}
+        # timm's forward split at its last layer (pooling and dropout stay in forward_head), so
+        # the pooled features come out beside the logits for the OOD score (skinray.ood).
+        features = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        return {CLASS_LOGITS: self.net.get_classifier()(features), FEATURES: features}

@@ -26,6 +26,7 @@ from torch import nn
 __all__ = [
     "CAM",
     "CLASS_LOGITS",
+    "FEATURES",
     "MASK_LOGITS",
     "ROI_BOX",
     "ModelConfigError",
@@ -40,7 +41,9 @@ MASK_LOGITS = "mask_logits"
 CLASS_LOGITS = "class_logits"
 CAM = "cam"
 ROI_BOX = "roi_box"
-OUTPUT_KEYS = (MASK_LOGITS, CLASS_LOGITS, CAM, ROI_BOX)
+#: A classifier's pooled features (N, D), the input of its last layer: what ``skinray.ood`` measures.
+FEATURES = "features"
+OUTPUT_KEYS = (MASK_LOGITS, CLASS_LOGITS, CAM, ROI_BOX, FEATURES)
 
 #: Constructor arguments that point at ImageNet weights: they shape a model's start, not its
 #: architecture, so a saved model does not record them.

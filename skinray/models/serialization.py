@@ -60,6 +60,8 @@ class SavedModelConfig:
     temperature: float = 1.0
     #: ``Predictor`` averages the logits over the image and its horizontal and vertical flips.
     test_time_flips: bool = False
+    #: The out-of-distribution score's settings and bank hash (``skinray.ood``); None without one.
+    ood: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
@@ -223,4 +225,8 @@ def load_model(uri: str, *, device: str | torch.device = "cpu", filesystem=None)
     model = create_model(config.model, **config.kwargs)
     model.load_state_dict(load_safetensors(weights), strict=True)
     model.saved_config = config
+    if config.ood:
+        from skinray.ood import load_ood
+
+        model.ood = load_ood(uri, config.ood)
     return model.to(device).eval()

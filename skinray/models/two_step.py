@@ -38,6 +38,7 @@ from torchvision.ops import roi_align
 from skinray.models.registry import (
     CAM,
     CLASS_LOGITS,
+    FEATURES,
     MASK_LOGITS,
     ROI_BOX,
     create_model,
@@ -106,7 +107,7 @@ def _stats(normalization) -> torch.Tensor:
 
 @register_model(
     "two_step",
-    outputs=(MASK_LOGITS, CLASS_LOGITS, ROI_BOX),
+    outputs=(MASK_LOGITS, CLASS_LOGITS, ROI_BOX, FEATURES),
     paper=PAPER,
     paper_input_size=(512, 512),
     paper_kwargs={
@@ -280,13 +281,13 @@ class TwoStep(nn.Module):
         mask_logits = self.segment(x)
         if self.classifier_input == "image":
             classified = self.classifier(self.image_input(x))
-            outputs = {MASK_LOGITS: mask_logits, CLASS_LOGITS: classified[CLASS_LOGITS]}
-            if CAM in classified:
-                outputs[CAM] = classified[CAM]
-            return outputs
-        rois, boxes = self.roi_input(x, mask_logits)
-        classified = self.classifier(rois)
-        outputs = {MASK_LOGITS: mask_logits, CLASS_LOGITS: classified[CLASS_LOGITS], ROI_BOX: boxes}
-        if CAM in classified:
-            outputs[CAM] = classified[CAM]
+            outputs = {MASK_LOGITS: mask_logits}
+        else:
+            rois, boxes = self.roi_input(x, mask_logits)
+            classified = self.classifier(rois)
+            outputs = {MASK_LOGITS: mask_logits, ROI_BOX: boxes}
+        outputs[CLASS_LOGITS] = classified[CLASS_LOGITS]
+        for key in (CAM, FEATURES):
+            if key in classified:
+                outputs[key] = classified[key]
         return outputs
