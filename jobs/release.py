@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             check_models(args.model, segments=False)
         samples = read_split(args.data, args.root, "validation")
+        training_samples = read_split(args.data, args.root, "training")
         run_dir = args.model.rstrip("/").rsplit("/", 1)[0]
         training_uri = args.training_metrics or io.join(run_dir, "metrics.json")
         training = json.loads(io.read_bytes(training_uri))
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         resamples=args.bootstrap,
         destination=args.destination,
         fixture_dir=str(FIXTURES),
+        training_samples=training_samples,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "report"}, indent=2))
     return 0

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import torch
 
 from skinray.data.datasets import synthetic_samples
 from skinray.models import create_model, get_model_spec, load_model, save_model
 from skinray.models.release import ReleaseSpec, release_model
+from skinray.predict import Predictor
 
 
 def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
@@ -27,8 +29,14 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
     )
     samples = synthetic_samples(24, num_classes=3)
     destination = tmp_path / "released"
+    training = synthetic_samples(40, num_classes=3, seed=100)
     report = release_model(
-        str(tmp_path / "trained"), spec, samples, resamples=50, destination=str(destination)
+        str(tmp_path / "trained"),
+        spec,
+        samples,
+        resamples=50,
+        destination=str(destination),
+        training_samples=training,
     )
 
     released = load_model(str(destination))
@@ -44,3 +52,15 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
     for name in ("a", "b", "c"):
         assert f"| {name} |" in card  # a per-class row
     assert json.loads((destination / "metrics.json").read_text())["commit"] == report["commit"]
+    # the OOD bank: every training image drawn (fewer than the bank size), the threshold passing
+    # 97.5 % of the validation images, the card saying so
+    assert released.ood.bank.shape[0] == 40 and report["ood"]["bank_size"] == 40
+    scores = Predictor.load(str(destination))(_decoded(samples)).ood_score
+    assert (scores <= released.ood.threshold).float().mean().item() >= 0.975
+    assert report["ood"]["bank_sha256"] in card and "Out-of-distribution flag" in card
+
+
+def _decoded(samples):
+    from skinray.data.loading import decode_samples
+
+    return decode_samples(samples.rows.to_pydict(), (64, 64), 3)["image"]

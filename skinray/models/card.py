@@ -150,6 +150,7 @@ def render_model_card(spec, config, report: dict) -> str:
         "## Calibration",
         *_calibration_lines(report),
         "",
+        *_ood_lines(report),
         "## Intended use",
         spec.intended_use
         or "Research and batch triage of dermoscopy images; not a medical device, not for diagnosis.",
@@ -159,6 +160,22 @@ def render_model_card(spec, config, report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ood_lines(report: dict) -> list[str]:
+    ood = report.get("ood")
+    if not ood:
+        return []
+    return [
+        "## Out-of-distribution flag",
+        f"`ood_score` is 1 − the mean cosine similarity of an image's features to the {ood['k']} "
+        f"nearest of {ood['bank_size']} training images' features (`ood.safetensors`, SHA-256 "
+        f"`{ood['bank_sha256']}`; `skinray.ood`). Images scoring above {ood['threshold']:.4f} are "
+        f"flagged `ood`: the threshold lets {ood['quantile']:.1%} of the validation images pass "
+        f"({ood['validation_pass']:.1%} did). A flagged image is unlike the training data; its "
+        "class probabilities should not be trusted.",
+        "",
+    ]
 
 
 def reliability_png(labels: np.ndarray, probabilities: np.ndarray, calibration: dict) -> bytes:

@@ -3,7 +3,10 @@
 ``release_model`` takes a saved model and the validation split it was chosen on, and writes
 ``models/<name>/``: the weights in fp16 (kept in fp32 when fp16 moves a headline figure
 by more than ``FP16_TOLERANCE``), ``config.json`` with the fitted temperature, ``metrics.json`` (the
-full report with 95 % bootstrap intervals), ``reliability.png`` and ``MODEL_CARD.md``. It also writes
+full report with 95 % bootstrap intervals), ``reliability.png`` and ``MODEL_CARD.md``. Given the
+training split too, a classifier gets its out-of-distribution bank and threshold (``skinray.ood``):
+``OOD_BANK_SIZE`` training images' features, the threshold at ``OOD_QUANTILE`` of the validation
+split's scores. It also writes
 the regression fixture ``tests/fixtures/released/<name>.npz``: the released model's outputs on 10
 fixed real images, which CI compares on every change.
 """
@@ -23,9 +26,15 @@ import skinray
 from skinray import calibration, io, metrics
 from skinray.evaluation import Evaluator, evaluate_samples
 from skinray.models.card import reliability_png, render_model_card
-from skinray.models.registry import CLASS_LOGITS
-from skinray.models.serialization import WEIGHTS_FILE, load_model, save_model
+from skinray.models.registry import CLASS_LOGITS, FEATURES
+from skinray.models.serialization import (
+    WEIGHTS_FILE,
+    load_model,
+    save_model,
+    write_model_config,
+)
 from skinray.models.zoo import zoo_root
+from skinray.ood import fit_ood, save_ood
 from skinray.predict import Predictor
 
 __all__ = [
@@ -40,6 +49,10 @@ __all__ = [
 FP16_TOLERANCE = 0.005
 #: Images in the regression fixture.
 REGRESSION_IMAGES = 10
+#: Training images in a released classifier's OOD bank (2.6 MB in fp16 at 1,280 features), and the
+#: share of validation images its threshold lets pass.
+OOD_BANK_SIZE = 1000
+OOD_QUANTILE = 0.975
 _HEADLINES = ("jaccard", "threshold_jaccard", "dice", "accuracy", "balanced_accuracy", "auc_mean")
 
 
@@ -71,6 +84,7 @@ def release_model(
     destination: str | None = None,
     fixture_dir: str | None = None,
     batch_size: int = 16,
+    training_samples=None,
 ) -> dict:
     """Measure ``model_uri`` on ``samples`` (the validation split), fit its temperature, write the
     release; returns the released model's report."""
@@ -104,6 +118,8 @@ def release_model(
         report["calibration"] = calibration_report
         png = reliability_png(labels, probabilities, calibration_report)
         io.write_bytes(io.join(destination, "reliability.png"), png)
+    if training_samples is not None and FEATURES in load_model(destination).saved_config.outputs:
+        report["ood"] = _fit_ood(destination, spec, training_samples, samples, batch_size)
     _write_card(destination, spec, report)
     if fixture_dir is not None:
         write_regression_fixture(destination, spec, samples, fixture_dir)
@@ -157,6 +173,35 @@ def _save(model, destination: str, dtype, temperature: float, test_time_flips: b
         test_time_flips=test_time_flips,
         weights_dtype=dtype,
     )
+
+
+def _fit_ood(destination: str, spec: ReleaseSpec, training, validation, batch_size: int) -> dict:
+    """The OOD bank from ``OOD_BANK_SIZE`` training images (seed 0), its threshold from the
+    validation split, written beside the released weights and into its config."""
+    chosen = np.random.default_rng(0).permutation(len(training.rows))[:OOD_BANK_SIZE]
+    predictor = _predictor(destination, spec)
+    bank_features = _features(predictor, training.take(np.sort(chosen)), batch_size)
+    validation_features = _features(predictor, validation, batch_size)
+    ood = fit_ood(
+        bank_features, validation_features, bank_size=OOD_BANK_SIZE, quantile=OOD_QUANTILE
+    )
+    entry = save_ood(ood, destination)
+    write_model_config(destination, load_model(destination).saved_config.replace(ood=entry))
+    scores = ood.score(validation_features).numpy()
+    return {**entry, "validation_pass": float(np.mean(scores <= ood.threshold))}
+
+
+def _features(predictor: Predictor, samples, batch_size: int) -> torch.Tensor:
+    """The classifier's pooled features of each readable image, decoded as evaluation decodes it."""
+    from skinray.data.loading import decode_samples
+
+    chunks = []
+    for start in range(0, len(samples.rows), batch_size):
+        rows = samples.rows.slice(start, batch_size).to_pydict()
+        decoded = decode_samples(rows, predictor.input_size, len(samples.class_names))
+        with torch.inference_mode():
+            chunks.append(predictor.run(decoded["image"][decoded["ok"]])[0][FEATURES])
+    return torch.cat(chunks)
 
 
 def _largest_change(reference: dict, candidate: dict) -> float:

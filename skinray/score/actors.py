@@ -18,6 +18,7 @@ from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
 from skinray.predict import Predictor
 from skinray.score.stages import KILL_ACTOR_MARKER_ENV, healthy_rows, mark_failed
+from skinray.uncertainty import normalised_entropy
 
 __all__ = ["PredictActor"]
 
@@ -34,7 +35,9 @@ def _kill_once_if_asked() -> None:
 class PredictActor:
     """A ``Predictor`` (the segmenter, or the two-step pair segmenter → ROI → classifier) on this
     actor's device (bf16 autocast on GPU), in ``inference_mode``: per row the lesion mask at the
-    decoded size, class probabilities, the predicted class's CAM and the ROI box.
+    decoded size, class probabilities and their normalised entropy, the OOD score and flag where
+    the classifier ships a bank (``skinray.ood``), the flips' disagreement where the model runs
+    test-time flips, the predicted class's CAM and the ROI box.
 
     The networks run on ``backend`` (``skinray.backends``; None: the device's default). The first
     batch runs both ways and the backend is dropped for eager, with a logged reason, where it fails
@@ -120,6 +123,11 @@ class PredictActor:
                 chunks.setdefault(key, []).append(value)
         outputs = {key: np.concatenate(values) for key, values in chunks.items()}
         outputs.pop("mask_probability", None)
+        if "class_probabilities" in outputs:
+            probabilities = torch.from_numpy(outputs["class_probabilities"])
+            outputs["class_entropy"] = normalised_entropy(probabilities).numpy()
+        if "ood_score" in outputs:
+            outputs["ood"] = outputs["ood_score"] > self.predictor.ood.threshold
         return outputs
 
     def _decode_jpegs(self, batch: dict) -> None:

@@ -21,6 +21,7 @@ from skinray.score.roi import DESCRIPTOR_NAMES
 __all__ = [
     "ERROR_STAGES",
     "ROI_BOX_COLUMNS",
+    "UNCERTAINTY_COLUMNS",
     "error_schema",
     "probability_column",
     "result_schema",
@@ -30,6 +31,8 @@ ERROR_STAGES = ("list", "read", "decode", "predict", "write")
 #: The classifier's ROI in mask pixels (bottom and right exclusive), as
 #: ``skinray.models.two_step.lesion_boxes`` cut it.
 ROI_BOX_COLUMNS = ("roi_top", "roi_left", "roi_bottom", "roi_right")
+#: Per-image uncertainty of the classification (``skinray.uncertainty``, ``skinray.ood``).
+UNCERTAINTY_COLUMNS = ("class_entropy", "ood_score", "flip_disagreement")
 TIMESTAMP = pa.timestamp("ms", tz="UTC")
 
 _RESULT_HEAD = [
@@ -44,6 +47,8 @@ _RESULT_HEAD = [
     pa.field("predicted_probability", pa.float32()),
 ]
 _RESULT_TAIL = [
+    *(pa.field(name, pa.float32()) for name in UNCERTAINTY_COLUMNS),
+    pa.field("ood", pa.bool_()),
     *(pa.field(name, pa.float32()) for name in DESCRIPTOR_NAMES if name != "component_count"),
     pa.field("component_count", pa.int32()),
     pa.field("skin_ita_deg", pa.float32()),

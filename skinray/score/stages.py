@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 from skinray import io
 from skinray.data.decode import ImageDecodeError, decode, encode_png, screen_jpeg
 from skinray.score.roi import DESCRIPTOR_NAMES, lesion_descriptors
-from skinray.score.schema import ROI_BOX_COLUMNS, probability_column
+from skinray.score.schema import ROI_BOX_COLUMNS, UNCERTAINTY_COLUMNS, probability_column
 from skinray.skin_tone import individual_typology_angle, ita_category
 
 if TYPE_CHECKING:
@@ -167,6 +167,14 @@ def _cam_png(cam: np.ndarray) -> bytes:
     return encode_png(scaled)
 
 
+def _per_image(batch: dict, name: str, healthy: np.ndarray) -> np.ndarray:
+    """A float column of the model stage for healthy rows; NaN (null) elsewhere or without it."""
+    values = batch.get(name)
+    if values is None:
+        return np.full(len(healthy), np.nan, np.float32)
+    return np.where(healthy, values, np.nan).astype(np.float32)
+
+
 def finish_rows(
     batch: dict,
     class_names: list[str],
@@ -182,6 +190,8 @@ def finish_rows(
         "class_probabilities", np.zeros((count, len(class_names)), np.float32)
     )
     predicted = probabilities.argmax(1) if probabilities.shape[1] else np.zeros(count, int)
+    has_ood = "ood" in batch
+    ood = batch.get("ood", np.zeros(count, bool))
     now = np.datetime64(dt.datetime.now(dt.UTC).replace(tzinfo=None), "ms")
     out = {
         "image_id": np.array(
@@ -212,6 +222,11 @@ def finish_rows(
             )
             for c, name in enumerate(class_names)
         },
+        **{name: _per_image(batch, name, healthy) for name in UNCERTAINTY_COLUMNS},
+        "ood": np.array(
+            [bool(flag) if ok else None for flag, ok in zip(ood, healthy & has_ood, strict=True)],
+            dtype=object,
+        ),
         **{name: batch[name] for name in DESCRIPTOR_NAMES},
         "skin_ita_deg": batch["skin_ita_deg"],
         "skin_tone": batch["skin_tone"],
