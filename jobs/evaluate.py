@@ -83,6 +83,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="bootstrap resamples for the 95%% confidence intervals (0: none)",
     )
     parser.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
+    parser.add_argument(
+        "--no-subgroups",
+        dest="subgroups",
+        action="store_false",
+        help="skip the figures per subgroup (sex, age band, site where the data has them; skin "
+        "tone from the image)",
+    )
     parser.add_argument("--json", dest="json_path", help="write the metrics here (local or s3://)")
     parser.add_argument(
         "--predictions", help="write each image's prediction here as Parquet (local or s3://)"
@@ -122,10 +129,17 @@ def main(argv: list[str] | None = None) -> int:
             at_source_size=args.at_source_size,
         )
         report = evaluator.report(resamples=args.bootstrap, seed=args.seed)
+        subgroups = (
+            evaluator.subgroup_report(resamples=args.bootstrap, seed=args.seed)
+            if args.subgroups
+            else {}
+        )
     except (ModelCheckError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(report, skipped=results["skipped"]))
+    if subgroups:
+        print("\n" + format_subgroups(subgroups))
     if args.json_path:
         payload = {
             "model": args.model,
@@ -134,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "root": args.root,
             "metrics": results,
             "report": report,
+            "subgroups": subgroups,
         }
         io.write_bytes(args.json_path, json.dumps(_json_safe(payload), indent=2).encode())
     return 0
@@ -183,6 +198,36 @@ def format_report(report: dict, skipped: int = 0) -> str:
         ]
         lines += ["", *_table(["class", "n", *PER_CLASS_FIGURES], rows)]
     return "\n".join(lines)
+
+
+#: The figures shown per subgroup (all of them are in the JSON).
+SUBGROUP_FIGURES = (
+    ("segmentation", "jaccard"),
+    ("classification", "accuracy"),
+    ("classification", "balanced_accuracy"),
+    ("classification", "auc_mean"),
+)
+
+
+def format_subgroups(subgroups: dict[str, dict[str, dict]]) -> str:
+    """``Evaluator.subgroup_report`` as one table per attribute: a row per value, with its images."""
+    lines: list[str] = []
+    for attribute, reports in subgroups.items():
+        if not reports:
+            continue
+        first = next(iter(reports.values()))
+        shown = [(s, f) for s, f in SUBGROUP_FIGURES if f in first.get(s, {})]
+        intervals = first["bootstrap"]["resamples"] > 0
+        rows = [
+            [
+                str(value),
+                str(report["images"]),
+                *(_cell(report[s][f], 3, intervals) for s, f in shown),
+            ]
+            for value, report in reports.items()
+        ]
+        lines += ["", *_table([attribute, "images", *(f for _, f in shown)], rows)]
+    return "\n".join(lines).lstrip("\n")
 
 
 def _json_safe(value):

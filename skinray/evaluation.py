@@ -20,8 +20,10 @@ import pyarrow.parquet as pq
 import torch
 
 from skinray import io, metrics
+from skinray.data.datasets import SUBGROUP_COLUMNS
 from skinray.data.decode import encode_png
 from skinray.predict import Prediction, Predictor
+from skinray.skin_tone import individual_typology_angle, ita_category
 
 __all__ = [
     "CLASSIFICATION_FIGURES",
@@ -60,15 +62,23 @@ class Evaluator:
         self.keep_predictions = keep_predictions
         self.predictions: list[dict[str, np.ndarray]] = []
         self.images = 0
+        self._subgroups: dict[str, list] = {}
 
     def update(
         self,
         prediction: Prediction,
         masks: torch.Tensor | Sequence[np.ndarray],
         labels: torch.Tensor,
+        subgroups: dict[str, Sequence[str | None]] | None = None,
     ) -> None:
         """``masks``: the truth at the predictor's input size (N, H, W), or a list of truth masks
-        at any sizes (the source's), to which each predicted mask is resized (``mask_at_size``)."""
+        at any sizes (the source's), to which each predicted mask is resized (``mask_at_size``).
+        ``subgroups``: each image's value (None: unknown) of attributes ``subgroup_report`` splits
+        the figures by; every update must name the same attributes."""
+        subgroups = subgroups or {}
+        for name in {*self._subgroups, *subgroups}:
+            known = self._subgroups.setdefault(name, [None] * self.images)
+            known.extend(subgroups.get(name, [None] * len(labels)))
         self.images += len(labels)
         if prediction.mask is not None:
             predicted = prediction.mask.bool().cpu().numpy()
@@ -112,41 +122,25 @@ class Evaluator:
         each image's Jaccard below 0.65); ``auc_mean`` is the mean over classes whose AUC is
         defined; ``ece`` is the top-label expected calibration error (15 bins); the per-class
         figures are ``metrics.per_class_report``'s. Sections without data are left out."""
-        arrays = self._arrays()
-        names = self.class_names
+        return _report(self._arrays(), self.class_names, self.images, resamples, seed, confidence)
 
-        def figures(*columns: np.ndarray) -> dict[tuple[str, ...], float]:
-            return _report_figures(dict(zip(arrays, columns, strict=True)), names)
-
-        report: dict = {
-            "images": self.images,
-            "bootstrap": {"resamples": resamples, "confidence": confidence, "seed": seed},
-        }
-        if not arrays:
-            return report
-        if "probabilities" in arrays:
-            labels, probabilities = arrays["labels"], arrays["probabilities"]
-            per_class = metrics.per_class_report(labels, probabilities, names)
-            report["per_class"] = {name: {"n": c["n"]} for name, c in per_class.items()}
-            reliability = metrics.reliability_bins(labels, probabilities)
-            report["reliability"] = {key: value.tolist() for key, value in reliability.items()}
-        point = figures(*arrays.values())
-        low = high = np.full(len(point), np.nan)
-        if resamples > 0:
-            low, high = metrics.bootstrap_interval(
-                lambda *columns: np.fromiter(figures(*columns).values(), float, len(point)),
-                *arrays.values(),
-                resamples=resamples,
-                confidence=confidence,
-                seed=seed,
-            )
-        for ((section, *path), value), lo, hi in zip(point.items(), low, high, strict=True):
-            node = report.setdefault(section, {})
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = {"value": value, "low": float(lo), "high": float(hi)}
-        order = ("images", "bootstrap", "segmentation", "classification", "per_class")
-        return {key: report[key] for key in (*order, "reliability") if key in report}
+    def subgroup_report(
+        self, resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+    ) -> dict[str, dict[str, dict]]:
+        """``report`` for the images of each value of each subgroup attribute (images whose value
+        is unknown are left out): ``{attribute: {value: report}}``, values by descending count."""
+        arrays, reports = self._arrays(), {}
+        for name, values in self._subgroups.items():
+            values = np.array(values, dtype=object)
+            known = [v for v in values if v is not None]
+            reports[name] = {}
+            for value in sorted(set(known), key=lambda v: (-known.count(v), str(v))):
+                chosen = np.flatnonzero(values == value)
+                subset = {key: array[chosen] for key, array in arrays.items()}
+                reports[name][value] = _report(
+                    subset, self.class_names, len(chosen), resamples, seed, confidence
+                )
+        return reports
 
     def _arrays(self) -> dict[str, np.ndarray]:
         """What ``report`` resamples, one row per image: the per-image segmentation figures
@@ -164,6 +158,50 @@ class Evaluator:
         if not self._probabilities:
             raise ValueError("no class probabilities evaluated: the model does not classify")
         return np.concatenate(self._labels), np.concatenate(self._probabilities)
+
+
+def _report(
+    arrays: dict[str, np.ndarray],
+    names: list[str] | None,
+    images: int,
+    resamples: int,
+    seed: int,
+    confidence: float,
+) -> dict:
+    """``Evaluator.report`` of the per-image ``arrays`` (``Evaluator._arrays``)."""
+
+    def figures(*columns: np.ndarray) -> dict[tuple[str, ...], float]:
+        return _report_figures(dict(zip(arrays, columns, strict=True)), names)
+
+    report: dict = {
+        "images": images,
+        "bootstrap": {"resamples": resamples, "confidence": confidence, "seed": seed},
+    }
+    if not arrays:
+        return report
+    if "probabilities" in arrays:
+        labels, probabilities = arrays["labels"], arrays["probabilities"]
+        per_class = metrics.per_class_report(labels, probabilities, names)
+        report["per_class"] = {name: {"n": c["n"]} for name, c in per_class.items()}
+        reliability = metrics.reliability_bins(labels, probabilities)
+        report["reliability"] = {key: value.tolist() for key, value in reliability.items()}
+    point = figures(*arrays.values())
+    low = high = np.full(len(point), np.nan)
+    if resamples > 0:
+        low, high = metrics.bootstrap_interval(
+            lambda *columns: np.fromiter(figures(*columns).values(), float, len(point)),
+            *arrays.values(),
+            resamples=resamples,
+            confidence=confidence,
+            seed=seed,
+        )
+    for ((section, *path), value), lo, hi in zip(point.items(), low, high, strict=True):
+        node = report.setdefault(section, {})
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = {"value": value, "low": float(lo), "high": float(hi)}
+    order = ("images", "bootstrap", "segmentation", "classification", "per_class")
+    return {key: report[key] for key in (*order, "reliability") if key in report}
 
 
 def _report_figures(
@@ -256,13 +294,30 @@ def evaluate_samples(
                 if at_source_size
                 else torch.from_numpy(batch["mask"][ok])
             )
-            evaluator.update(prediction, masks, labels)
+            evaluator.update(prediction, masks, labels, _subgroups(chunk, ok, batch, prediction))
             if writer:
                 writer.write(batch["image_uri"][ok], labels.numpy(), prediction)
     finally:
         if writer:
             writer.close()
     return {**evaluator.result(), "skipped": skipped}
+
+
+def _subgroups(chunk: dict, ok: np.ndarray, batch: dict, prediction: Prediction) -> dict:
+    """Each evaluated image's metadata subgroups (``SUBGROUP_COLUMNS``, where the samples have
+    them) and its skin tone: the ITA category of the skin around the predicted lesion, or around
+    the true one where the model does not segment (the truth only places the image in a group)."""
+    groups = {
+        name: list(np.asarray(chunk[name], dtype=object)[ok])
+        for name in SUBGROUP_COLUMNS
+        if name in chunk
+    }
+    masks = prediction.mask.cpu().numpy() if prediction.mask is not None else batch["mask"][ok]
+    groups["skin_tone"] = [
+        ita_category(individual_typology_angle(image, mask))
+        for image, mask in zip(batch["image"][ok], masks, strict=True)
+    ]
+    return groups
 
 
 PREDICTION_SCHEMA = pa.schema(

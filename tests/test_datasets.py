@@ -12,6 +12,7 @@ from skinray.data.datasets import (
     HAM10000_CLASSES,
     ISIC2017_CLASSES,
     DatasetError,
+    age_band,
     holdout_split,
     read_ham10000,
     read_isic2017,
@@ -125,3 +126,29 @@ def test_real_ham10000_lesions_never_straddle_the_split():
     train, validation = holdout_split(samples, 0.15)
     assert not set(train.rows["group"].to_pylist()) & set(validation.rows["group"].to_pylist())
     assert 0.12 < len(validation) / len(samples) < 0.18
+
+
+def test_real_ham10000_carries_sex_age_band_and_site_with_unknowns_as_null():
+    rows = read_ham10000(str(SHARED_DATA / "ham10000")).rows
+    sexes = set(rows["sex"].to_pylist())
+    assert {"male", "female"} <= sexes and sexes <= {"male", "female", None}  # "unknown" → null
+    assert set(rows["age_band"].to_pylist()) <= {"0-29", "30-44", "45-59", "60-74", "75+", None}
+    assert "lower extremity" in set(rows["site"].to_pylist())
+
+
+@pytest.mark.parametrize(
+    ("age", "band"), [(0, "0-29"), (29.9, "0-29"), (30, "30-44"), (74, "60-74"), (85, "75+")]
+)
+def test_age_bands(age, band):
+    assert age_band(age) == band
+    assert age_band(None) is None and age_band(float("nan")) is None
+
+
+def test_a_manifest_gives_its_subgroup_columns(tmp_path):
+    (tmp_path / "m.csv").write_text(
+        "image,label,sex,age,site\na.jpg,0,female,52,back\nb.jpg,1,unknown,,face\n"
+    )
+    rows = read_manifest(str(tmp_path / "m.csv")).rows
+    assert rows["sex"].to_pylist() == ["female", None]
+    assert rows["age_band"].to_pylist() == ["45-59", None]
+    assert rows["site"].to_pylist() == ["back", "face"]

@@ -199,3 +199,40 @@ def test_the_evaluate_job_measures_a_backend_beside_eager(tmp_path):
         figures[backend] = payload["metrics"]["jaccard"]
     assert figures["openvino"] == pytest.approx(figures["eager"], abs=1e-3)
     assert 0.3 < figures["eager"] < 1.0
+
+
+def test_subgroup_figures_are_the_figures_of_each_groups_images_alone():
+    whole, groups = Evaluator(CLASSES), {"sex": [], "site": []}
+    parts = {"female": Evaluator(CLASSES), "male": Evaluator(CLASSES)}
+    for seed, count in ((0, 40), (1, 60)):
+        prediction, masks, labels = _batch(seed, count)
+        sex = ["female" if i % 3 else "male" for i in range(count)]
+        sex[0] = None  # unknown: in no group
+        site = ["back"] * count if seed == 0 else None  # only the first batch knows the site
+        whole.update(prediction, masks, labels, {"sex": sex, **({"site": site} if site else {})})
+        groups["sex"] += sex
+        for value, part in parts.items():
+            keep = [i for i, s in enumerate(sex) if s == value]
+            part.update(_subset(prediction, keep), masks[keep], labels[keep])
+    report = whole.subgroup_report(resamples=0)
+    assert list(report["sex"]) == ["female", "male"]  # by count, descending
+    for value, part in parts.items():
+        expected = part.report(resamples=0)
+        assert report["sex"][value]["images"] == expected["images"] == part.images
+        for section in ("segmentation", "classification"):
+            for name, figure in expected[section].items():
+                got = report["sex"][value][section][name]["value"]
+                assert got == pytest.approx(figure["value"], nan_ok=True), (value, name)
+    assert list(report["site"]) == ["back"] and report["site"]["back"]["images"] == 40
+    with_intervals = whole.subgroup_report(resamples=50)["sex"]["male"]["classification"]
+    assert with_intervals["accuracy"]["low"] <= with_intervals["accuracy"]["value"]
+
+
+def _subset(prediction: Prediction, keep: list[int]) -> Prediction:
+    return Prediction(
+        mask_probability=None,
+        mask=prediction.mask[keep],
+        class_probabilities=prediction.class_probabilities[keep],
+        cam=None,
+        roi_box=None,
+    )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -64,17 +65,46 @@ class SampleTable:
         return SampleTable(self.rows.take(pa.array(indices, type=pa.int64())), self.class_names)
 
 
-def _table(image_uris, mask_uris, labels, image_ids, groups, class_names) -> SampleTable:
-    rows = pa.table(
-        {
-            "image_uri": pa.array(image_uris, pa.string()),
-            "mask_uri": pa.array(mask_uris, pa.string()),
-            "label": pa.array(labels, pa.int64()),
-            "image_id": pa.array(image_ids, pa.string()),
-            "group": pa.array(groups, pa.string()),
-        }
-    )
-    return SampleTable(rows, tuple(class_names))
+#: Patient and lesion metadata that evaluation reports subgroups of, where a data set has them.
+SUBGROUP_COLUMNS = ("sex", "age_band", "site")
+#: Age bands (lower bounds, years) for the ``age_band`` column.
+AGE_BANDS = (0, 30, 45, 60, 75)
+
+
+def age_band(age: float | None) -> str | None:
+    """``"45-59"``-style band of an age in years (``"75+"`` for the last); None when unknown."""
+    if age is None or age != age or age < 0:
+        return None
+    lower = max(bound for bound in AGE_BANDS if age >= bound)
+    index = AGE_BANDS.index(lower)
+    if index == len(AGE_BANDS) - 1:
+        return f"{lower}+"
+    return f"{lower}-{AGE_BANDS[index + 1] - 1}"
+
+
+def _known(value) -> str | None:
+    """A metadata value, or None for the ways data sets say unknown."""
+    if value is None or value != value:
+        return None
+    text = str(value).strip()
+    return None if text.lower() in ("", "unknown", "nan", "none") else text
+
+
+def _table(
+    image_uris, mask_uris, labels, image_ids, groups, class_names, metadata: dict | None = None
+) -> SampleTable:
+    metadata = metadata or {}
+    columns = {
+        "image_uri": pa.array(image_uris, pa.string()),
+        "mask_uri": pa.array(mask_uris, pa.string()),
+        "label": pa.array(labels, pa.int64()),
+        "image_id": pa.array(image_ids, pa.string()),
+        "group": pa.array(groups, pa.string()),
+    }
+    for name in SUBGROUP_COLUMNS:
+        values = metadata.get(name, [None] * len(image_uris))
+        columns[name] = pa.array([_known(v) for v in values], pa.string())
+    return SampleTable(pa.table(columns), tuple(class_names))
 
 
 def _list_names(uri: str) -> set[str]:
@@ -182,7 +212,8 @@ def read_isic2017(root: str, split: str = "Training") -> SampleTable:
 
 
 def read_ham10000(root: str) -> SampleTable:
-    """HAM10000 images, masks and the 7 ``dx`` classes; ``group`` is the ``lesion_id``."""
+    """HAM10000 images, masks and the 7 ``dx`` classes; ``group`` is the ``lesion_id``; ``sex``,
+    ``age_band`` and ``site`` (``localization``) from the metadata."""
     if not io.exists(root):
         raise DatasetError(f"dataset root not found: {root}")
     metadata_uri = io.join(root, "HAM10000_metadata.csv")
@@ -222,7 +253,15 @@ def read_ham10000(root: str) -> SampleTable:
             strict=True,
         ):
             column.append(value)
-    return _table(*rows, HAM10000_CLASSES)
+    columns = metadata.column_names
+    subgroups = {
+        "sex": metadata["sex"].to_pylist() if "sex" in columns else None,
+        "age_band": [age_band(a) for a in metadata["age"].to_pylist()]
+        if "age" in columns
+        else None,
+        "site": metadata["localization"].to_pylist() if "localization" in columns else None,
+    }
+    return _table(*rows, HAM10000_CLASSES, {k: v for k, v in subgroups.items() if v is not None})
 
 
 def read_manifest(
@@ -291,7 +330,22 @@ def read_manifest(
     groups = (
         [str(v) for v in table["group"].to_pylist()] if "group" in table.column_names else image_ids
     )
-    return _table(images, masks, labels, image_ids, groups, class_names)
+    return _table(images, masks, labels, image_ids, groups, class_names, _manifest_metadata(table))
+
+
+def _manifest_metadata(table: pa.Table) -> dict[str, list]:
+    """Optional ``sex``, ``age`` (years) or ``age_band``, and ``site`` columns of a manifest."""
+    names, metadata = table.column_names, {}
+    if "sex" in names:
+        metadata["sex"] = table["sex"].to_pylist()
+    if "age_band" in names:
+        metadata["age_band"] = table["age_band"].to_pylist()
+    elif "age" in names:
+        ages = pc.cast(table["age"], pa.float64(), safe=False).to_pylist()
+        metadata["age_band"] = [age_band(a) for a in ages]
+    if "site" in names:
+        metadata["site"] = table["site"].to_pylist()
+    return metadata
 
 
 def synthetic_samples(count: int, num_classes: int = 3, seed: int = 0) -> SampleTable:
