@@ -23,6 +23,7 @@ from skinray import io
 from skinray.data.decode import encode_png
 from skinray.data.synthetic import synthetic_sample
 from skinray.models.two_step import lesion_boxes
+from skinray.models.zoo import zoo_root
 from skinray.report.html import (
     CONTOUR_RGB,
     MISSING_SOURCE_GREY,
@@ -398,3 +399,35 @@ def test_the_cli_says_error_in_one_line_and_exits_2_without_results(tmp_path, ma
     assert done.returncode == 2
     assert done.stderr.startswith("error: ") and done.stderr.count("\n") == 1
     assert "Traceback" not in done.stderr
+
+
+def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_path):
+    images = tmp_path / "archive"
+    images.mkdir()
+    tones = ["very_light"] * 6 + ["light", "intermediate", "tan", None]
+    rows = [
+        _result_row(images, *spec)
+        | {
+            "classifier": "ham10000-classifier",  # released: its reliability diagram is shown
+            "class_entropy": 0.1 * i,
+            "ood_score": 0.3 + 0.03 * i,
+            "ood": i >= 8,
+            "skin_tone": tones[i],
+        }
+        for i, spec in enumerate(IMAGES)
+    ]
+    _write_partition(
+        tmp_path / "results", RUN_DATE, pa.Table.from_pylist(rows, result_schema(CLASSES))
+    )
+    page = build_report(str(tmp_path))
+    section = re.search(r'<section id="trust">.*?</section>', page, re.S).group(0)
+    plots = re.findall(r'<figure class="plot">.*?</figure>', section, re.S)
+    assert len(plots) == 4
+    assert "Calibration" in plots[0] and "2 of 10 images flagged (20.0%)" in plots[2]
+    assert "Skin tone" in plots[3]
+    released = (zoo_root() / "ham10000-classifier" / "reliability.png").read_bytes()
+    assert base64.b64encode(released).decode() in plots[0]
+
+
+def test_rows_without_uncertainty_or_skin_tone_give_no_trust_section(page):
+    assert 'id="trust"' not in page

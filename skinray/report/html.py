@@ -73,6 +73,8 @@ _OVERVIEW_COLUMNS = [
     "classifier_sha256",
     "run_id",
 ]
+#: Read when the partition has them (rows written before issue #14 do not).
+_TRUST_COLUMNS = ["class_entropy", "ood_score", "ood", "skin_tone"]
 _MODEL_COLUMNS = ["segmenter", "segmenter_sha256", "classifier", "classifier_sha256"]
 _TILE_COLUMNS = [
     "image_id",
@@ -119,7 +121,10 @@ def build_report(
     results = _partition_dataset(output_uri, "results", run_date)
     if results is None:
         raise ReportError(f"no results for run_date={run_date} under {output_uri}")
-    overview = results.to_table(columns=_OVERVIEW_COLUMNS)
+    present = set(results.schema.names)
+    overview = results.to_table(
+        columns=_OVERVIEW_COLUMNS + [c for c in _TRUST_COLUMNS if c in present]
+    )
     errors = _read_errors(output_uri, run_date)
     if overview.num_rows == 0 and errors.num_rows == 0:
         raise ReportError(f"run_date={run_date} under {output_uri} has no rows")
@@ -130,6 +135,7 @@ def build_report(
         _summary_html(overview, errors, _read_summaries(output_uri, run_date)),
         _samples_html(tiles, overview, images_uri_root, seed),
         _plots_html(overview),
+        _trust_html(overview),
         _errors_html(errors),
     ]
     return _page_html(f"skinray scoring report · {run_date}", sections)
@@ -592,6 +598,98 @@ def _plots_html(overview: pa.Table) -> str:
         if png is not None
     )
     return f'<section id="distributions">\n<h2>Distributions</h2>\n<div class="plots">\n{figures}\n</div>\n</section>'
+
+
+def _trust_html(overview: pa.Table) -> str:
+    """How far to trust the run's predictions: the classifier's reliability diagram (from its
+    release), the entropy and OOD-score distributions, and the archive's skin-tone mix."""
+    plots = [
+        (
+            "Calibration of the classifier on its validation split (from its release)",
+            _reliability(overview),
+        ),
+        (
+            "Predictive entropy of the class probabilities (0: certain, 1: uniform)",
+            _histogram_png(overview, "class_entropy", "normalised entropy", "Uncertainty"),
+        ),
+        (
+            _ood_caption(overview),
+            _histogram_png(
+                overview,
+                "ood_score",
+                "ood_score (distance from the training data)",
+                "Out-of-distribution score",
+            ),
+        ),
+        ("Skin tone of the skin around the lesion (ITA category)", _skin_tone_png(overview)),
+    ]
+    figures = "\n".join(
+        f'<figure class="plot"><img src="{_png_data_uri(png)}" alt="{_e(caption)}">'
+        f"<figcaption>{_e(caption)}</figcaption></figure>"
+        for caption, png in plots
+        if png is not None
+    )
+    if not figures:
+        return ""
+    return f'<section id="trust">\n<h2>Uncertainty, out-of-distribution images and skin tone</h2>\n<div class="plots">\n{figures}\n</div>\n</section>'
+
+
+def _reliability(overview: pa.Table) -> bytes | None:
+    from skinray.models.zoo import resolve_model
+
+    names = {c for c in overview["classifier"].to_pylist() if c} if overview.num_rows else set()
+    for name in sorted(names):
+        try:
+            return io.read_bytes(io.join(resolve_model(name), "reliability.png"))
+        except (FileNotFoundError, OSError, ValueError):
+            continue
+    return None
+
+
+def _ood_caption(overview: pa.Table) -> str:
+    if "ood" not in overview.column_names:
+        return "Out-of-distribution score"
+    flags = [f for f in overview["ood"].to_pylist() if f is not None]
+    flagged = sum(flags)
+    share = f" ({flagged / len(flags):.1%})" if flags else ""
+    return f"Out-of-distribution score: {flagged} of {len(flags)} images flagged{share}"
+
+
+def _histogram_png(overview: pa.Table, column: str, label: str, title: str) -> bytes | None:
+    if column not in overview.column_names:
+        return None
+    values = overview[column].to_numpy(zero_copy_only=False).astype(float)
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return None
+    figure = Figure(figsize=(5.6, 3.2), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    axes.hist(values, bins=min(40, max(5, int(math.sqrt(values.size)))), color=PLOT_COLOUR)
+    axes.set_xlabel(label)
+    axes.set_ylabel("images")
+    axes.set_title(title)
+    axes.spines[["top", "right"]].set_visible(False)
+    return _figure_png(figure)
+
+
+def _skin_tone_png(overview: pa.Table) -> bytes | None:
+    from skinray.skin_tone import ITA_CATEGORIES
+
+    if "skin_tone" not in overview.column_names:
+        return None
+    counts = Counter(t for t in overview["skin_tone"].to_pylist() if t)
+    if not counts:
+        return None
+    names = [name for _, name in reversed(ITA_CATEGORIES)]  # dark at the bottom
+    figure = Figure(figsize=(5.6, 3.4), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    bars = axes.barh(names, [counts.get(n, 0) for n in names], color=PLOT_COLOUR)
+    axes.bar_label(bars, padding=3)
+    axes.set_xlabel("images")
+    axes.set_title("Skin tone (ITA)")
+    axes.margins(x=0.15)
+    axes.spines[["top", "right"]].set_visible(False)
+    return _figure_png(figure)
 
 
 def _errors_html(errors: pa.Table) -> str:
