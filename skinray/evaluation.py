@@ -76,7 +76,7 @@ class Evaluator:
         ``subgroups``: each image's value (None: unknown) of attributes ``subgroup_report`` splits
         the figures by; every update must name the same attributes."""
         subgroups = subgroups or {}
-        for name in {*self._subgroups, *subgroups}:
+        for name in [*self._subgroups, *(n for n in subgroups if n not in self._subgroups)]:
             known = self._subgroups.setdefault(name, [None] * self.images)
             known.extend(subgroups.get(name, [None] * len(labels)))
         self.images += len(labels)
