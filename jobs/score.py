@@ -15,6 +15,7 @@ import argparse
 import datetime as dt
 import sys
 
+from skinray import io
 from skinray.data.datasets import DatasetError
 from skinray.models import ModelConfigError
 from skinray.models.zoo import example_archive
@@ -38,7 +39,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--run-date", type=dt.date.fromisoformat, help="partition date (default today, UTC)"
     )
-    parser.add_argument("--run-id")
+    parser.add_argument(
+        "--run-id",
+        help="the run's id (default: a new one); a run id given again continues that run where "
+        "its driver died: what it staged is committed, not scored again",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        help="continue the run RUN_ID whose driver died (its staged rows must be under --output)",
+    )
+    parser.add_argument(
+        "--rows-per-file",
+        type=int,
+        help="rows per output Parquet file (10000: tens of MB; they wait in the object store)",
+    )
     parser.add_argument("--incremental", action="store_true", help="skip images already scored")
     parser.add_argument("--cam", dest="include_cam", action="store_true", help="store CAMs as PNG")
     parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
@@ -92,8 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.input is None:
         args.input = example_archive()
+    if args.resume:
+        staging = io.join(args.output, "_staging", args.resume)
+        if (args.run_id and args.run_id != args.resume) or not io.exists(staging):
+            why = "two run ids given" if args.run_id else f"nothing staged at {staging}"
+            print(f"error: --resume {args.resume}: {why}", file=sys.stderr)
+            return 2
+        args.run_id = args.resume
     try:
-        config = make_score_config(**{k: v for k, v in vars(args).items() if k != "report"})
+        settings = {k: v for k, v in vars(args).items() if k not in ("report", "resume")}
+        config = make_score_config(**settings)
         from skinray.score.pipeline import run_scoring
 
         summary = run_scoring(config)

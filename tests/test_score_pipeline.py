@@ -1,24 +1,26 @@
 """The scoring pipeline's parts that need no Ray: the object-store budget, the per-stage summary, and
-the streaming split of staged rows into the results and errors partitions."""
+the write tasks' staged files and their commit into the results and errors partitions."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from skinray.score.commit import PartitionWriter as _PartitionWriter
-from skinray.score.commit import split_staged as _split_staged
+from skinray.score.commit import StagedRunSink, commit_run, remove_staging, staged_uris
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import StageSummary, _stage_summaries
+from skinray.score.plan import OUTPUT_ROW_BYTES
 from skinray.score.plan import Placement as _Placement
 from skinray.score.plan import object_store_budget as _object_store_budget
 from skinray.score.schema import error_schema, result_schema
 
 
 def _config(**extra):
-    return make_score_config(input="in/", output="out/", segmenter="seg", **extra)
+    return make_score_config(**{"input": "in/", "output": "out/", "segmenter": "seg", **extra})
 
 
 CPU_NODE = _Placement(use_gpu=False, max_actors=1, cpu_threads=2, decode_slots=2)
@@ -26,9 +28,9 @@ CPU_NODE = _Placement(use_gpu=False, max_actors=1, cpu_threads=2, decode_slots=2
 
 def test_budget_is_prefetched_batches_per_actor_plus_decode_outputs():
     config = _config(batch_size=16, decode_batch_size=8, prefetch_batches=4)
-    # 4 batches × 16 rows × (256×256 RGB + mask) in and out of the one actor, and one 8-row
-    # output (RGB + mask) per decode slot.
-    expected = 4 * 16 * 2 * (4 * 256 * 256) + 2 * 8 * 4 * 256 * 256
+    # 4 batches × 16 rows × (256×256 RGB + mask) in and out of the one actor, one 8-row output
+    # (RGB + mask) per decode slot, and a file's worth of finished rows for the write.
+    expected = 4 * 16 * 2 * (4 * 256 * 256) + 2 * 8 * 4 * 256 * 256 + 10_000 * OUTPUT_ROW_BYTES
     assert _object_store_budget(config, CPU_NODE, (256, 256)) == expected
 
 
@@ -104,57 +106,101 @@ def _staged_rows(uris: list[str], failed: set[str]) -> pa.Table:
     )
 
 
-def _split(tmp_path, *staged_files: pa.Table, rows_per_file: int = 100):
-    """The staged tables written as staging files, split into ``results/`` and ``errors/`` under
-    ``tmp_path``: (results writer, errors writer, errors by type, errors by stage)."""
-    staging = tmp_path / "staging"
-    staging.mkdir()
-    for index, table in enumerate(staged_files):
-        pq.write_table(table, staging / f"{index}.parquet")
-    results = _PartitionWriter(
-        str(tmp_path / "results"), result_schema(["nevus"]), "r", rows_per_file, replace=True
-    )
-    errors = _PartitionWriter(
-        str(tmp_path / "errors"), error_schema(), "r", rows_per_file, replace=True
-    )
-    by_type, by_stage = _split_staged(pads.dataset(staging), results, errors)
-    results.close()
-    errors.close()
-    return results, errors, by_type, by_stage
+def _stage(staging, *tables: pa.Table, first_task: int = 0) -> StagedRunSink:
+    """The tables written as Ray Data's write tasks would write them, one task each."""
+    sink = StagedRunSink(str(staging), ["nevus"], "r", rows_per_file=100)
+    for task, table in enumerate(tables, start=first_task):
+        sink.write([table], SimpleNamespace(task_idx=task))
+    return sink
 
 
-def test_split_streams_rows_into_files_of_bounded_size(tmp_path):
+def _files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_a_write_task_writes_whole_files_in_the_fixed_schemas(tmp_path):
     uris = [f"s3://a/{i:03d}.jpg" for i in range(10)]
     rows = _staged_rows(uris, failed={uris[3], uris[7]})
-    results, errors, by_type, by_stage = _split(
-        tmp_path, rows.slice(0, 6), rows.slice(6), rows_per_file=3
-    )
-    assert (results.rows, errors.rows) == (8, 2)
-    assert by_type == {"CorruptImage": 2} and by_stage == {"decode": 2}
-    files = sorted(p.name for p in (tmp_path / "results").iterdir())
-    assert files == [f"part-r-{i:05d}.parquet" for i in range(3)]  # 3 + 3 + 2 rows
-    written = pads.dataset(tmp_path / "results").to_table()
+    sink = _stage(tmp_path / "staging", rows.slice(0, 6), rows.slice(6))
+    results, errors = tmp_path / "staging" / "results", tmp_path / "staging" / "errors"
+    assert _files(results) == [f"part-r-{sink.attempt}-0000{t}.parquet" for t in (0, 1)]
+    assert len(_files(errors)) == 2  # no partial (.tmp) file is left behind
+    written = pads.dataset(results).to_table()
     assert sorted(written["source_uri"].to_pylist()) == sorted(set(uris) - {uris[3], uris[7]})
+    assert written.schema == result_schema(["nevus"])
     assert written["lesion_area_fraction"].null_count == 8  # NaN is stored as null
-    assert pq.read_schema(tmp_path / "errors" / "part-r-00000.parquet") == error_schema()
+    assert pq.read_schema(next(errors.iterdir())) == error_schema()
 
 
-def test_a_repeated_row_is_written_once(tmp_path):
+def test_a_retried_write_task_rewrites_its_own_file(tmp_path):
     uris = ["s3://a/1.jpg", "s3://a/2.jpg"]
-    # The second file holds a rerun task's row.
-    results, *_ = _split(tmp_path, _staged_rows(uris, set()), _staged_rows(uris[:1], set()))
-    assert results.rows == 2
-    assert sorted(pads.dataset(tmp_path / "results").to_table()["source_uri"].to_pylist()) == uris
+    sink = _stage(tmp_path / "staging", _staged_rows(uris, set()))
+    sink.write([_staged_rows(uris, set())], SimpleNamespace(task_idx=0))  # Ray reruns task 0
+    assert pads.dataset(tmp_path / "staging" / "results").to_table().num_rows == 2
 
 
-def test_an_empty_partition_still_has_a_file_with_its_schema_and_replaces_the_old(tmp_path):
-    target = tmp_path / "errors"
-    target.mkdir()
-    (target / "part-old-00000.parquet").write_bytes(b"stale")
-    writer = _PartitionWriter(str(target), error_schema(), "new", 10, replace=True)
-    writer.close()
-    assert [p.name for p in target.iterdir()] == ["part-new-00000.parquet"]
-    assert pq.read_table(target / "part-new-00000.parquet").schema == error_schema()
+def _previous_partition(output, run_date="2026-11-24"):
+    """A partition an earlier run committed: one result row (old.jpg) and one error row."""
+    for table, schema, uri in (
+        ("results", result_schema(["nevus"]), "s3://a/old.jpg"),
+        ("errors", error_schema(), "s3://a/old-bad.jpg"),
+    ):
+        folder = output / table / f"run_date={run_date}"
+        folder.mkdir(parents=True)
+        row = {f.name: None for f in schema} | {"source_uri": uri, "run_id": "old", "image_id": "x"}
+        if table == "errors":
+            row |= {"stage": "decode", "error_type": "CorruptImage"}
+        pq.write_table(pa.Table.from_pylist([row], schema), folder / "part-old-00000.parquet")
+
+
+def _commit(output, **settings):
+    config = _config(output=str(output), run_id="r", run_date="2026-11-24", **settings)
+    return commit_run(str(output / "_staging" / "r"), config, ["nevus"])
+
+
+def test_the_commit_replaces_the_partition_from_the_staged_files_alone(tmp_path):
+    output = tmp_path / "out"
+    _previous_partition(output)
+    uris = [f"s3://a/{i}.jpg" for i in range(5)]
+    _stage(output / "_staging" / "r", _staged_rows(uris, failed={uris[4]}))
+    committed = _commit(output)
+    assert (committed.results, committed.errors) == (4, 1)
+    assert committed.errors_by_type == {"CorruptImage": 1} and committed.errors_by_stage == {
+        "decode": 1
+    }
+    partition = output / "results" / "run_date=2026-11-24"
+    assert all(name.startswith("part-r-") for name in _files(partition))  # the old run's file went
+    assert sorted(pads.dataset(partition).to_table()["source_uri"].to_pylist()) == uris[:4]
+    remove_staging(str(output / "_staging" / "r"))
+    assert not (output / "_staging").exists()
+
+
+def test_an_incremental_commit_adds_results_and_replaces_errors(tmp_path):
+    output = tmp_path / "out"
+    _previous_partition(output)
+    _stage(output / "_staging" / "r", _staged_rows(["s3://a/new.jpg"], set()))
+    _commit(output, incremental=True)
+    results = pads.dataset(output / "results" / "run_date=2026-11-24").to_table()
+    assert sorted(results["source_uri"].to_pylist()) == ["s3://a/new.jpg", "s3://a/old.jpg"]
+    errors = pads.dataset(output / "errors" / "run_date=2026-11-24").to_table()
+    assert (
+        errors.num_rows == 0 and errors.schema == error_schema()
+    )  # an empty file, with its schema
+
+
+def test_a_run_dead_before_its_commit_leaves_the_partition_and_its_staged_rows(tmp_path):
+    output = tmp_path / "out"
+    _previous_partition(output)
+    before = {p: p.read_bytes() for p in (output / "results").rglob("*.parquet")}
+    uris = [f"s3://a/{i}.jpg" for i in range(4)]
+    _stage(output / "_staging" / "r", _staged_rows(uris[:2], set()))  # the driver dies here
+    assert {p: p.read_bytes() for p in (output / "results").rglob("*.parquet")} == before
+    assert sorted(staged_uris(str(output / "_staging" / "r")).to_pylist()) == uris[:2]
+    # The run id again: a new driver stages the rest under new names, and the commit takes both.
+    _stage(output / "_staging" / "r", _staged_rows(uris[2:], set()))
+    committed = _commit(output)
+    partition = pads.dataset(output / "results" / "run_date=2026-11-24").to_table()
+    assert committed.results == 4 and sorted(partition["source_uri"].to_pylist()) == uris
 
 
 def test_error_rows_whose_size_was_never_read_get_a_null_size(tmp_path):
@@ -162,7 +208,7 @@ def test_error_rows_whose_size_was_never_read_get_a_null_size(tmp_path):
     uris = ["s3://a/gone-1.jpg", "s3://a/gone-2.jpg"]
     staged = _staged_rows(uris, failed=set(uris)).drop_columns(["source_size_bytes"])
     staged = staged.append_column("source_size_bytes", pa.array([float("nan")] * 2))
-    _split(tmp_path, staged)
-    written = pq.read_table(tmp_path / "errors" / "part-r-00000.parquet")
+    _stage(tmp_path / "staging", staged)
+    written = pads.dataset(tmp_path / "staging" / "errors").to_table()
     assert written["source_size_bytes"].to_pylist() == [None, None]
     assert written["source_uri"].to_pylist() == uris

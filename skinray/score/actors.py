@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,7 +52,9 @@ class PredictActor:
         kill_marker: str | None = None,
         cpu_threads: int | None = None,
         backend: str | None = None,
+        test_delay_s: float = 0.0,
     ) -> None:
+        self.test_delay_s = test_delay_s  # PREDICT_DELAY_ENV, for the resume test
         if kill_marker:
             os.environ[KILL_ACTOR_MARKER_ENV] = kill_marker
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -69,6 +72,7 @@ class PredictActor:
 
     def __call__(self, batch: dict) -> dict:
         _kill_once_if_asked()
+        time.sleep(self.test_delay_s)
         if "jpeg" in batch:
             self._decode_jpegs(batch)
         count = len(batch["source_uri"])

@@ -1,86 +1,134 @@
-"""The scoring run's commit: staged rows into the output partitions, then the staging removed.
+"""The scoring run's output: written once by Ray Data's write into the run's staging directory,
+then committed into the run date's partitions from file listings, never by re-reading the rows.
 
-The Ray Data graph lands its rows in a staging Parquet directory in one pass; they are then
-streamed, a batch at a time, into ``results/run_date=…`` and ``errors/run_date=…`` with a fixed
-schema and a bounded number of files, replacing the partition of a re-run (or adding to it with
-``incremental``), and the staging directory is removed.
+Write (``StagedRunSink``, on Ray's write tasks): each task splits its rows into the fixed results
+and errors schemas and writes one Parquet file of each, ``part-<run id>-<attempt>-<task>.parquet``,
+under ``_staging/<run id>/results/`` and ``…/errors/``. A file is complete or absent: a temporary
+name renamed on a local disk, a single PUT on S3. Ray Data bundles ``rows_per_file`` rows for a
+task, so the files hold tens of MB, not thousands of small ones, and a retried task rewrites its
+own file names rather than adding rows.
+
+Commit (``commit_run``, on the driver): every staged file is moved into ``results/run_date=…`` and
+``errors/run_date=…`` (a rename on a local disk, a server-side copy on S3); then the files of
+earlier runs in those partitions are deleted (the results partition is kept and added to with
+``incremental``); then the staging directory. Until the commit starts, the previous partitions are
+untouched: a run that dies before it leaves them readable and unchanged, and its staged files are
+picked up when the run id is given again (``staged_uris``), so nothing staged is scored twice.
+Between the moves and the deletes a reader may see both runs' rows; each row names its run.
 """
 
 from __future__ import annotations
 
+import uuid
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from ray.data import Datasink
 
 from skinray import io
 from skinray.score.config import ScoreConfig
 from skinray.score.schema import error_schema, result_schema
 
-__all__ = [
-    "STAGING_ROWS_PER_FILE",
-    "Committed",
-    "PartitionWriter",
-    "commit_partitions",
-    "remove_staging",
-    "split_staged",
-]
+__all__ = ["Committed", "StagedRunSink", "commit_run", "remove_staging", "staged_uris"]
 
-STAGING_ROWS_PER_FILE = 1024
+TABLES = ("results", "errors")
+_RENAMED = {"stage": "error_stage", "failed_at": "scored_at"}  # error column ← staged row column
 
 
 def _partition(output: str, table: str, run_date: str) -> str:
     return io.join(output, table, f"run_date={run_date}")
 
 
-class PartitionWriter:
-    """Rows appended batch by batch into ``part-<run id>-NNNNN.parquet`` files of at most
-    ``rows_per_file`` rows under one partition directory (replaced first when ``replace``); an
-    empty file when no row comes, so the partition always exists with its schema."""
+class StagedRunSink(Datasink):
+    """Ray Data's write of a scoring run's rows (``finish_rows``) into its staging directory."""
 
-    def __init__(
-        self, uri: str, schema: pa.Schema, run_id: str, rows_per_file: int, replace: bool
-    ) -> None:
-        self.fs, self.path = io.resolve(uri)
-        if replace and self.fs.get_file_info(self.path).type == pafs.FileType.Directory:
-            self.fs.delete_dir_contents(self.path)
-        self.fs.create_dir(self.path, recursive=True)
-        self.schema, self.run_id, self.rows_per_file = schema, run_id, rows_per_file
-        self.files, self.rows, self._writer, self._in_file = 0, 0, None, 0
+    def __init__(self, staging: str, class_names: list[str], run_id: str, rows_per_file: int):
+        self.staging, self.run_id, self.rows_per_file = staging, run_id, rows_per_file
+        self.schemas = {"results": result_schema(class_names), "errors": error_schema()}
+        self.attempt = uuid.uuid4().hex[:8]  # a resumed run's files never take an earlier name
 
-    def write(self, table: pa.Table) -> None:
-        while table.num_rows:
-            if self._writer is None:
-                name = f"{self.path}/part-{self.run_id}-{self.files:05d}.parquet"
-                self._writer = pq.ParquetWriter(name, self.schema, filesystem=self.fs)
-                self.files += 1
-            chunk = table.slice(0, self.rows_per_file - self._in_file)
-            self._writer.write_table(chunk)
-            self._in_file += chunk.num_rows
-            self.rows += chunk.num_rows
-            table = table.slice(chunk.num_rows)
-            if self._in_file == self.rows_per_file:
-                self._writer.close()
-                self._writer, self._in_file = None, 0
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
 
-    def close(self) -> None:
-        if self._writer is None and self.files == 0:
-            name = f"{self.path}/part-{self.run_id}-00000.parquet"
-            pq.write_table(self.schema.empty_table(), name, filesystem=self.fs)
-            self.files = 1
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
+        table = pa.concat_tables([pa.table(block) for block in blocks], promote_options="default")
+        failed = pc.not_equal(table["error_stage"], "")
+        written = {}
+        for name, rows in (
+            ("results", table.filter(pc.invert(failed))),
+            ("errors", table.filter(failed)),
+        ):
+            if rows.num_rows:
+                path = io.join(
+                    self.staging,
+                    name,
+                    f"part-{self.run_id}-{self.attempt}-{ctx.task_idx:05d}.parquet",
+                )
+                _write_whole(self._in_schema(rows, self.schemas[name]), path)
+            written[name] = rows.num_rows
+        return written
+
+    @staticmethod
+    def _in_schema(rows: pa.Table, schema: pa.Schema) -> pa.Table:
+        return pa.table(
+            {f.name: _as_field(rows[_RENAMED.get(f.name, f.name)], f) for f in schema},
+            schema=schema,
+        )
+
+
+def _write_whole(table: pa.Table, uri: str) -> None:
+    """The file appears whole or not at all: S3 makes an object visible when its upload completes;
+    on a local disk it is written under a temporary name and renamed."""
+    fs, path = io.resolve(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    if isinstance(fs, pafs.S3FileSystem):
+        pq.write_table(table, path, filesystem=fs)
+        return
+    partial = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, partial, filesystem=fs)
+    fs.move(partial, path)
+
+
+def _as_field(column: pa.ChunkedArray, target: pa.Field) -> pa.ChunkedArray:
+    if pa.types.is_floating(column.type):
+        # NaN is stored as null, which every engine reads as missing: a descriptor of an empty mask,
+        # or a size never read (Ray turns a block's all-None column into float NaN).
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column.cast(target.type)
+
+
+def _staged_files(staging: str, table: str) -> list[pafs.FileInfo]:
+    fs, path = io.resolve(io.join(staging, table))
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(
+        (i for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")),
+        key=lambda i: i.path,
+    )
+
+
+def staged_uris(staging: str) -> pa.Array:
+    """The source URIs a run with this staging directory has already written (results and errors
+    alike): those of a run whose driver died, to leave out when it resumes."""
+    fs, _ = io.resolve(staging)
+    arrays = [
+        pq.read_table(info.path, columns=["source_uri"], filesystem=fs)[
+            "source_uri"
+        ].combine_chunks()
+        for table in TABLES
+        for info in _staged_files(staging, table)
+    ]
+    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.string())
 
 
 @dataclass
 class Committed:
-    """What the commit wrote: rows and partition of each table, and the errors by type and stage."""
+    """What the commit published: rows and partition of each table, and the errors by type and stage."""
 
     results: int
     errors: int
@@ -90,92 +138,58 @@ class Committed:
     errors_by_stage: Counter
 
 
-def commit_partitions(
-    staged: pads.Dataset | None, config: ScoreConfig, class_names: list[str]
-) -> Committed:
-    """The staged rows (None: nothing was scored) split into the run date's results partition
-    (replaced, or added to with ``incremental``) and errors partition (replaced); each gets at
-    least an empty file with its schema."""
+def commit_run(staging: str, config: ScoreConfig, class_names: list[str]) -> Committed:
+    """Publish the staged files into the run date's partitions (see the module's docstring)."""
     run_date = config.run_date.isoformat()
-    results_uri = _partition(config.output, "results", run_date)
-    errors_uri = _partition(config.output, "errors", run_date)
-    result_rows = PartitionWriter(
-        results_uri,
-        result_schema(class_names),
-        config.run_id,
-        config.rows_per_file,
-        replace=not config.incremental,
-    )
-    error_rows = PartitionWriter(
-        errors_uri, error_schema(), config.run_id, config.rows_per_file, replace=True
-    )
-    try:
-        errors_by_type, errors_by_stage = split_staged(staged, result_rows, error_rows)
-    finally:
-        result_rows.close()
-        error_rows.close()
+    fs, _ = io.resolve(staging)
+    counts, by_type, by_stage, uris = {}, Counter(), Counter(), {}
+    schemas = {"results": result_schema(class_names), "errors": error_schema()}
+    for table in TABLES:
+        files = _staged_files(staging, table)
+        counts[table] = sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in files)
+        if table == "errors":
+            for info in files:
+                kinds = pq.read_table(info.path, columns=["stage", "error_type"], filesystem=fs)
+                by_type.update(kinds["error_type"].to_pylist())
+                by_stage.update(kinds["stage"].to_pylist())
+        keep_old = table == "results" and config.incremental
+        uris[table] = _partition(config.output, table, run_date)
+        _publish(files, fs, uris[table], schemas[table], config.run_id, keep_old)
     return Committed(
-        result_rows.rows, error_rows.rows, results_uri, errors_uri, errors_by_type, errors_by_stage
+        counts["results"], counts["errors"], uris["results"], uris["errors"], by_type, by_stage
     )
+
+
+def _publish(
+    files: list[pafs.FileInfo],
+    staging_fs: pafs.FileSystem,
+    partition: str,
+    schema: pa.Schema,
+    run_id: str,
+    keep_old: bool,
+) -> None:
+    """Move ``files`` into ``partition``, then delete what it held before unless ``keep_old``; an
+    empty file with the schema where the run staged none, so the partition always exists."""
+    fs, path = io.resolve(partition)
+    existing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    old = [i.path for i in existing if i.type == pafs.FileType.File] if not keep_old else []
+    fs.create_dir(path, recursive=True)
+    for info in files:
+        fs.move(info.path, f"{path}/{info.base_name}")
+    if not files:
+        pq.write_table(schema.empty_table(), f"{path}/part-{run_id}-empty.parquet", filesystem=fs)
+    new = {f"{path}/{info.base_name}" for info in files} | {f"{path}/part-{run_id}-empty.parquet"}
+    for stale in old:
+        if stale not in new:
+            fs.delete_file(stale)
 
 
 def remove_staging(staging: str) -> None:
     """The run's staging directory removed, and its parent (``_staging``) once no run has one."""
     staging_fs, staging_path = io.resolve(staging)
+    if staging_fs.get_file_info(staging_path).type == pafs.FileType.NotFound:
+        return
     staging_fs.delete_dir(staging_path)
     parent = staging_path.rsplit("/", 1)[0]
     if not staging_fs.get_file_info(pafs.FileSelector(parent, allow_not_found=True)):
         staging_fs.delete_dir(parent)
-
-
-def split_staged(
-    staged: pads.Dataset | None,
-    results: PartitionWriter,
-    errors: PartitionWriter,
-) -> tuple[Counter, Counter]:
-    """Stream the staged rows into the results and errors partitions, a batch at a time: the driver
-    holds one batch of rows and the URI column, not the run. Returns errors by type and by stage.
-
-    No row should repeat (Ray reruns a failed task from scratch and a write task's files have fixed
-    names), so duplicates are only looked for, in the URI column, and dropped if ever found."""
-    by_type, by_stage = Counter(), Counter()
-    if staged is None:
-        return by_type, by_stage
-    uris = staged.to_table(columns=["source_uri"])["source_uri"]
-    keep = None
-    if pc.count_distinct(uris).as_py() != len(uris):
-        _, first = np.unique(np.array(uris.to_pylist(), dtype=object), return_index=True)
-        keep = np.zeros(len(uris), bool)
-        keep[first] = True
-    del uris
-    result_fields, error_fields, offset = results.schema, errors.schema, 0
-    for batch in staged.to_batches(batch_size=4096, use_threads=False):
-        table = pa.Table.from_batches([batch])
-        if keep is not None:
-            table = table.filter(pa.array(keep[offset : offset + table.num_rows]))
-        offset += batch.num_rows
-        failed = pc.not_equal(table["error_stage"], "")
-        ok, bad = table.filter(pc.invert(failed)), table.filter(failed)
-        results.write(
-            pa.table(
-                {f.name: _as_field(ok[f.name], f) for f in result_fields}, schema=result_fields
-            )
-        )
-        renamed = {"stage": "error_stage", "failed_at": "scored_at"}
-        errors.write(
-            pa.table(
-                {f.name: _as_field(bad[renamed.get(f.name, f.name)], f) for f in error_fields},
-                schema=error_fields,
-            )
-        )
-        by_type.update(bad["error_type"].to_pylist())
-        by_stage.update(bad["error_stage"].to_pylist())
-    return by_type, by_stage
-
-
-def _as_field(column: pa.ChunkedArray, target: pa.Field) -> pa.ChunkedArray:
-    if pa.types.is_floating(column.type):
-        # NaN is stored as null, which every engine reads as missing: a descriptor of an empty mask,
-        # or a size never read (Ray turns a block's all-None column into float NaN).
-        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
-    return column.cast(target.type)

@@ -69,8 +69,10 @@ class ScoreConfig(BaseModel):
     #: 8 measured as fast as no bound at all on 2 CPUs (41.3 s vs 43.0 s, 440 images), 4 slower
     #: (47.6 s): Ray Data splits the budget among the stages, and the segmenter starved.
     prefetch_batches: int = Field(8, ge=1)
-    #: Target rows per output Parquet file (few large files, not thousands of small ones).
-    rows_per_file: int = Field(100_000, ge=1)
+    #: Rows per output Parquet file, as Ray Data's write tasks take them (tens of MB: a row is
+    #: a mask PNG and ~60 numbers). They wait in the object store until a file's worth has come,
+    #: so the bound counts them (``skinray.score.plan.object_store_budget``).
+    rows_per_file: int = Field(10_000, ge=1)
 
     @model_validator(mode="before")
     @classmethod

@@ -2,9 +2,10 @@
 
 Decoding runs as CPU tasks, a ``decode_batch_size`` slice of the listing a task; the models run in
 one ``Predictor`` on an actor pool placed by :func:`skinray.score.plan.plan_placement`; the
-descriptor and row-building stages are light CPU tasks after it. Rows stream, and the run's object store is bounded by the pool,
-not the archive (:func:`skinray.score.plan.object_store_budget`): the graph lands its rows in a
-staging Parquet directory in one pass, for :mod:`skinray.score.commit` to split.
+descriptor and row-building stages are light CPU tasks after it. Rows stream, and the run's object
+store is bounded by the pool, not the archive (:func:`skinray.score.plan.object_store_budget`): the
+graph writes its rows once, through :class:`skinray.score.commit.StagedRunSink`, into the run's
+staging directory, for :func:`skinray.score.commit.commit_run` to publish.
 """
 
 from __future__ import annotations
@@ -12,15 +13,14 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
-from skinray import io
 from skinray.score.actors import PredictActor
-from skinray.score.commit import STAGING_ROWS_PER_FILE
+from skinray.score.commit import StagedRunSink
 from skinray.score.config import ScoreConfig
 from skinray.score.plan import LIGHT_TASK_CPUS, WRITE_TASK_CPUS, Placement, ScoringModels
 from skinray.score.stages import (
     KILL_ACTOR_MARKER_ENV,
+    PREDICT_DELAY_ENV,
     describe_lesions,
     finish_rows,
     read_and_decode_slice,
@@ -62,6 +62,7 @@ def _model_stages(rows, config: ScoreConfig, placement: Placement):
             "classifier": config.classifier,
             "batch_size": config.batch_size,
             "kill_marker": os.environ.get(KILL_ACTOR_MARKER_ENV),
+            "test_delay_s": float(os.environ.get(PREDICT_DELAY_ENV) or 0),
             "cpu_threads": placement.cpu_threads,
             "backend": config.backend,
         },
@@ -91,24 +92,15 @@ def build_graph(
 
 
 def write_staging(
-    rows, staging: str, object_store_budget: int
-) -> tuple[pads.Dataset, dict[str, tuple[float, float]]]:
-    """Run the graph under ``object_store_budget`` bytes of object store, writing its rows as
-    Parquet under ``staging``; the staged rows as a dataset, and the operators' times."""
-    staging_fs, staging_path = io.resolve(staging)
+    rows, sink: StagedRunSink, object_store_budget: int
+) -> dict[str, tuple[float, float]]:
+    """Run the graph under ``object_store_budget`` bytes of object store, writing its rows through
+    ``sink`` (``skinray.score.commit``) into the run's staging directory; the operators' times."""
     # Datasets snapshot the DataContext when created: this run's budget goes on its own copy.
     options = rows.context.execution_options
     options.resource_limits = options.resource_limits.copy(object_store_memory=object_store_budget)
-    rows.write_parquet(
-        staging if staging.startswith("s3://") else staging_path,
-        filesystem=staging_fs if staging.startswith("s3://") else None,
-        ray_remote_args={"num_cpus": WRITE_TASK_CPUS},  # not fused: see WRITE_TASK_CPUS
-        # Rows are small (a mask PNG and scalars): a staging file per decode batch would mean
-        # thousands of tiny files, each a PUT and a GET on S3 and a fragment in the split.
-        min_rows_per_file=STAGING_ROWS_PER_FILE,
-    )
-    operator_times = _operator_times(rows)
-    return pads.dataset(staging_path, filesystem=staging_fs, format="parquet"), operator_times
+    rows.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_TASK_CPUS})  # see WRITE_TASK_CPUS
+    return _operator_times(rows)
 
 
 def _operator_times(dataset) -> dict[str, tuple[float, float]]:

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow.compute as pc
 
 from skinray import io
-from skinray.score.commit import Committed, commit_partitions, remove_staging
+from skinray.score.commit import Committed, StagedRunSink, commit_run, remove_staging, staged_uris
 from skinray.score.config import ScoreConfig
 from skinray.score.graph import build_graph, write_staging
 from skinray.score.plan import object_store_budget, plan_placement, read_scoring_models
@@ -87,6 +87,8 @@ class RunSummary:
     stages: list[StageSummary] = field(default_factory=list)
     #: The object-store bound the run's Ray Data execution ran under; 0 when nothing was scored.
     object_store_budget_mib: float = 0.0
+    #: Images a dead driver of the same run id had already staged: committed, not scored again.
+    resumed_from_staging: int = 0
 
     def lines(self) -> list[str]:
         by_type = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_type.items())) or "none"
@@ -97,6 +99,11 @@ class RunSummary:
                 f", {self.skipped_already_scored} already scored (incremental)"
                 if self.skipped_already_scored
                 else ""
+            ),
+            *(
+                [f"  resumed  {self.resumed_from_staging} staged by an earlier attempt of this run"]
+                if self.resumed_from_staging
+                else []
             ),
             f"  results  {self.results} → {self.results_uri}",
             f"  errors   {self.errors} ({by_type}) → {self.errors_uri}",
@@ -117,23 +124,30 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     if config.incremental:
         listing, skipped = drop_already_scored(listing, config, models.identity)
 
+    staging = io.join(config.output, "_staging", config.run_id)
+    already = staged_uris(staging)  # a run id given again: what its dead driver staged
+    if len(already):
+        listing = listing.filter(pc.invert(pc.is_in(listing["source_uri"], value_set=already)))
+    resumed = len(already)
+
     if not ray.is_initialized():
         ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
-    staging = io.join(config.output, "_staging", config.run_id)
     placement = plan_placement(config)
-    staged, operator_times, budget = None, {}, 0
+    operator_times, budget = {}, 0
     if listing.num_rows:
         rows = build_graph(listing, config, models, placement)
         sizes = pc.mean(listing["source_size_bytes"]).as_py() or 0.0
         budget = object_store_budget(config, placement, models.input_size, sizes)
-        staged, operator_times = write_staging(rows, staging, budget)
+        sink = StagedRunSink(staging, models.class_names, config.run_id, config.rows_per_file)
+        operator_times = write_staging(rows, sink, budget)
 
-    committed = commit_partitions(staged, config, models.class_names)
-    if staged is not None:
-        remove_staging(staging)
+    committed = commit_run(staging, config, models.class_names)
+    remove_staging(staging)
 
     wall_time_s = time.perf_counter() - started
     summary = _summary(config, listed, skipped, committed, operator_times, budget, wall_time_s)
+    summary.resumed_from_staging = resumed
+    summary.images_per_s = (listed - skipped - resumed) / wall_time_s if wall_time_s else 0.0
     summaries = io.join(config.output, "summaries", f"run_date={summary.run_date}")
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)

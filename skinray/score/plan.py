@@ -15,6 +15,7 @@ from skinray.score.config import ScoreConfig, ScoreConfigError
 
 __all__ = [
     "LIGHT_TASK_CPUS",
+    "OUTPUT_ROW_BYTES",
     "WRITE_TASK_CPUS",
     "Placement",
     "ScoringModels",
@@ -32,6 +33,9 @@ LIGHT_TASK_CPUS = 0.25
 #: queued under the object-store bound until 1,024 had arrived and the model actor stalled (440
 #: images: predict busy 58.9 s of a 301.9 s span, 1.36 images/s).
 WRITE_TASK_CPUS = 0.2
+#: Bytes of a finished output row in the object store, for the write's bundle: its mask PNG (under
+#: 2 KiB at 192 px for most lesions) and ~60 numbers and strings, rounded up.
+OUTPUT_ROW_BYTES = 4096
 
 
 @dataclass(frozen=True)
@@ -130,11 +134,13 @@ def object_store_budget(
     depends on the pool, not on the archive, keeps memory flat however many images there are.
     Counting the queue once starved the actor (110 images: predict span 58.5 s for 18.4 s of work,
     against 17.8 s with the outputs counted). Where the actor decodes the JPEGs, their bytes
-    (``mean_source_bytes`` a file) queue for it too."""
+    (``mean_source_bytes`` a file) queue for it too, and a file's worth of finished rows waits for
+    each write task (``rows_per_file``)."""
     if config.object_store_memory_mib:
         return int(config.object_store_memory_mib * 2**20)
     row = 4 * input_size[0] * input_size[1]  # RGB + mask, uint8
     queued_row = 2 * row + (int(mean_source_bytes) if config.jpeg_decode_in_segmenter else 0)
     queued = config.prefetch_batches * config.batch_size * queued_row
     decoding = placement.decode_slots * config.decode_batch_size * row
-    return queued * placement.max_actors + decoding
+    writing = config.rows_per_file * OUTPUT_ROW_BYTES  # a file's worth of finished rows
+    return queued * placement.max_actors + decoding + writing

@@ -40,6 +40,9 @@ __all__ = [
 #: Test hook for the actor-failure test: the first model call on an actor whose marker file does
 #: not exist yet creates it and exits the process, as a crashed or preempted actor would.
 KILL_ACTOR_MARKER_ENV = "SKINRAY_TEST_KILL_ACTOR_MARKER"
+#: Test hook for the resume test: seconds every model call waits, so that a driver can be killed
+#: while a run is surely mid-way.
+PREDICT_DELAY_ENV = "SKINRAY_TEST_PREDICT_DELAY_S"
 
 
 def _errors(count: int) -> dict[str, np.ndarray]:

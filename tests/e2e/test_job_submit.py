@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,9 +31,9 @@ def _free_port() -> int:
 def ray_head(tmp_path):
     """A throwaway head node on loopback (token auth off: a private test cluster).
 
-    The teardown's ``ray stop --force`` stops every Ray instance on the machine, as the CLI offers no
-    narrower stop (terminating ``ray start --block`` leaves its raylet and workers behind): don't run
-    this test beside another local Ray instance you care about."""
+    The teardown stops this head's processes only (``_stop_head``): ``ray stop --force``, the CLI's
+    only stop, would also kill every other Ray instance on the machine (a training run beside the
+    suite)."""
     # The job's ``python`` must be this environment's, as on a cluster set up by cluster.yaml.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
     dashboard_port = _free_port()
@@ -51,10 +53,36 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
-        subprocess.run(
-            [str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120
-        )
+        _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_head(temp_dir: Path) -> None:
+    """SIGKILL the Ray processes of the head under ``temp_dir``: the daemons name it on their
+    command lines; the workers (whose titles Ray rewrites) are found as their descendants."""
+    parents = {}
+    marked = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")"
+            parents[int(entry.name)] = int(
+                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if str(temp_dir).encode() in cmdline:
+            marked.add(int(entry.name))
+    while True:
+        children = {pid for pid, parent in parents.items() if parent in marked} - marked
+        if not children:
+            break
+        marked |= children
+    for pid in marked:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_smoke_test_succeeds_and_writes_the_model(ray_head, tmp_path, monkeypatch):

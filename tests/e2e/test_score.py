@@ -5,8 +5,13 @@ DuckDB reads what was written, a dying actor loses nothing, re-runs replace and 
 from __future__ import annotations
 
 import io as stdio
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -29,10 +34,11 @@ from skinray.models import (
 )
 from skinray.models.serialization import write_model_config
 from skinray.models.two_step import lesion_boxes
+from skinray.score.commit import staged_uris
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import run_scoring
 from skinray.score.schema import ROI_BOX_COLUMNS
-from skinray.score.stages import KILL_ACTOR_MARKER_ENV
+from skinray.score.stages import KILL_ACTOR_MARKER_ENV, PREDICT_DELAY_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ["melanoma", "seborrheic_keratosis", "nevus"]
@@ -288,3 +294,99 @@ def test_a_manifest_naming_missing_files_ends_them_as_read_errors(ray_cluster, s
     for row in errors:
         assert row["stage"] == "read" and row["source_size_bytes"] is None
         assert row["source_uri"].removeprefix("s3://") in row["error_message"]
+
+
+def _score_command(bucket, models, output: str, run_id: str) -> list[str]:
+    segmenter, classifier = models
+    return [
+        sys.executable,
+        str(ROOT / "jobs" / "score.py"),
+        "--input",
+        f"{bucket}/archive/",
+        "--output",
+        output,
+        "--segmenter",
+        segmenter,
+        "--classifier",
+        classifier,
+        "--run-date",
+        "2026-11-24",
+        "--run-id",
+        run_id,
+        "--max-pixels",
+        str(MAX_PIXELS),
+        "--max-actors",
+        "1",
+        "--batch-size",
+        "8",
+        "--rows-per-file",
+        "4",
+        "--backend",
+        "eager",
+        "--no-report",
+    ]
+
+
+def test_a_killed_driver_leaves_the_partition_unchanged_and_its_run_resumes_to_a_clean_runs_rows(
+    ray_cluster, s3_bucket, models
+):
+    import ray
+
+    expected = _archive(f"{s3_bucket}/archive")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    output = f"{s3_bucket}/nightly"
+    fs, root = io.resolve(output)
+
+    def exists(path: str) -> bool:
+        return bool(fs.get_file_info(pafs.FileSelector(f"{root}/{path}", allow_not_found=True)))
+
+    def partition_bytes() -> dict[str, bytes]:
+        infos = fs.get_file_info(pafs.FileSelector(f"{root}/results", recursive=True))
+        return {i.path: fs.open_input_file(i.path).read() for i in infos if i.is_file}
+
+    def run(command: list[str]) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    run(_score_command(s3_bucket, models, output, "clean"))  # the partition a good run left
+    clean, before = _rows(output), partition_bytes()
+
+    driver = subprocess.Popen(
+        _score_command(s3_bucket, models, output, "resumable"),
+        env={**env, PREDICT_DELAY_ENV: "1.0"},  # each model call of 8 images waits a second
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 300
+    while not exists("_staging/resumable/results"):
+        assert driver.poll() is None and time.monotonic() < deadline, "nothing was staged"
+        time.sleep(0.2)
+    os.kill(driver.pid, signal.SIGKILL)  # mid-run, before its commit
+    driver.wait()
+    staged = len(staged_uris(f"{output}/_staging/resumable"))
+    assert 0 < staged < len(expected)
+    assert partition_bytes() == before and _rows(output) == clean  # unchanged and readable
+
+    command = _score_command(s3_bucket, models, output, "resumable")
+    resumed = run(["--resume" if arg == "--run-id" else arg for arg in command])
+    assert f"resumed  {staged} staged" in resumed.stdout
+    assert _rows(output) == clean  # every input once, as the clean run scored it
+    names = [path.rsplit("/", 1)[1] for path in partition_bytes()]
+    assert names and all(name.startswith("part-resumable-") for name in names)
+    assert not exists("_staging")
+
+
+def _rows(output: str) -> dict[str, list[tuple]]:
+    """Each table's rows without what differs between runs (run id, times, messages), sorted."""
+    rows = {}
+    for table in ("results", "errors"):
+        fs, path = io.resolve(f"{output}/{table}")
+        data = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table()
+        ignored = {"run_id", "scored_at", "failed_at", "error_message"}
+        rows[table] = sorted(
+            (tuple(str(v) for k, v in row.items() if k not in ignored) for row in data.to_pylist()),
+        )
+    return rows
