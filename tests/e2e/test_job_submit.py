@@ -45,6 +45,12 @@ def ray_head(tmp_path):
         f"--port={_free_port()}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
+        # Its own agent ports: the defaults (52365 …) are taken by any other Ray on the machine,
+        # and a head whose job agent cannot bind answers "No available agent to submit job".
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--runtime-env-agent-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}",
         "--num-cpus=3",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
