@@ -77,6 +77,16 @@ def test_score_job_reports_a_missing_input(tmp_path):
     assert "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("run_id", [None, "other"])
+def test_score_job_refuses_a_resume_with_nothing_staged_or_two_run_ids(tmp_path, run_id):
+    extra = ["--run-id", run_id] if run_id else []
+    result = _run("score.py", "--output", str(tmp_path / "out"), "--resume", "gone", *extra)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    why = "two run ids given" if run_id else f"nothing staged at {tmp_path / 'out'}/_staging/gone"
+    assert lines == [f"error: --resume gone: {why}"]
+
+
 def test_evaluate_job_reports_a_missing_model(tmp_path):
     result = _run(
         "evaluate.py",
