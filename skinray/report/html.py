@@ -387,20 +387,6 @@ def _class_distribution_png(classes: Sequence[str | None]) -> bytes:
     return _figure_png(figure)
 
 
-def _diameter_histogram_png(diameters: np.ndarray) -> bytes | None:
-    values = diameters[np.isfinite(diameters)]
-    if values.size == 0:
-        return None
-    figure = Figure(figsize=(5.6, 3.2), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    axes.hist(values, bins=min(40, max(5, int(math.sqrt(values.size)))), color=PLOT_COLOUR)
-    axes.set_xlabel("equivalent diameter (px of the segmenter's mask)")
-    axes.set_ylabel("images")
-    axes.set_title("Lesion size")
-    axes.spines[["top", "right"]].set_visible(False)
-    return _figure_png(figure)
-
-
 # HTML
 
 
@@ -580,7 +566,6 @@ def _percent(fraction: float | None) -> float | None:
 def _plots_html(overview: pa.Table) -> str:
     if overview.num_rows == 0:
         return ""
-    diameters = overview["equivalent_diameter_px"].to_numpy(zero_copy_only=False)
     plots = [
         (
             "Predicted class of every scored image",
@@ -588,7 +573,12 @@ def _plots_html(overview: pa.Table) -> str:
         ),
         (
             "Lesion size: equivalent diameter of the largest lesion component",
-            _diameter_histogram_png(diameters.astype(float)),
+            _histogram_png(
+                overview,
+                "equivalent_diameter_px",
+                "equivalent diameter (px of the segmenter's mask)",
+                "Lesion size",
+            ),
         ),
     ]
     figures = "\n".join(
