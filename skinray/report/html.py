@@ -376,12 +376,17 @@ def _figure_png(figure: Figure) -> bytes:
 def _class_distribution_png(classes: Sequence[str | None]) -> bytes:
     counts = Counter(_class_label(c) for c in classes)
     names = sorted(counts, key=lambda name: (counts[name], name))  # largest bar on top
+    return _bar_chart_png(names, counts, "Predicted class")
+
+
+def _bar_chart_png(names: Sequence[str], counts: Counter, title: str) -> bytes:
+    """Horizontal bars of ``counts`` in the order of ``names`` (the first at the bottom)."""
     figure = Figure(figsize=(5.6, 1.2 + 0.45 * len(names)), dpi=100, layout="constrained")
     axes = figure.add_subplot()
-    bars = axes.barh(names, [counts[n] for n in names], color=PLOT_COLOUR)
+    bars = axes.barh(names, [counts.get(n, 0) for n in names], color=PLOT_COLOUR)
     axes.bar_label(bars, padding=3)
     axes.set_xlabel("images")
-    axes.set_title("Predicted class")
+    axes.set_title(title)
     axes.margins(x=0.15)
     axes.spines[["top", "right"]].set_visible(False)
     return _figure_png(figure)
@@ -671,15 +676,7 @@ def _skin_tone_png(overview: pa.Table) -> bytes | None:
     if not counts:
         return None
     names = [name for _, name in reversed(ITA_CATEGORIES)]  # dark at the bottom
-    figure = Figure(figsize=(5.6, 3.4), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    bars = axes.barh(names, [counts.get(n, 0) for n in names], color=PLOT_COLOUR)
-    axes.bar_label(bars, padding=3)
-    axes.set_xlabel("images")
-    axes.set_title("Skin tone (ITA)")
-    axes.margins(x=0.15)
-    axes.spines[["top", "right"]].set_visible(False)
-    return _figure_png(figure)
+    return _bar_chart_png(names, counts, "Skin tone (ITA)")
 
 
 def _errors_html(errors: pa.Table) -> str:
