@@ -4,11 +4,12 @@ Decoding runs as CPU tasks; the models run in one ``skinray.predict.Predictor`` 
 segmenter → ROI → classifier) on an actor pool sized from the cluster (one GPU per actor
 where there are GPUs, CPU actors otherwise) that Ray restarts if an actor dies, retrying its batches.
 Rows stream, and the run's object store is bounded by the pool, not the archive: decoded images wait
-for the models only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md). The rows land
-in a staging Parquet directory in one pass, then are streamed, a batch at a time, into
-``results/run_date=…`` and ``errors/run_date=…`` with a fixed schema and a bounded number of files,
-replacing the partition of a re-run (or adding to it with ``incremental``), and the staging
-directory is removed.
+for the models only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md). Ray Data's
+write tasks write the rows once, in the fixed results and errors schemas, into the run's staging
+directory; the driver then moves those files into ``results/run_date=…`` and ``errors/run_date=…``
+(replacing the partition of a re-run, or adding to it with ``incremental``) without reading a row,
+and removes the staging directory. A run id given again continues a run whose driver died: what it
+staged is committed, and only the rest is scored.
 
 :func:`run_scoring` runs those steps, each from its own module, and writes the run's
 :class:`RunSummary` under ``summaries/``:
@@ -18,7 +19,8 @@ directory is removed.
 - :mod:`skinray.score.plan`: read the model configs; size the actor pools and the object-store bound
   from the cluster;
 - :mod:`skinray.score.graph`: build the Ray Data graph and run it into the staging directory;
-- :mod:`skinray.score.commit`: split the staged rows into the partitions; remove the staging.
+- :mod:`skinray.score.commit`: the write tasks' sink; the commit into the partitions; the staged
+  URIs of a resumed run.
 """
 
 from __future__ import annotations
