@@ -16,8 +16,8 @@ from skinray.models.cam import class_activation_map, grad_cam_plus_plus
 SIZE = 128  # at 64 px a ResNet18's last features are 2×2, too coarse to localise anything
 
 
-def _data(count: int, seed: int):
-    images, masks, labels = synthetic_batch(count, SIZE, seed=seed)
+def _data(count: int, seed: int, size: int = SIZE):
+    images, masks, labels = synthetic_batch(count, size, seed=seed)
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.25
     return x, torch.from_numpy(masks).float(), torch.from_numpy(labels)
 
@@ -30,10 +30,10 @@ def lesion_to_skin_density_ratio(maps: torch.Tensor, masks: torch.Tensor) -> tor
 
 
 @functools.cache  # one training per model for the whole module; tests only read the model
-def _trained(name: str, with_mask_channel: bool, steps: int = 30):
+def _trained(name: str, with_mask_channel: bool, size: int, steps: int = 30):
     torch.manual_seed(0)
     model = create_model(name, **get_model_spec(name).smoke_kwargs)
-    train_x, train_masks, train_labels = _data(48, seed=0)
+    train_x, train_masks, train_labels = _data(48, seed=0, size=size)
     if with_mask_channel:
         train_x = torch.cat([train_x, train_masks[:, None]], 1)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -52,28 +52,30 @@ def held_out():
     return _data(16, seed=1000)
 
 
+# CLNet and mask-CN localise at 96 px too, in a third of the time (median lesion/skin ratios 2.02
+# and 6.28 there, every image above 1); the plain ResNet18 classifier needs 128 (1.91 at 96).
 @pytest.mark.parametrize(
-    ("name", "with_mask_channel", "cam", "min_median_ratio"),
+    ("name", "with_mask_channel", "cam", "min_median_ratio", "size"),
     [
-        ("classifier", False, class_activation_map, 2.0),
-        ("classifier", False, grad_cam_plus_plus, 2.0),
-        ("mbdcnn_mask_cn", True, class_activation_map, 3.0),
-        ("clnet", False, grad_cam_plus_plus, 1.5),
+        ("classifier", False, class_activation_map, 2.0, SIZE),
+        ("classifier", False, grad_cam_plus_plus, 2.0, SIZE),
+        ("mbdcnn_mask_cn", True, class_activation_map, 3.0, 96),
+        ("clnet", False, grad_cam_plus_plus, 1.5, 96),
     ],
     ids=["classifier-cam", "classifier-gradcam++", "mask_cn-cam", "clnet-gradcam++"],
 )
 def test_trained_classifier_maps_concentrate_inside_the_lesion(
-    name, with_mask_channel, cam, min_median_ratio, held_out
+    name, with_mask_channel, cam, min_median_ratio, size
 ):
-    x, masks, labels = held_out
+    x, masks, labels = _data(16, seed=1000, size=size)
     if with_mask_channel:
         x = torch.cat([x, masks[:, None]], 1)
-    model = _trained(name, with_mask_channel)
+    model = _trained(name, with_mask_channel, size)
     with torch.no_grad():
         accuracy = (model(x)[CLASS_LOGITS].argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.9  # it learned the lesion's colour, so its maps have something to show
     maps = cam(model, x, labels)
-    assert maps.shape == (16, SIZE, SIZE)
+    assert maps.shape == (16, size, size)
     assert maps.min() >= 0 and maps.max() <= 1 + 1e-6
     ratios = lesion_to_skin_density_ratio(maps, masks)
     assert ratios.median() > min_median_ratio, ratios
