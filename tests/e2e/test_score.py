@@ -351,7 +351,18 @@ def test_a_killed_driver_leaves_the_partition_unchanged_and_its_run_resumes_to_a
         assert done.returncode == 0, done.stderr[-3000:]
         return done
 
-    run(_score_command(s3_bucket, models, output, "clean"))  # the partition a good run left
+    segmenter, classifier = models
+    settings = dict(segmenter=segmenter, classifier=classifier, max_pixels=MAX_PIXELS)
+    settings |= dict(max_actors=1, batch_size=8, rows_per_file=4, backend="eager")
+    run_scoring(  # the partition a good run left, with the settings of _score_command
+        make_score_config(
+            input=f"{s3_bucket}/archive/",
+            output=output,
+            run_date="2026-11-24",
+            run_id="clean",
+            **settings,
+        )
+    )
     clean, before = _rows(output), partition_bytes()
 
     driver = subprocess.Popen(
