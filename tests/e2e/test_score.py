@@ -197,12 +197,17 @@ def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, 
 
     # The README's example queries run as written (against this output instead of runs/scored).
     queries = re.findall(r"```sql\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    assert len(queries) == 3
-    per_class, melanoma, failures = (
+    assert len(queries) == 4
+    per_class, melanoma, untrusted, failures = (
         duckdb.sql(q.replace("runs/scored", str(local))).fetchall() for q in queries
     )
     assert sum(row[2] for row in per_class) == summary.results
     assert len(melanoma) == min(10, written["melanoma"])
+    # This test's classifier ships no OOD bank (ood is null): the uncertain ones are listed.
+    uncertain = sum(
+        r["class_entropy"] is not None and r["class_entropy"] > 0.5 for r in rows.values()
+    )
+    assert len(untrusted) == min(20, uncertain) and all(row[5] >= 0.5 for row in untrusted)
     assert {(stage, kind): n for stage, kind, n, _ in failures} == {
         ("decode", "CorruptImage"): 3,
         ("decode", "EmptyImage"): 1,
