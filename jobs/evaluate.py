@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             evaluator=evaluator,
             predictions_uri=args.predictions,
             at_source_size=args.at_source_size,
+            subgroups=args.subgroups,
         )
         report = evaluator.report(resamples=args.bootstrap, seed=args.seed)
         subgroups = (

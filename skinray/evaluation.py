@@ -265,13 +265,15 @@ def evaluate_samples(
     evaluator: Evaluator | None = None,
     predictions_uri: str | None = None,
     at_source_size: bool = False,
+    subgroups: bool = False,
 ) -> dict[str, float]:
     """Metrics of ``predictor`` on a labelled ``SampleTable``, decoded at the predictor's input size
     with the training pipeline's own reader; unreadable images are skipped and counted in
     ``skipped``. ``predictions_uri``: also write each image's prediction there as Parquet
     (``PREDICTION_SCHEMA``), a batch at a time. ``at_source_size``: segmentation figures at each
     truth mask's own resolution (the predicted mask resized to it, as a scored mask is), not at
-    the model's input size."""
+    the model's input size. ``subgroups``: also place each image in its subgroups (metadata, and
+    skin tone from the image) for ``Evaluator.subgroup_report``."""
     from skinray.data.loading import decode_samples
 
     evaluator = evaluator or Evaluator(predictor.class_names or samples.class_names)
@@ -294,7 +296,8 @@ def evaluate_samples(
                 if at_source_size
                 else torch.from_numpy(batch["mask"][ok])
             )
-            evaluator.update(prediction, masks, labels, _subgroups(chunk, ok, batch, prediction))
+            groups = _subgroups(chunk, ok, batch, prediction) if subgroups else None
+            evaluator.update(prediction, masks, labels, groups)
             if writer:
                 writer.write(batch["image_uri"][ok], labels.numpy(), prediction)
     finally:

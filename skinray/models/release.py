@@ -187,8 +187,8 @@ def _fit_ood(destination: str, spec: ReleaseSpec, training, validation, batch_si
     )
     entry = save_ood(ood, destination)
     write_model_config(destination, load_model(destination).saved_config.replace(ood=entry))
-    scores = ood.score(validation_features).numpy()
-    return {**entry, "validation_pass": float(np.mean(scores <= ood.threshold))}
+    passed = ~ood.flags(ood.score(validation_features))
+    return {**entry, "validation_pass": passed.float().mean().item()}
 
 
 def _features(predictor: Predictor, samples, batch_size: int) -> torch.Tensor:

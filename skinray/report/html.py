@@ -586,13 +586,7 @@ def _plots_html(overview: pa.Table) -> str:
             ),
         ),
     ]
-    figures = "\n".join(
-        f'<figure class="plot"><img src="{_png_data_uri(png)}" alt="{_e(caption)}">'
-        f"<figcaption>{_e(caption)}</figcaption></figure>"
-        for caption, png in plots
-        if png is not None
-    )
-    return f'<section id="distributions">\n<h2>Distributions</h2>\n<div class="plots">\n{figures}\n</div>\n</section>'
+    return _plots_section("distributions", "Distributions", plots)
 
 
 def _trust_html(overview: pa.Table) -> str:
@@ -618,6 +612,11 @@ def _trust_html(overview: pa.Table) -> str:
         ),
         ("Skin tone of the skin around the lesion (ITA category)", _skin_tone_png(overview)),
     ]
+    return _plots_section("trust", "Uncertainty, out-of-distribution images and skin tone", plots)
+
+
+def _plots_section(section_id: str, title: str, plots: list[tuple[str, bytes | None]]) -> str:
+    """A section of embedded PNG figures with captions; empty when no plot has a PNG."""
     figures = "\n".join(
         f'<figure class="plot"><img src="{_png_data_uri(png)}" alt="{_e(caption)}">'
         f"<figcaption>{_e(caption)}</figcaption></figure>"
@@ -626,7 +625,10 @@ def _trust_html(overview: pa.Table) -> str:
     )
     if not figures:
         return ""
-    return f'<section id="trust">\n<h2>Uncertainty, out-of-distribution images and skin tone</h2>\n<div class="plots">\n{figures}\n</div>\n</section>'
+    return (
+        f'<section id="{section_id}">\n<h2>{_e(title)}</h2>\n<div class="plots">\n{figures}\n'
+        "</div>\n</section>"
+    )
 
 
 def _reliability(overview: pa.Table) -> bytes | None:

@@ -131,7 +131,8 @@ class PredictActor:
             probabilities = torch.from_numpy(outputs["class_probabilities"])
             outputs["class_entropy"] = normalised_entropy(probabilities).numpy()
         if "ood_score" in outputs:
-            outputs["ood"] = outputs["ood_score"] > self.predictor.ood.threshold
+            scores = torch.from_numpy(outputs["ood_score"])
+            outputs["ood"] = self.predictor.ood.flags(scores).numpy()
         return outputs
 
     def _decode_jpegs(self, batch: dict) -> None:

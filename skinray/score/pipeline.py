@@ -147,9 +147,9 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     remove_staging(staging)
 
     wall_time_s = time.perf_counter() - started
-    summary = _summary(config, listed, skipped, committed, operator_times, budget, wall_time_s)
-    summary.resumed_from_staging = resumed
-    summary.images_per_s = (listed - skipped - resumed) / wall_time_s if wall_time_s else 0.0
+    summary = _summary(
+        config, listed, skipped, resumed, committed, operator_times, budget, wall_time_s
+    )
     summaries = io.join(config.output, "summaries", f"run_date={summary.run_date}")
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)
@@ -160,6 +160,7 @@ def _summary(
     config: ScoreConfig,
     listed: int,
     skipped: int,
+    resumed: int,
     committed: Committed,
     operator_times: dict[str, tuple[float, float]],
     budget: int,
@@ -175,7 +176,7 @@ def _summary(
         errors_by_type=dict(sorted(committed.errors_by_type.items())),
         errors_by_stage=dict(sorted(committed.errors_by_stage.items())),
         wall_time_s=wall_time_s,
-        images_per_s=(listed - skipped) / wall_time_s if wall_time_s else 0.0,
+        images_per_s=(listed - skipped - resumed) / wall_time_s if wall_time_s else 0.0,
         results_uri=committed.results_uri,
         errors_uri=committed.errors_uri,
         stages=_stage_summaries(
@@ -186,6 +187,7 @@ def _summary(
             operator_times,
         ),
         object_store_budget_mib=round(budget / 2**20, 1),
+        resumed_from_staging=resumed,
     )
 
 
