@@ -58,7 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cam", dest="include_cam", action="store_true", help="store CAMs as PNG")
     parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--max-actors", type=int, help="upper bound of each model's actor pool")
+    parser.add_argument(
+        "--max-actors",
+        type=int,
+        help="upper bound of each model's actor pool (default: the GPUs, or CPUs / 4, that the "
+        "cluster may autoscale to)",
+    )
     parser.add_argument(
         "--jpeg-decode-in-segmenter",
         action="store_true",
@@ -98,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--use-gpu",
         action="store_true",
         default=None,
-        help="a GPU per model actor even if none is up yet (autoscaling from zero)",
+        help="a GPU per model actor even where Ray reports no GPU node types (default: when the "
+        "cluster has GPUs or its autoscaler may start GPU nodes)",
     )
     return parser.parse_args(argv)
 

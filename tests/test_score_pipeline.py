@@ -13,7 +13,7 @@ import pytest
 from skinray.score.commit import StagedRunSink, commit_run, remove_staging, staged_uris
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import StageSummary, _stage_summaries
-from skinray.score.plan import OUTPUT_ROW_BYTES
+from skinray.score.plan import OUTPUT_ROW_BYTES, ClusterShape, plan_placement
 from skinray.score.plan import Placement as _Placement
 from skinray.score.plan import object_store_budget as _object_store_budget
 from skinray.score.schema import error_schema, result_schema
@@ -47,6 +47,44 @@ def test_budget_grows_with_the_pool_not_with_the_archive():
 def test_configured_budget_wins():
     config = _config(object_store_memory_mib=48)
     assert _object_store_budget(config, CPU_NODE, (512, 512)) == 48 * 2**20
+
+
+#: The shapes of cluster.yaml: a head that takes no tasks, and up to 16 workers of which 8 are
+#: 16-CPU nodes and 8 one-GPU nodes with 4 CPUs; nothing up when a run starts.
+CLUSTER_YAML_AT_START = ClusterShape(cpus=0, gpus=0, node_cpus=48, max_cpus=160, max_gpus=16)
+LAPTOP = ClusterShape(cpus=2, gpus=0, node_cpus=2, max_cpus=2, max_gpus=0)
+
+
+def test_a_static_cpu_node_gets_one_actor_with_every_core():
+    placement = plan_placement(_config(), LAPTOP)
+    assert (placement.use_gpu, placement.max_actors, placement.cpu_threads) == (False, 1, 2)
+    assert placement.decode_slots == 2
+    assert not LAPTOP.autoscales
+
+
+def test_pools_grow_to_the_autoscaling_clusters_ceiling_not_to_what_is_up_at_start():
+    placement = plan_placement(_config(), CLUSTER_YAML_AT_START)
+    assert CLUSTER_YAML_AT_START.autoscales
+    assert placement.use_gpu  # GPU node types exist though none is up: GPU actors are asked for
+    assert placement.max_actors == 16
+    assert placement.decode_slots == 160  # decode tasks are not capped at the CPUs present (0)
+    cpu_only = plan_placement(_config(use_gpu=False), CLUSTER_YAML_AT_START)
+    assert (cpu_only.use_gpu, cpu_only.max_actors) == (False, 40)  # one CPU actor per 4 CPUs
+
+
+def test_max_actors_caps_the_pool_and_threads_follow_it():
+    shape = ClusterShape(cpus=0, gpus=0, node_cpus=16, max_cpus=48, max_gpus=0)
+    assert plan_placement(_config(), shape).max_actors == 12
+    capped = plan_placement(_config(max_actors=3), shape)
+    # 3 actors over 3 possible 16-CPU nodes: one a node, with all its cores
+    assert (capped.max_actors, capped.cpu_threads) == (3, 16)
+    assert plan_placement(_config(max_actors=3, cpu_threads_per_actor=4), shape).cpu_threads == 4
+
+
+def test_pool_args_ask_for_a_gpu_per_actor_and_a_growing_pool():
+    args = plan_placement(_config(), CLUSTER_YAML_AT_START).pool_args(_config())
+    assert (args["num_gpus"], args["num_cpus"]) == (1, 1)
+    assert (args["compute"].min_size, args["compute"].max_size) == (1, 16)
 
 
 def test_stage_summary_follows_images_through_the_stages():

@@ -47,12 +47,14 @@ class ScoreConfig(BaseModel):
     batch_size: int = Field(16, ge=1)
     #: Rows per read/decode task.
     decode_batch_size: int = Field(8, ge=1)
-    #: Actor pool size bounds per model stage; the upper bound defaults to the cluster's GPUs
-    #: (or 1 actor per 4 CPUs where there are none).
+    #: Actor pool size bounds per model stage; the upper bound defaults to the GPUs the cluster
+    #: may grow to (or 1 actor per 4 of its CPUs where it has no GPUs): its autoscaler's node types
+    #: at their maximum counts, or what is up where nothing autoscales.
     min_actors: int = Field(1, ge=1)
     max_actors: int | None = Field(None, ge=1)
-    #: One GPU per model actor. None: when the cluster has GPUs at start. Say True on an
-    #: autoscaling cluster whose GPU nodes start from zero, so the request brings them up.
+    #: One GPU per model actor. None: when the cluster has GPUs or GPU node types its autoscaler
+    #: may start (the pending actors' requests bring them up). True where Ray reports no
+    #: autoscaler config (some managed clusters) and GPU nodes start from zero.
     use_gpu: bool | None = None
     #: Decode JPEGs in the segmenter actor, on its device (nvJPEG on a GPU), instead of in the
     #: CPU read tasks, which then only screen the header. For GPU nodes whose CPUs cannot decode

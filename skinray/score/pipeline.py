@@ -29,14 +29,17 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-import pyarrow.compute as pc
-
 from skinray import io
-from skinray.score.commit import Committed, StagedRunSink, commit_run, remove_staging, staged_uris
-from skinray.score.config import ScoreConfig
+from skinray.score.commit import Committed, StagedRunSink, commit_run, remove_staging
+from skinray.score.config import ScoreConfig, ScoreConfigError
 from skinray.score.graph import build_graph, write_staging
-from skinray.score.plan import object_store_budget, plan_placement, read_scoring_models
-from skinray.score.sources import drop_already_scored, list_inputs
+from skinray.score.plan import (
+    ScoringModels,
+    object_store_budget,
+    plan_placement,
+    read_scoring_models,
+)
+from skinray.score.sources import StagedListing, check_input, list_inputs, stage_listing
 
 __all__ = ["RunSummary", "list_inputs", "run_scoring"]
 
@@ -121,25 +124,18 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
 
     started = time.perf_counter()
     models = read_scoring_models(config)
-    listing = list_inputs(config.input)
-    listed, skipped = listing.num_rows, 0
-    if config.incremental:
-        listing, skipped = drop_already_scored(listing, config, models.identity)
-
-    staging = io.join(config.output, "_staging", config.run_id)
-    already = staged_uris(staging)  # a run id given again: what its dead driver staged
-    if len(already):
-        listing = listing.filter(pc.invert(pc.is_in(listing["source_uri"], value_set=already)))
-    resumed = len(already)
-
+    check_input(config.input)
     if not ray.is_initialized():
         ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
     placement = plan_placement(config)
+    staging = io.join(config.output, "_staging", config.run_id)
+    listing = _stage_listing_on_a_worker(config, staging, models)
     operator_times, budget = {}, 0
-    if listing.num_rows:
+    if listing.to_score:
         rows = build_graph(listing, config, models, placement)
-        sizes = pc.mean(listing["source_size_bytes"]).as_py() or 0.0
-        budget = object_store_budget(config, placement, models.input_size, sizes)
+        budget = object_store_budget(
+            config, placement, models.input_size, listing.mean_source_bytes
+        )
         sink = StagedRunSink(staging, models.class_names, config.run_id, config.rows_per_file)
         operator_times = write_staging(rows, sink, budget)
 
@@ -147,25 +143,40 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     remove_staging(staging)
 
     wall_time_s = time.perf_counter() - started
-    summary = _summary(
-        config, listed, skipped, resumed, committed, operator_times, budget, wall_time_s
-    )
+    summary = _summary(config, listing, committed, operator_times, budget, wall_time_s)
     summaries = io.join(config.output, "summaries", f"run_date={summary.run_date}")
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)
     return summary
 
 
+def _stage_listing_on_a_worker(
+    config: ScoreConfig, staging: str, models: ScoringModels
+) -> StagedListing:
+    """``stage_listing`` as a Ray task: the listing is per-image state, kept off the driver (a
+    run id given again leaves out what its dead driver staged). A listing the config cannot
+    give (a manifest without a URI column) is still the door's one-line error."""
+    import ray
+
+    task = ray.remote(stage_listing).options(num_cpus=1, max_retries=3)
+    try:
+        return ray.get(task.remote(config, staging, models.identity, config.decode_batch_size))
+    except ray.exceptions.RayTaskError as error:
+        if isinstance(error.cause, ScoreConfigError):
+            raise error.cause from None
+        raise
+
+
 def _summary(
     config: ScoreConfig,
-    listed: int,
-    skipped: int,
-    resumed: int,
+    listing: StagedListing,
     committed: Committed,
     operator_times: dict[str, tuple[float, float]],
     budget: int,
     wall_time_s: float,
 ) -> RunSummary:
+    listed, skipped = listing.listed, listing.skipped_already_scored
+    resumed = listing.resumed_from_staging
     return RunSummary(
         run_id=config.run_id,
         run_date=config.run_date.isoformat(),

@@ -1,10 +1,12 @@
 """The scoring run's plan, settled before any image is read: the models and what they take, where
 the model stages run, and how much object store the run may hold.
 
-Each model runs on an actor pool sized from the cluster (one GPU per actor where there are GPUs, CPU
-actors otherwise) that Ray restarts if an actor dies, retrying its batches. The run's object store
-is bounded by the pool, not the archive: decoded images wait for the models only
-``prefetch_batches`` batches per actor deep (docs/benchmarks.md).
+Each model runs on an actor pool (one GPU per actor where the cluster has or may grow GPUs, CPU
+actors otherwise) that Ray restarts if an actor dies, retrying its batches. A pool may grow to what
+the cluster may grow to (its autoscaler's node types at their maximum counts), not only to what is
+up when the run starts, so an autoscaling cluster whose workers start from zero is asked for nodes.
+The run's object store is bounded by the pool, not the archive: decoded images wait for the models
+only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ __all__ = [
     "LIGHT_TASK_CPUS",
     "OUTPUT_ROW_BYTES",
     "WRITE_TASK_CPUS",
+    "ClusterShape",
     "Placement",
     "ScoringModels",
+    "cluster_shape",
     "object_store_budget",
     "plan_placement",
     "read_scoring_models",
@@ -103,23 +107,79 @@ class Placement:
         )
 
 
-def plan_placement(config: ScoreConfig) -> Placement:
-    """The placement for the connected Ray cluster: GPU actors where it has GPUs (unless
-    ``config.use_gpu`` says otherwise), a CPU actor per 4 CPUs otherwise, capped by
-    ``config.max_actors``, and torch threads shared out among the actors a node holds."""
+@dataclass(frozen=True)
+class ClusterShape:
+    """What the cluster holds now and what it may grow to: its largest node's CPUs and, where
+    Ray's autoscaler reports its node types, the CPUs and GPUs of every type at its
+    ``max_workers`` (the ceiling); on a cluster that cannot grow the ceiling is what is present."""
+
+    cpus: int
+    gpus: int
+    node_cpus: int
+    max_cpus: int
+    max_gpus: int
+
+    @property
+    def autoscales(self) -> bool:
+        return self.max_cpus > self.cpus or self.max_gpus > self.gpus
+
+
+def cluster_shape() -> ClusterShape:
+    """The connected cluster's :class:`ClusterShape`: present resources from ``ray``; the ceiling
+    from the autoscaler's cluster config in the GCS (the source Ray Data's own operators size
+    themselves by), where there is one."""
     import ray
 
     resources = ray.cluster_resources()
-    gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-    node_cpus = max(
-        (int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=1
+    cpus, gpus = int(resources.get("CPU", 0)), int(resources.get("GPU", 0))
+    node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]]
+    ceiling, type_cpus = _autoscaler_ceiling()
+    return ClusterShape(
+        cpus=cpus,
+        gpus=gpus,
+        node_cpus=max([*node_cpus, *type_cpus, 1]),
+        max_cpus=max(cpus, int(ceiling.get("CPU", 0))),
+        max_gpus=max(gpus, int(ceiling.get("GPU", 0))),
     )
-    use_gpu = config.use_gpu if config.use_gpu is not None else gpus > 0
-    upper = config.max_actors or (max(1, gpus) if use_gpu else max(1, cpus // 4))
-    nodes = max(1, round(cpus / max(node_cpus, 1)))
+
+
+def _autoscaler_ceiling() -> tuple[dict[str, int], list[int]]:
+    """The autoscaler's most resources per kind (every node type at its ``max_workers``, capped by
+    the cluster's ``max_workers`` budget) and the CPUs of its node types; empty without one."""
+    import sys
+
+    try:  # a private API, read as Ray Data's hash shuffle reads it; absent or changed: no ceiling
+        from ray._private.state import state
+
+        config = state.get_cluster_config()
+        ceiling = state.get_max_resources_from_cluster_config() or {}
+    except Exception:
+        return {}, []
+    if config is None:
+        return {}, []
+    types = [g for g in config.node_group_configs if g.max_count != 0]
+    type_cpus = [int(g.resources.get("CPU", 0)) for g in types]
+    # An unbounded count reads as sys.maxsize: keep it a count a pool can be sized by.
+    return {k: min(int(v), 2**20) for k, v in ceiling.items() if v != sys.maxsize}, type_cpus
+
+
+def plan_placement(config: ScoreConfig, shape: ClusterShape | None = None) -> Placement:
+    """The placement for the connected Ray cluster (``shape``: :func:`cluster_shape`).
+
+    GPU actors where the cluster has GPUs or may grow GPU nodes (unless ``config.use_gpu`` says
+    otherwise), one a GPU; CPU actors otherwise, one per 4 CPUs. Pools are sized by the
+    cluster's ceiling, not by what is up when the run starts: on an autoscaling cluster whose
+    workers start from zero, Ray Data adds actors while their queue is backed up and asks the
+    autoscaler for the nodes to hold them. ``config.max_actors`` caps each pool; torch threads
+    are shared out among the actors a node may hold."""
+    shape = shape or cluster_shape()
+    use_gpu = config.use_gpu if config.use_gpu is not None else shape.max_gpus > 0
+    ceiling = max(1, shape.max_gpus) if use_gpu else max(1, shape.max_cpus // 4)
+    upper = config.max_actors or ceiling
+    nodes = max(1, round(shape.max_cpus / max(shape.node_cpus, 1)))
     per_node = -(-upper // nodes)
-    threads = config.cpu_threads_per_actor or max(1, node_cpus // per_node)
-    return Placement(use_gpu, upper, threads, decode_slots=max(1, cpus))
+    threads = config.cpu_threads_per_actor or max(1, shape.node_cpus // per_node)
+    return Placement(use_gpu, upper, threads, decode_slots=max(1, shape.max_cpus))
 
 
 def object_store_budget(

@@ -1,4 +1,5 @@
-"""The scoring job's inputs: what to score, listed once, before Ray is involved.
+"""The scoring job's inputs: what to score, listed once, on a worker, into Parquet files that the
+run's Ray Data graph reads back (``stage_listing``).
 
 An input is an ``s3://`` prefix, a local folder, or a manifest file (``.csv``, ``.txt``,
 ``.parquet``) of URIs. Each image is one row of :data:`LISTING_SCHEMA` with its size and ETag (a
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import io as stdio
 import os
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
@@ -23,7 +25,16 @@ import pyarrow.parquet as pq
 from skinray import io
 from skinray.score.config import ScoreConfig, ScoreConfigError
 
-__all__ = ["LISTING_SCHEMA", "MANIFEST_SUFFIXES", "drop_already_scored", "list_inputs"]
+__all__ = [
+    "LISTING_SCHEMA",
+    "MANIFEST_SUFFIXES",
+    "StagedListing",
+    "check_input",
+    "drop_already_scored",
+    "list_inputs",
+    "listing_rows_per_file",
+    "stage_listing",
+]
 
 LISTING_SCHEMA = pa.schema(
     [
@@ -104,6 +115,13 @@ def _list_manifest(uri: str) -> pa.Table:
     )
 
 
+def check_input(uri: str) -> None:
+    """At the door, before any Ray work: a local folder or a manifest that does not exist (an
+    ``s3://`` prefix may list empty)."""
+    if (uri.endswith(MANIFEST_SUFFIXES) or not uri.startswith("s3://")) and not io.exists(uri):
+        raise ScoreConfigError(f"input not found: {uri}")
+
+
 def list_inputs(uri: str) -> pa.Table:
     """Every object under an ``s3://`` prefix or local folder, or every URI in a manifest file,
     once, with its size and ETag (a modification-time/size tag where storage has no ETag)."""
@@ -112,44 +130,111 @@ def list_inputs(uri: str) -> pa.Table:
     elif uri.startswith("s3://"):
         table = _list_s3_prefix(uri)
     else:
-        if not io.exists(uri):
-            raise ScoreConfigError(f"input not found: {uri}")
+        check_input(uri)
         table = _list_folder(uri)
-    # The same URI listed twice (a repeated manifest line) is one input.
-    _, first = np.unique(np.array(table["source_uri"].to_pylist(), dtype=object), return_index=True)
-    return table.take(pa.array(np.sort(first)))
+    # The same URI listed twice (a repeated manifest line) is one input: its first line.
+    table = table.append_column(_ORDER, pa.array(np.arange(table.num_rows)))
+    first = table.group_by("source_uri", use_threads=False).aggregate([(_ORDER, "min")])
+    kept = np.sort(first[f"{_ORDER}_min"].to_numpy())
+    return table.take(pa.array(kept)).drop_columns([_ORDER])
 
 
-def _already_scored(config: ScoreConfig, models: dict[str, str]) -> set[tuple[str, str]]:
-    """(source_uri, etag) pairs some earlier run scored with the same models: the same config
-    hashes (weights, temperature, test-time flips and every other setting). Rows written before
-    the config hashes were recorded never match, so their images are scored again."""
+_ORDER = "__listing_order"
+
+
+def _earlier_results(config: ScoreConfig, models: dict[str, str]) -> pa.Table | None:
+    """(source_uri, source_etag) of what earlier runs under ``config.output`` scored with the same
+    models: the same config hashes (weights, temperature, test-time flips and every other setting).
+    Rows written before the config hashes were recorded never match, so their images are scored
+    again. None where nothing was scored before."""
     fs, path = io.resolve(io.join(config.output, "results"))
     if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return set()
+        return None
     dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
     keys = ["segmenter_config_sha256", "classifier_config_sha256"]
     if not set(keys) <= set(dataset.schema.names):
-        return set()
-    table = dataset.to_table(columns=["source_uri", "source_etag", *keys])
-    same_models = pc.and_(
-        pc.equal(table[keys[0]], models[keys[0]]),
-        pc.equal(pc.fill_null(table[keys[1]], ""), models[keys[1]] or ""),
+        return None
+    same_models = (pc.field(keys[0]) == models[keys[0]]) & (
+        pc.coalesce(pc.field(keys[1]), pc.scalar("")) == (models[keys[1]] or "")
     )
-    table = table.filter(same_models)
-    return set(zip(table["source_uri"].to_pylist(), table["source_etag"].to_pylist(), strict=True))
+    return dataset.to_table(columns=["source_uri", "source_etag"], filter=same_models)
+
+
+def _without(listing: pa.Table, done: pa.Table | None, keys: list[str]) -> pa.Table:
+    """``listing`` less the rows whose ``keys`` are in ``done``: a hash anti-join (Acero), which
+    keeps the listing's order through its order column."""
+    if done is None or not done.num_rows or not listing.num_rows:
+        return listing
+    done = done.select(keys).cast(pa.schema([listing.schema.field(k) for k in keys]))
+    kept = listing.join(done, keys=keys, join_type="left anti", use_threads=False)
+    return kept.sort_by(_ORDER)
 
 
 def drop_already_scored(
     listing: pa.Table, config: ScoreConfig, models: dict[str, str]
 ) -> tuple[pa.Table, int]:
     """The listing without the images some earlier run under ``config.output`` scored with the same
-    ``models`` (their names and weight hashes, as the rows record them), and how many were dropped."""
-    done = _already_scored(config, models)
-    keep = [
-        (uri, etag) not in done
-        for uri, etag in zip(
-            listing["source_uri"].to_pylist(), listing["source_etag"].to_pylist(), strict=True
-        )
-    ]
-    return listing.filter(pa.array(keep, pa.bool_())), len(keep) - sum(keep)
+    ``models`` (same URI and ETag), and how many were dropped."""
+    ordered = listing.append_column(_ORDER, pa.array(np.arange(listing.num_rows)))
+    kept = _without(ordered, _earlier_results(config, models), ["source_uri", "source_etag"])
+    return kept.drop_columns([_ORDER]), listing.num_rows - kept.num_rows
+
+
+@dataclass(frozen=True)
+class StagedListing:
+    """The run's inputs, written as Parquet files under its staging directory for Ray Data to read
+    back (``listing_uri``), and what was left out of them. The driver holds only this."""
+
+    listing_uri: str
+    files: int
+    listed: int
+    skipped_already_scored: int
+    resumed_from_staging: int
+    to_score: int
+    mean_source_bytes: float
+
+
+def listing_rows_per_file(count: int, decode_batch_size: int) -> int:
+    """Rows per listing file. A file is read by one task that decodes it ``decode_batch_size``
+    rows at a time: up to 64 files (tasks) while they hold under 4,096 rows, then files of 4,096
+    rows (245 for a million images: the driver plans one read task per file)."""
+    return int(np.clip(-(-count // 64), decode_batch_size, 4096))
+
+
+def stage_listing(
+    config: ScoreConfig, staging: str, models: dict[str, str], decode_batch_size: int
+) -> StagedListing:
+    """List the inputs; with ``incremental``, drop those already scored with the same models; drop
+    those a dead driver of this run id already staged (``skinray.score.commit.staged_uris``);
+    write the rest to ``<staging>/listing/``. Run on a worker (``ray.remote``) so that no
+    per-image state lives on the driver, however large the archive."""
+    from skinray.score.commit import staged_uris
+
+    listing = list_inputs(config.input)
+    listed = listing.num_rows
+    listing = listing.append_column(_ORDER, pa.array(np.arange(listed)))
+    if config.incremental:
+        listing = _without(listing, _earlier_results(config, models), ["source_uri", "source_etag"])
+    skipped = listed - listing.num_rows
+    staged = pa.table({"source_uri": staged_uris(staging)})
+    remaining = _without(listing, staged, ["source_uri"]).drop_columns([_ORDER])
+
+    folder = io.join(staging, "listing")
+    fs, path = io.resolve(folder)
+    fs.delete_dir_contents(path, missing_dir_ok=True)  # an earlier attempt's listing
+    fs.create_dir(path, recursive=True)
+    rows = listing_rows_per_file(remaining.num_rows, decode_batch_size)
+    files = 0
+    for files, start in enumerate(range(0, remaining.num_rows, rows), start=1):
+        chunk = remaining.slice(start, rows)
+        pq.write_table(chunk, f"{path}/part-{files:06d}.parquet", filesystem=fs)
+    sizes = pc.mean(remaining["source_size_bytes"]).as_py() if remaining.num_rows else None
+    return StagedListing(
+        listing_uri=folder,
+        files=files,
+        listed=listed,
+        skipped_already_scored=skipped,
+        resumed_from_staging=listing.num_rows - remaining.num_rows,
+        to_score=remaining.num_rows,
+        mean_source_bytes=float(sizes or 0.0),
+    )

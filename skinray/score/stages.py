@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -27,14 +26,10 @@ from skinray.score.roi import DESCRIPTOR_NAMES, lesion_descriptors
 from skinray.score.schema import ROI_BOX_COLUMNS, UNCERTAINTY_COLUMNS, probability_column
 from skinray.skin_tone import individual_typology_angle, ita_category
 
-if TYPE_CHECKING:
-    from ray import ObjectRef
-
 __all__ = [
     "describe_lesions",
     "finish_rows",
     "read_and_decode",
-    "read_and_decode_slice",
 ]
 
 #: Test hook for the actor-failure test: the first model call on an actor whose marker file does
@@ -119,18 +114,6 @@ def read_and_decode(
         out["image"][i] = decoded.rgb
         out["height"][i], out["width"][i] = decoded.original_size
     return out
-
-
-def read_and_decode_slice(
-    batch: dict, listing: ObjectRef, rows: int, **decode_kwargs
-) -> dict[str, np.ndarray]:
-    """``read_and_decode`` over the ``rows`` listing rows of slice ``batch["id"]``: the listing sits
-    once in the object store and each decode task takes its slice of it."""
-    import ray
-
-    table = ray.get(listing)
-    (index,) = batch["id"]
-    return read_and_decode(table.slice(int(index) * rows, rows).to_pydict(), **decode_kwargs)
 
 
 def describe_lesions(batch: dict) -> dict[str, np.ndarray]:

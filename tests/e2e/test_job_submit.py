@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,40 +14,27 @@ from pathlib import Path
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from tests.e2e.ray_heads import free_port, head_port_flags, stop_ray_under
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def ray_head(tmp_path):
-    """A throwaway head node on loopback (token auth off: a private test cluster).
-
-    The teardown stops this head's processes only (``_stop_head``): ``ray stop --force``, the CLI's
-    only stop, would also kill every other Ray instance on the machine (a training run beside the
-    suite)."""
+    """A throwaway head node on loopback (token auth off: a private test cluster), stopped alone
+    (``tests.e2e.ray_heads``)."""
     # The job's ``python`` must be this environment's, as on a cluster set up by cluster.yaml.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}:{os.environ['PATH']}"}
-    dashboard_port = _free_port()
+    dashboard_port = free_port()
     temp_dir = Path("/tmp") / f"skinray-ray-{os.getpid()}"  # short: Ray's socket paths have a limit
     command = [
         str(BIN / "ray"),
         "start",
         "--head",
-        f"--port={_free_port()}",
+        *head_port_flags(),
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
-        # Its own agent ports: the defaults (52365 …) are taken by any other Ray on the machine,
-        # and a head whose job agent cannot bind answers "No available agent to submit job".
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--runtime-env-agent-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}",
         "--num-cpus=3",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
@@ -59,36 +43,8 @@ def ray_head(tmp_path):
     try:
         yield f"http://127.0.0.1:{dashboard_port}", env
     finally:
-        _stop_head(temp_dir)
+        stop_ray_under(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _stop_head(temp_dir: Path) -> None:
-    """SIGKILL the Ray processes of the head under ``temp_dir``: the daemons name it on their
-    command lines; the workers (whose titles Ray rewrites) are found as their descendants."""
-    parents = {}
-    marked = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, so split after ")"
-            parents[int(entry.name)] = int(
-                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            )
-        except (OSError, ValueError, IndexError):
-            continue
-        if str(temp_dir).encode() in cmdline:
-            marked.add(int(entry.name))
-    while True:
-        children = {pid for pid, parent in parents.items() if parent in marked} - marked
-        if not children:
-            break
-        marked |= children
-    for pid in marked:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_ray_job_submit_smoke_test_succeeds_and_writes_the_model(ray_head, tmp_path, monkeypatch):

@@ -1,0 +1,163 @@
+"""The scoring job on an autoscaling cluster that starts with no worker node: Ray's own fake
+multi-node autoscaler (``ray.cluster_utils.AutoscalingCluster``'s config) with a head that takes no
+tasks, as in cluster.yaml, and one worker type that starts at 0 and may grow to 3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import pyarrow.dataset as pads
+import pytest
+import torch
+from ray.cluster_utils import AutoscalingCluster
+
+from skinray.data.synthetic import synthetic_sample
+from skinray.models import create_model, get_model_spec, save_model
+from skinray.score.stages import PREDICT_DELAY_ENV
+from tests.e2e.ray_heads import free_port, head_port_flags, stop_ray_under
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+IMAGES = 48
+WORKER = {"CPU": 2, "object_store_memory": 150 * 2**20}
+
+#: Run in a fresh Python against the cluster: its worker nodes (alive or gone) and the actors that
+#: held the model, as the GCS recorded them.
+_CENSUS = """
+import json, ray
+from ray._private.state import state
+ray.init(address="auto", logging_level="ERROR")
+workers = [n for n in ray.nodes() if n["Resources"].get("CPU", 0) > 0]
+actors = [a for a in state.actor_table(None).values() if "PredictActor" in a.get("ReprName", "") or
+          "MapWorker" in a["ActorClassName"]]
+print(json.dumps({"worker_nodes": len(workers), "model_actors": len(actors),
+                  "actor_nodes": len({a["Address"]["NodeID"] for a in actors})}))
+"""
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path):
+    """A head with ``CPU: 0`` and the fake provider's autoscaler, on ports and a temp folder of its
+    own (``AutoscalingCluster.start`` would first ``ray stop --force`` every Ray on the machine)."""
+    port = free_port()
+    config = AutoscalingCluster(
+        head_resources={"CPU": 0},
+        worker_node_types={
+            "cpu_worker": {
+                "resources": WORKER,
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 3,
+            },
+        },
+        max_workers=3,
+        idle_timeout_minutes=5,
+    )._config
+    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
+    config_file = tmp_path / "autoscaling.json"
+    config_file.write_text(json.dumps(config))
+    temp_dir = Path("/tmp") / f"skinray-as-{os.getpid()}"  # short: Ray's socket paths have a limit
+    env = {
+        **os.environ,
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    flags = [f for f in head_port_flags() if not f.startswith("--port=")]
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        *flags,
+        "--node-ip-address=127.0.0.1",
+        f"--autoscaling-config={config_file}",
+        "--num-cpus=0",
+        "--include-dashboard=false",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ]
+    subprocess.run(command, env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+    finally:
+        stop_ray_under(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _census(env) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", _CENSUS], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_scoring_grows_an_empty_autoscaling_cluster_and_lands_every_input_once(
+    autoscaling_head, tmp_path
+):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for seed in range(IMAGES):
+        rgb = synthetic_sample(seed, 96).image
+        cv2.imwrite(str(archive / f"{seed:03d}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    (archive / "broken.jpg").write_bytes(b"not a jpeg")
+    torch.manual_seed(0)
+    segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
+    save_model(segmenter, str(tmp_path / "segmenter"), input_size=(64, 64))
+
+    assert _census(autoscaling_head)["worker_nodes"] == 0  # nothing to run tasks on at the start
+    output = tmp_path / "scored"
+    command = [
+        sys.executable,
+        str(ROOT / "jobs" / "score.py"),
+        "--input",
+        str(archive),
+        "--output",
+        str(output),
+        "--segmenter",
+        str(tmp_path / "segmenter"),
+        "--run-date",
+        "2026-12-02",
+        "--batch-size",
+        "4",
+        "--cpu-threads",
+        "1",
+        "--backend",
+        "eager",
+        "--no-report",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(
+        command,
+        # a model call of 4 images waits a second: the pool's queue backs up, so it grows
+        env={**autoscaling_head, PREDICT_DELAY_ENV: "1.0"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    census = _census(autoscaling_head)
+    assert census["worker_nodes"] > 1, census
+    assert census["model_actors"] > 1, census
+
+    tables = {
+        table: pads.dataset(output / table, format="parquet", partitioning="hive").to_table()
+        for table in ("results", "errors")
+    }
+    landed = sorted(
+        Path(uri).name for table in tables.values() for uri in table["source_uri"].to_pylist()
+    )
+    assert landed == sorted([f"{seed:03d}.jpg" for seed in range(IMAGES)] + ["broken.jpg"])
+    assert tables["errors"]["source_uri"].to_pylist() == [str(archive / "broken.jpg")]
+    print(f"scored {IMAGES + 1} images in {time.monotonic() - started:.0f} s; {census}")
