@@ -3,6 +3,7 @@ the write tasks' staged files and their commit into the results and errors parti
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
+from skinray.score import plan
 from skinray.score.commit import StagedRunSink, commit_run, remove_staging, staged_uris
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import StageSummary, _stage_summaries
@@ -79,6 +81,19 @@ def test_max_actors_caps_the_pool_and_threads_follow_it():
     # 3 actors over 3 possible 16-CPU nodes: one a node, with all its cores
     assert (capped.max_actors, capped.cpu_threads) == (3, 16)
     assert plan_placement(_config(max_actors=3, cpu_threads_per_actor=4), shape).cpu_threads == 4
+
+
+def test_the_ceiling_of_cluster_yaml_is_read_from_its_node_types_and_worker_budget(
+    tmp_path, monkeypatch
+):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(plan, "BOOTSTRAP_CONFIG", str(root / "cluster.yaml"))
+    ceiling, type_cpus = plan._autoscaler_ceiling()
+    # 16 workers at most: 2 × 4 GPUs + 8 × 1 GPU; CPUs 2 × 48 + 8 × 16 + the 6 nodes left × 4
+    assert ceiling == {"GPU": 16, "CPU": 248}
+    assert sorted(type_cpus) == [4, 16, 48]
+    monkeypatch.setattr(plan, "BOOTSTRAP_CONFIG", str(tmp_path / "none.yaml"))
+    assert plan._autoscaler_ceiling() == ({"CPU": 0, "GPU": 0}, [])
 
 
 def test_pool_args_ask_for_a_gpu_per_actor_and_a_growing_pool():

@@ -94,6 +94,9 @@ class RunSummary:
     object_store_budget_mib: float = 0.0
     #: Images a dead driver of the same run id had already staged: committed, not scored again.
     resumed_from_staging: int = 0
+    #: The model pool's bound and device (``skinray.score.plan.Placement``).
+    max_actors: int = 0
+    actor_device: str = ""
 
     def lines(self) -> list[str]:
         by_type = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_type.items())) or "none"
@@ -112,6 +115,7 @@ class RunSummary:
             ),
             f"  results  {self.results} → {self.results_uri}",
             f"  errors   {self.errors} ({by_type}) → {self.errors_uri}",
+            f"  pool     up to {self.max_actors} model actors, {self.actor_device}",
             f"  time     {self.wall_time_s:.1f} s, {self.images_per_s:.1f} images/s",
             *(stage.line() for stage in self.stages),
         ]
@@ -144,6 +148,10 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
 
     wall_time_s = time.perf_counter() - started
     summary = _summary(config, listing, committed, operator_times, budget, wall_time_s)
+    summary.max_actors = placement.max_actors
+    summary.actor_device = (
+        "a GPU each" if placement.use_gpu else f"CPU, {placement.cpu_threads} torch threads each"
+    )
     summaries = io.join(config.output, "summaries", f"run_date={summary.run_date}")
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)

@@ -12,6 +12,7 @@ only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from skinray.score.config import ScoreConfig, ScoreConfigError
 
@@ -126,8 +127,7 @@ class ClusterShape:
 
 def cluster_shape() -> ClusterShape:
     """The connected cluster's :class:`ClusterShape`: present resources from ``ray``; the ceiling
-    from the autoscaler's cluster config in the GCS (the source Ray Data's own operators size
-    themselves by), where there is one."""
+    from the autoscaler's config (``_autoscaler_ceiling``), where there is one."""
     import ray
 
     resources = ray.cluster_resources()
@@ -143,24 +143,60 @@ def cluster_shape() -> ClusterShape:
     )
 
 
-def _autoscaler_ceiling() -> tuple[dict[str, int], list[int]]:
-    """The autoscaler's most resources per kind (every node type at its ``max_workers``, capped by
-    the cluster's ``max_workers`` budget) and the CPUs of its node types; empty without one."""
-    import sys
+#: Where ``ray up`` leaves the cluster config on the head for the autoscaler (v1 reads it there;
+#: only autoscaler v2 also reports it to the GCS). ``ray job submit`` runs drivers on the head.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
+
+def _autoscaler_ceiling() -> tuple[dict[str, int], list[int]]:
+    """The most CPUs and GPUs the autoscaler may start, and the CPUs of its worker node types: from
+    the cluster config the autoscaler reported to the GCS (v2), else from the bootstrap config on
+    the head (v1); empty where neither is found."""
     try:  # a private API, read as Ray Data's hash shuffle reads it; absent or changed: no ceiling
         from ray._private.state import state
 
         config = state.get_cluster_config()
-        ceiling = state.get_max_resources_from_cluster_config() or {}
     except Exception:
-        return {}, []
-    if config is None:
-        return {}, []
-    types = [g for g in config.node_group_configs if g.max_count != 0]
-    type_cpus = [int(g.resources.get("CPU", 0)) for g in types]
-    # An unbounded count reads as sys.maxsize: keep it a count a pool can be sized by.
-    return {k: min(int(v), 2**20) for k, v in ceiling.items() if v != sys.maxsize}, type_cpus
+        config = None
+    if config is not None and config.node_group_configs:
+        types = [(g.max_count, dict(g.resources)) for g in config.node_group_configs if g.max_count]
+        limit = dict(config.max_resources)
+    else:
+        types, limit = _bootstrap_node_types(Path(BOOTSTRAP_CONFIG).expanduser())
+    ceiling = {
+        key: min(_most(types, key, limit.get("max_workers")), limit.get(key, 2**31))
+        for key in ("CPU", "GPU")
+    }
+    return ceiling, [int(resources.get("CPU", 0)) for _, resources in types]
+
+
+def _bootstrap_node_types(path: Path) -> tuple[list[tuple[int, dict]], dict]:
+    """(max count, resources) of each worker node type in a ``ray up`` cluster config, and the
+    cluster's ``max_workers`` (its budget of worker nodes over all types)."""
+    if not path.is_file():
+        return [], {}
+    import yaml
+
+    config = yaml.safe_load(path.read_text()) or {}
+    head = config.get("head_node_type")
+    types = [
+        (int(spec.get("max_workers", config.get("max_workers", 0))), spec.get("resources") or {})
+        for name, spec in (config.get("available_node_types") or {}).items()
+        if name != head
+    ]
+    budget = config.get("max_workers")
+    return [t for t in types if t[0] > 0], ({"max_workers": int(budget)} if budget else {})
+
+
+def _most(types: list[tuple[int, dict]], key: str, node_budget: int | None) -> int:
+    """The most of resource ``key`` that ``node_budget`` worker nodes of ``types`` may hold: the
+    richest types first, each up to its own maximum count."""
+    total, nodes_left = 0, node_budget if node_budget is not None else 2**31
+    for count, resources in sorted(types, key=lambda t: -float(t[1].get(key, 0))):
+        taken = min(count, nodes_left)
+        total += taken * int(resources.get(key, 0))
+        nodes_left -= taken
+    return total
 
 
 def plan_placement(config: ScoreConfig, shape: ClusterShape | None = None) -> Placement:

@@ -1,6 +1,6 @@
 """The scoring job on an autoscaling cluster that starts with no worker node: Ray's own fake
-multi-node autoscaler (``ray.cluster_utils.AutoscalingCluster``'s config) with a head that takes no
-tasks, as in cluster.yaml, and one worker type that starts at 0 and may grow to 3."""
+multi-node autoscaler (the provider ``ray.cluster_utils.AutoscalingCluster`` runs) with a head that
+takes no tasks, as in cluster.yaml, and one worker type that starts at 0 and may grow to 3."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import cv2
 import pyarrow.dataset as pads
 import pytest
 import torch
-from ray.cluster_utils import AutoscalingCluster
 
 from skinray.data.synthetic import synthetic_sample
 from skinray.models import create_model, get_model_spec, save_model
@@ -26,7 +25,8 @@ from tests.e2e.ray_heads import free_port, head_port_flags, stop_ray_under
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 IMAGES = 48
-WORKER = {"CPU": 2, "object_store_memory": 150 * 2**20}
+#: 4 CPUs a node: the pool's default bound is one CPU actor per 4 CPUs the cluster may grow to (3).
+WORKER = {"CPU": 4, "object_store_memory": 150 * 2**20}
 
 #: Run in a fresh Python against the cluster: its worker nodes (alive or gone) and the actors that
 #: held the model, as the GCS recorded them.
@@ -42,14 +42,21 @@ print(json.dumps({"worker_nodes": len(workers), "model_actors": len(actors),
 """
 
 
-@pytest.fixture
-def autoscaling_head(tmp_path):
-    """A head with ``CPU: 0`` and the fake provider's autoscaler, on ports and a temp folder of its
-    own (``AutoscalingCluster.start`` would first ``ray stop --force`` every Ray on the machine)."""
-    port = free_port()
-    config = AutoscalingCluster(
-        head_resources={"CPU": 0},
-        worker_node_types={
+def _fake_cluster_config(port: int) -> dict:
+    """The config ``AutoscalingCluster`` generates (Ray's fake multi-node provider; its template
+    is not in the wheel), with the provider pointed at this head's own GCS port."""
+    return {
+        "cluster_name": "skinray-autoscaling-test",
+        "max_workers": 3,
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "gcs_address": f"127.0.0.1:{port}",
+        },
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
             "cpu_worker": {
                 "resources": WORKER,
                 "node_config": {},
@@ -57,18 +64,49 @@ def autoscaling_head(tmp_path):
                 "max_workers": 3,
             },
         },
-        max_workers=3,
-        idle_timeout_minutes=5,
-    )._config
-    config["provider"]["gcs_address"] = f"127.0.0.1:{port}"
-    config_file = tmp_path / "autoscaling.json"
-    config_file.write_text(json.dumps(config))
+        "head_node_type": "ray.head.default",
+        "auth": {},
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 5,
+        "docker": {},
+        **{key: [] for key in _EMPTY_LISTS},
+        "file_mounts": {},
+        "file_mounts_sync_continuously": False,
+    }
+
+
+_EMPTY_LISTS = (
+    "initialization_commands",
+    "setup_commands",
+    "head_setup_commands",
+    "worker_setup_commands",
+    "head_start_ray_commands",
+    "worker_start_ray_commands",
+    "cluster_synced_files",
+    "rsync_exclude",
+    "rsync_filter",
+)
+
+
+@pytest.fixture
+def autoscaling_head(tmp_path):
+    """A head with ``CPU: 0`` and the fake provider's autoscaler, on ports and a temp folder of its
+    own: started as ``AutoscalingCluster.start`` starts it, less its first step, ``ray stop
+    --force``, which would kill every Ray on the machine."""
+    port = free_port()
+    config = _fake_cluster_config(port)
+    # Where `ray up` leaves it on a head, and the driver (on the head) reads the pools' ceiling
+    home = tmp_path / "home"
+    home.mkdir()
+    config_file = home / "ray_bootstrap_config.yaml"
+    config_file.write_text(json.dumps(config))  # JSON is YAML
     temp_dir = Path("/tmp") / f"skinray-as-{os.getpid()}"  # short: Ray's socket paths have a limit
     env = {
         **os.environ,
         "RAY_FAKE_CLUSTER": "1",
         "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "RAY_AUTH_MODE": "disabled",
+        "HOME": str(home),
         "PATH": f"{BIN}:{os.environ['PATH']}",
     }
     flags = [f for f in head_port_flags() if not f.startswith("--port=")]
@@ -148,6 +186,8 @@ def test_scoring_grows_an_empty_autoscaling_cluster_and_lands_every_input_once(
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     census = _census(autoscaling_head)
+    print(done.stdout, census)
+    assert "up to 3 model actors" in done.stdout  # sized by the ceiling, not the 0 CPUs at start
     assert census["worker_nodes"] > 1, census
     assert census["model_actors"] > 1, census
 
