@@ -14,10 +14,11 @@ staged is committed, and only the rest is scored.
 :func:`run_scoring` runs those steps, each from its own module, and writes the run's
 :class:`RunSummary` under ``summaries/``:
 
-- :mod:`skinray.score.sources`: list the inputs (with ``incremental``, drop those already scored
-  with the same models);
-- :mod:`skinray.score.plan`: read the model configs; size the actor pools and the object-store bound
-  from the cluster;
+- :mod:`skinray.score.sources`: list the inputs in a Ray task (with ``incremental``, drop those
+  already scored with the same models; on a resume, those already staged) into Parquet files
+  under the staging directory, which the graph reads back: no per-image state on the driver;
+- :mod:`skinray.score.plan`: read the model configs; size the actor pools by what the cluster may
+  grow to, and the object-store bound by the pools;
 - :mod:`skinray.score.graph`: build the Ray Data graph and run it into the staging directory;
 - :mod:`skinray.score.commit`: the write tasks' sink; the commit into the partitions; the staged
   URIs of a resumed run.
