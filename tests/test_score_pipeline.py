@@ -19,6 +19,7 @@ from skinray.score.plan import OUTPUT_ROW_BYTES, ClusterShape, plan_placement
 from skinray.score.plan import Placement as _Placement
 from skinray.score.plan import object_store_budget as _object_store_budget
 from skinray.score.schema import error_schema, result_schema
+from skinray.score.sources import listing_rows_per_file, stage_listing
 
 
 def _config(**extra):
@@ -265,3 +266,32 @@ def test_error_rows_whose_size_was_never_read_get_a_null_size(tmp_path):
     written = pads.dataset(tmp_path / "staging" / "errors").to_table()
     assert written["source_size_bytes"].to_pylist() == [None, None]
     assert written["source_uri"].to_pylist() == uris
+
+
+def test_the_listing_is_staged_in_order_without_duplicates_or_what_a_dead_driver_staged(tmp_path):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(5):
+        (archive / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+    manifest = tmp_path / "list.txt"
+    names = ["3.jpg", "0.jpg", "3.jpg", "4.jpg", "1.jpg", "2.jpg", "0.jpg"]  # repeats
+    manifest.write_text("".join(f"archive/{name}\n" for name in names))
+    output = tmp_path / "out"
+    staging = output / "_staging" / "r"
+    already = [str(archive / "4.jpg"), str(archive / "1.jpg")]
+    _stage(staging, _staged_rows(already, set()))  # a dead driver staged these
+
+    config = _config(input=str(manifest), output=str(output))
+    listing = stage_listing(config, str(staging), {}, decode_batch_size=2)
+    assert (listing.listed, listing.resumed_from_staging, listing.to_score) == (5, 2, 3)
+    assert listing.files == 2  # 2 rows a file: ceil(3 / 64) rows raised to the decode batch
+    rows = pads.dataset(tmp_path / "out" / "_staging" / "r" / "listing").to_table()
+    assert [Path(u).name for u in rows["source_uri"].to_pylist()] == ["3.jpg", "0.jpg", "2.jpg"]
+    assert listing.mean_source_bytes == (4 + 1 + 3) / 3
+
+
+@pytest.mark.parametrize(
+    ("count", "rows"), [(0, 8), (440, 8), (20_000, 313), (262_144, 4096), (1_000_000, 4096)]
+)
+def test_listing_files_give_up_to_64_read_tasks_until_they_hold_4096_rows(count, rows):
+    assert listing_rows_per_file(count, decode_batch_size=8) == rows
