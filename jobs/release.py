@@ -46,9 +46,11 @@ DATA = {
 
 LIMITS = [
     "Trained and measured on dermoscopy images only; clinical (non-dermoscopic) photographs, "
-    "other body imaging and non-skin images are out of scope and not detected as such.",
-    "The data sets are mostly from fair-skinned patients (ISIC: Europe, Australia, USA); accuracy on "
-    "darker skin types is not measured here.",
+    "other body imaging and non-skin images are out of scope. A classifier shipped with an "
+    "OOD bank flags images unlike its training data (`ood`; its section above, where it has one); a "
+    "segmenter alone flags nothing.",
+    "The data sets are mostly from fair-skinned patients (ISIC: Europe, Australia, USA); "
+    "docs/benchmarks.md gives figures per skin tone, with few brown or dark-skinned images.",
     "The validation split chose the checkpoint; a held-out test figure is lower in expectation.",
     "Not a medical device: outputs are for research and triage, never a diagnosis.",
 ]

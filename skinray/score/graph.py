@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 
-from skinray import io
 from skinray.score.actors import PredictActor
 from skinray.score.commit import StagedRunSink
 from skinray.score.config import ScoreConfig
@@ -23,31 +22,34 @@ from skinray.score.stages import (
     PREDICT_DELAY_ENV,
     describe_lesions,
     finish_rows,
-    read_and_decode,
+    read_and_decode_listing_file,
 )
 
 __all__ = ["build_graph", "decoded_images", "write_staging"]
 
 
 def decoded_images(listing: StagedListing, config: ScoreConfig, image_size: tuple[int, int]):
-    """The staged listing files read back and decoded by Ray Data tasks, ``decode_batch_size``
-    rows at a time, one task a file. Each batch's decoded rows leave the task as a block of their
-    own (the dataset's block size target is one batch), so the model actors start on the first
-    images of a file while the rest decode, and the object-store bound holds.
+    """The staged listing files read and decoded by Ray Data tasks, one task a file, which
+    yields its rows decoded ``decode_batch_size`` at a time. Each batch leaves the task as a block
+    of its own (the dataset's block size target is one batch), so the model actors start on the
+    first images of a file while the rest decode, and the object-store bound holds.
 
-    The driver plans one read task per listing file and never holds the listing: earlier, a read
-    task per ``decode_batch_size`` slice over a listing put from the driver cost it 2.2 KiB an image
-    (20,000 images: +44 MiB)."""
+    The driver plans one task per listing file (a range of file indices) and never holds the
+    listing. Earlier: a task per ``decode_batch_size`` slice of a listing put from the driver cost
+    it 2.2 KiB an image (20,000 images: +44 MiB); Ray Data's Parquet read of the listing put its
+    blocks in the object store, where at a million images they took the run's whole bound and the
+    decode stage stalled."""
     import ray
 
-    fs, path = io.resolve(listing.listing_uri)
-    dataset = ray.data.read_parquet(path, filesystem=fs, override_num_blocks=listing.files)
+    dataset = ray.data.range(listing.files, override_num_blocks=listing.files)
     height, width = image_size
     dataset.context.target_max_block_size = config.decode_batch_size * 4 * height * width
     return dataset.map_batches(
-        read_and_decode,
-        batch_size=config.decode_batch_size,
+        read_and_decode_listing_file,
+        batch_size=1,
         fn_kwargs={
+            "listing_uri": listing.listing_uri,
+            "rows": config.decode_batch_size,
             "image_size": tuple(image_size),
             "max_pixels": config.max_pixels,
             "jpeg_to_segmenter": config.jpeg_decode_in_segmenter,

@@ -225,9 +225,11 @@ def stage_listing(
     fs.create_dir(path, recursive=True)
     rows = listing_rows_per_file(remaining.num_rows, decode_batch_size)
     files = 0
+    from skinray.score.stages import listing_file
+
     for files, start in enumerate(range(0, remaining.num_rows, rows), start=1):
-        chunk = remaining.slice(start, rows)
-        pq.write_table(chunk, f"{path}/part-{files:06d}.parquet", filesystem=fs)
+        target = io.resolve(listing_file(folder, files - 1))[1]
+        pq.write_table(remaining.slice(start, rows), target, filesystem=fs)
     sizes = pc.mean(remaining["source_size_bytes"]).as_py() if remaining.num_rows else None
     return StagedListing(
         listing_uri=folder,
