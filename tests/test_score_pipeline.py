@@ -268,6 +268,23 @@ def test_error_rows_whose_size_was_never_read_get_a_null_size(tmp_path):
     assert written["source_uri"].to_pylist() == uris
 
 
+def test_a_block_of_error_rows_alone_joins_the_other_blocks_of_its_file(tmp_path):
+    # Found by the autoscaling test: a block holding only error rows carries backend (None in
+    # every row) as float NaN, the other blocks carry strings, and the write task failed.
+    good = _staged_rows(["s3://a/ok.jpg"], set())
+    bad = _staged_rows(["s3://a/gone.jpg"], {"s3://a/gone.jpg"})
+    if "backend" not in good.column_names:
+        good = good.append_column("backend", pa.array(["eager"]))
+        bad = bad.append_column("backend", pa.array([float("nan")]))
+    else:
+        index = bad.schema.get_field_index("backend")
+        bad = bad.set_column(index, "backend", pa.array([float("nan")]))
+    sink = StagedRunSink(str(tmp_path / "staging"), ["nevus"], "r", rows_per_file=100)
+    assert sink.write([good, bad], SimpleNamespace(task_idx=0)) == {"results": 1, "errors": 1}
+    results = pads.dataset(tmp_path / "staging" / "results").to_table()
+    assert results["source_uri"].to_pylist() == ["s3://a/ok.jpg"]
+
+
 def test_the_listing_is_staged_in_order_without_duplicates_or_what_a_dead_driver_staged(tmp_path):
     archive = tmp_path / "archive"
     archive.mkdir()

@@ -57,7 +57,8 @@ class StagedRunSink(Datasink):
         return self.rows_per_file
 
     def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
-        table = pa.concat_tables([pa.table(block) for block in blocks], promote_options="default")
+        tables = [_untyped_if_missing(pa.table(block)) for block in blocks]
+        table = pa.concat_tables(tables, promote_options="default")
         failed = pc.not_equal(table["error_stage"], "")
         written = {}
         for name, rows in (
@@ -80,6 +81,19 @@ class StagedRunSink(Datasink):
             {f.name: _as_field(rows[_RENAMED.get(f.name, f.name)], f) for f in schema},
             schema=schema,
         )
+
+
+def _untyped_if_missing(block: pa.Table) -> pa.Table:
+    """A block's float columns with no value at all as null-typed columns. Ray turns a block's
+    all-None column into float NaN, so a block of error rows alone carries ``backend`` as float
+    where the others carry strings, and the blocks of one file would not concatenate."""
+    for index, field in enumerate(block.schema):
+        column = block.column(index)
+        if pa.types.is_floating(field.type) and block.num_rows:
+            missing = pc.sum(pc.or_(pc.is_null(column), pc.is_nan(column))).as_py()
+            if missing == block.num_rows:
+                block = block.set_column(index, field.name, pa.nulls(block.num_rows))
+    return block
 
 
 def _write_whole(table: pa.Table, uri: str) -> None:
@@ -148,15 +162,22 @@ def commit_run(staging: str, config: ScoreConfig, class_names: list[str]) -> Com
         files = _staged_files(staging, table)
         counts[table] = sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in files)
         if table == "errors":
-            for info in files:
+            for info in files:  # counted per file in Arrow: no per-row objects on the driver
                 kinds = pq.read_table(info.path, columns=["stage", "error_type"], filesystem=fs)
-                by_type.update(kinds["error_type"].to_pylist())
-                by_stage.update(kinds["stage"].to_pylist())
+                by_type.update(_value_counts(kinds["error_type"]))
+                by_stage.update(_value_counts(kinds["stage"]))
         keep_old = table == "results" and config.incremental
         uris[table] = _partition(config.output, table, run_date)
         _publish(files, fs, uris[table], schemas[table], config.run_id, keep_old)
     return Committed(
         counts["results"], counts["errors"], uris["results"], uris["errors"], by_type, by_stage
+    )
+
+
+def _value_counts(column: pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(column)
+    return dict(
+        zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True)
     )
 
 

@@ -24,9 +24,13 @@ from tests.e2e.ray_heads import free_port, head_port_flags, stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-IMAGES = 48
-#: 4 CPUs a node: the pool's default bound is one CPU actor per 4 CPUs the cluster may grow to (3).
-WORKER = {"CPU": 4, "object_store_memory": 150 * 2**20}
+IMAGES = 96  # 24 model calls of a second: long enough for nodes and actors to start
+#: A GPU node type, as cluster.yaml's gpu_worker_1x (Ray's fake nodes declare the GPU; the actors
+#: run on CPU here). The ceiling is 3 GPUs, so the pool may grow to 3 actors of a GPU each, and
+#: each actor beyond the first needs a node of its own: a pool of more than one actor means the
+#: cluster grew (with CPU actors, all 3 once fitted on the first node). 4 CPUs a node leave room
+#: for the decode tasks beside an actor: on 2-CPU nodes the pool never grew past one actor.
+WORKER = {"CPU": 4, "GPU": 1, "object_store_memory": 150 * 2**20}
 
 #: Run in a fresh Python against the cluster: its worker nodes (alive or gone) and the actors that
 #: held the model, as the GCS recorded them.
@@ -187,9 +191,10 @@ def test_scoring_grows_an_empty_autoscaling_cluster_and_lands_every_input_once(
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     census = _census(autoscaling_head)
     print(done.stdout, census)
-    assert "up to 3 model actors" in done.stdout  # sized by the ceiling, not the 0 CPUs at start
+    # sized by the ceiling, not by the nothing that was up at the start
+    assert "up to 3 model actors, a GPU each" in done.stdout
     assert census["worker_nodes"] > 1, census
-    assert census["model_actors"] > 1, census
+    assert census["model_actors"] > 1 and census["actor_nodes"] > 1, census
 
     tables = {
         table: pads.dataset(output / table, format="parquet", partitioning="hive").to_table()
