@@ -379,11 +379,15 @@ def actor_threads(num_cpus: float) -> dict:
 
 def decode_only(images: str, config, segment_size: tuple[int, int]) -> dict:
     """(a) The pipeline's listing and read/decode stage, as it builds them, consumed in the driver."""
+    from skinray import io
     from skinray.score.graph import decoded_images
-    from skinray.score.sources import list_inputs
+    from skinray.score.sources import stage_listing
 
     started = time.perf_counter()
-    dataset = decoded_images(list_inputs(images), config, segment_size)
+    staging = io.join(config.output, "_staging", "decode-only")
+    config = config.model_copy(update={"input": images})  # a warm-up set, or the N set
+    listing = stage_listing(config, staging, {}, config.decode_batch_size)
+    dataset = decoded_images(listing, config, segment_size)
     count = errors = 0
     for batch in dataset.iter_batches(batch_size=None):
         count += len(batch["source_uri"])

@@ -35,6 +35,7 @@ from skinray.score.commit import Committed, StagedRunSink, commit_run, remove_st
 from skinray.score.config import ScoreConfig, ScoreConfigError
 from skinray.score.graph import build_graph, write_staging
 from skinray.score.plan import (
+    Placement,
     ScoringModels,
     object_store_budget,
     plan_placement,
@@ -148,11 +149,7 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     remove_staging(staging)
 
     wall_time_s = time.perf_counter() - started
-    summary = _summary(config, listing, committed, operator_times, budget, wall_time_s)
-    summary.max_actors = placement.max_actors
-    summary.actor_device = (
-        "a GPU each" if placement.use_gpu else f"CPU, {placement.cpu_threads} torch threads each"
-    )
+    summary = _summary(config, listing, placement, committed, operator_times, budget, wall_time_s)
     summaries = io.join(config.output, "summaries", f"run_date={summary.run_date}")
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)
@@ -179,6 +176,7 @@ def _stage_listing_on_a_worker(
 def _summary(
     config: ScoreConfig,
     listing: StagedListing,
+    placement: Placement,
     committed: Committed,
     operator_times: dict[str, tuple[float, float]],
     budget: int,
@@ -208,6 +206,12 @@ def _summary(
         ),
         object_store_budget_mib=round(budget / 2**20, 1),
         resumed_from_staging=resumed,
+        max_actors=placement.max_actors,
+        actor_device=(
+            "a GPU each"
+            if placement.use_gpu
+            else f"CPU, {placement.cpu_threads} torch threads each"
+        ),
     )
 
 

@@ -24,13 +24,13 @@ import pyarrow.parquet as pq
 
 from skinray import io
 from skinray.score.config import ScoreConfig, ScoreConfigError
+from skinray.score.stages import listing_file
 
 __all__ = [
     "LISTING_SCHEMA",
     "MANIFEST_SUFFIXES",
     "StagedListing",
     "check_input",
-    "drop_already_scored",
     "list_inputs",
     "listing_rows_per_file",
     "stage_listing",
@@ -170,16 +170,6 @@ def _without(listing: pa.Table, done: pa.Table | None, keys: list[str]) -> pa.Ta
     return kept.sort_by(_ORDER)
 
 
-def drop_already_scored(
-    listing: pa.Table, config: ScoreConfig, models: dict[str, str]
-) -> tuple[pa.Table, int]:
-    """The listing without the images some earlier run under ``config.output`` scored with the same
-    ``models`` (same URI and ETag), and how many were dropped."""
-    ordered = listing.append_column(_ORDER, pa.array(np.arange(listing.num_rows)))
-    kept = _without(ordered, _earlier_results(config, models), ["source_uri", "source_etag"])
-    return kept.drop_columns([_ORDER]), listing.num_rows - kept.num_rows
-
-
 @dataclass(frozen=True)
 class StagedListing:
     """The run's inputs, written as Parquet files under its staging directory for Ray Data to read
@@ -225,8 +215,6 @@ def stage_listing(
     fs.create_dir(path, recursive=True)
     rows = listing_rows_per_file(remaining.num_rows, decode_batch_size)
     files = 0
-    from skinray.score.stages import listing_file
-
     for files, start in enumerate(range(0, remaining.num_rows, rows), start=1):
         target = io.resolve(listing_file(folder, files - 1))[1]
         pq.write_table(remaining.slice(start, rows), target, filesystem=fs)

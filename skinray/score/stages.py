@@ -120,7 +120,7 @@ def read_and_decode(
 
 
 def listing_file(listing_uri: str, index: int) -> str:
-    """The ``index``-th (from 0) listing file ``skinray.score.sources.stage_listing`` wrote."""
+    """The ``index``-th (from 0) file of a listing written by ``skinray.score.sources.stage_listing``."""
     return io.join(listing_uri, f"part-{index + 1:06d}.parquet")
 
 
