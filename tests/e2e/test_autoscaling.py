@@ -24,7 +24,10 @@ from tests.e2e.ray_heads import free_port, head_port_flags, stop_ray_under
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-IMAGES = 96  # 24 model calls of a second: long enough for nodes and actors to start
+#: 48 model calls of a second on one actor. Ray Data's cluster autoscaler asks for more nodes only
+#: once it has measured the pool's rate (and at most every 10 s): about 25 s after the first node
+#: came up, here and in CI. With 96 images, CI's single actor had finished by then.
+IMAGES = 192
 #: A GPU node type, as cluster.yaml's gpu_worker_1x (Ray's fake nodes declare the GPU; the actors
 #: run on CPU here). The ceiling is 3 GPUs, so the pool may grow to 3 actors of a GPU each, and
 #: each actor beyond the first needs a node of its own: a pool of more than one actor means the
