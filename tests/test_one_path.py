@@ -41,6 +41,7 @@ from skinray.score.schema import probability_column
 from skinray.score.stages import describe_lesions, finish_rows, read_and_decode
 from skinray.train.config import smoke_test_config
 from skinray.train.loop import StagePredictor, _Objective, validate
+from skinray.train.roi_masks import cache_predicted_masks
 from skinray.train.staged import _save_two_step
 from skinray.train.trainer import _saved_settings
 
@@ -196,16 +197,30 @@ def test_the_saved_two_step_composite_is_the_pair(labelled, tmp_path):
     assert json.loads((tmp_path / "pair" / "config.json").read_text())["input_size"] == [80, 80]
 
 
-def test_the_roi_fed_to_the_classifier_is_the_same_in_training_and_scoring(labelled, tmp_path):
+@pytest.mark.parametrize("roi_masks", ["live", "cached"])
+def test_the_roi_fed_to_the_classifier_is_the_same_in_training_and_scoring(
+    labelled, tmp_path, roi_masks
+):
     config, model, (segmenter, classifier) = _unit("two_step_pair", tmp_path)
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"roi_masks": roi_masks})}
+    )
     folder = Path(labelled).parent
     uris = [str(folder / f"{seed}.png") for seed in range(len(SOURCES))]
 
-    # Training: the decoded batch (augmentation aside) through the stage's own input.
+    # Training: the decoded batch (augmentation aside) through the stage's own input. Live, the
+    # ground-truth masks ride along in the batch and must be ignored; cached, the batch's masks
+    # are the segmenter's, predicted before training.
     samples = read_manifest(labelled, list(CLASSES))
+    if roi_masks == "cached":
+        run = str(tmp_path / "run")
+        samples = cache_predicted_masks(samples, segmenter, config.data.image_size, run)
+        assert all(uri.startswith(run) for uri in samples.rows["mask_uri"].to_pylist())
     decoded = decode_samples(samples.rows.to_pydict(), config.data.image_size, len(CLASSES))
     stage = StagePredictor(config, model, list(CLASSES), torch.device("cpu"))
-    trained = stage.train_input(torch.from_numpy(decoded["image"]).permute(0, 3, 1, 2))
+    trained = stage.train_input(
+        torch.from_numpy(decoded["image"]).permute(0, 3, 1, 2), torch.from_numpy(decoded["mask"])
+    )
 
     # Scoring: what the actor's classifier receives, recorded by a forward hook.
     actor = PredictActor(segmenter, classifier, batch_size=len(uris))

@@ -45,7 +45,14 @@ from skinray.models.registry import (
     register_model,
 )
 
-__all__ = ["DEFAULT_ROI_MARGIN", "TwoStep", "cut_rois", "lesion_boxes"]
+__all__ = [
+    "DEFAULT_ROI_MARGIN",
+    "TwoStep",
+    "cut_rois",
+    "lesion_boxes",
+    "predicted_lesion",
+    "segment_at",
+]
 
 PAPER = "Innani et al., two-step segmentation then classification (segmenter → ROI → classifier)"
 DEFAULT_ROI_MARGIN = 0.1
@@ -93,6 +100,17 @@ def cut_rois(
     # roi_align takes (batch index, x0, y0, x1, y1); with aligned=True, pixel i spans [i, i+1).
     rois = torch.stack([index, x0, y0, x1, y1], dim=1)
     return roi_align(masked, rois, tuple(output_size), spatial_scale=1.0, aligned=True)
+
+
+def segment_at(segmenter: nn.Module, x: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
+    """Mask logits (N, 1, H, W) at ``x``'s size; ``segmenter`` runs at its ``input_size``."""
+    logits = segmenter(_resize(x, input_size))[MASK_LOGITS]
+    return _resize(logits.float(), x.shape[-2:])
+
+
+def predicted_lesion(mask_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N, 1, H, W) logits → (N, H, W) boolean lesion mask."""
+    return torch.sigmoid(mask_logits[:, 0]) > threshold
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -252,17 +270,21 @@ class TwoStep(nn.Module):
 
     def segment(self, x: torch.Tensor) -> torch.Tensor:
         """Mask logits (N, 1, H, W) at ``x``'s size; the segmenter runs at its own input size."""
-        logits = self.segmenter(_resize(x, self.segmenter_input_size))[MASK_LOGITS]
-        return _resize(logits.float(), x.shape[-2:])
+        return segment_at(self.segmenter, x, self.segmenter_input_size)
 
     def roi_input(
-        self, x: torch.Tensor, mask_logits: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        mask_logits: torch.Tensor | None = None,
+        lesion: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's input (its normalisation, its input size) and the ROI boxes, cut from
-        ``x`` with the segmenter's predicted lesion."""
-        if mask_logits is None:
-            mask_logits = self.segment(x)
-        lesion = torch.sigmoid(mask_logits[:, 0]) > self.mask_threshold
+        ``x`` with the segmenter's predicted lesion: ``lesion`` (N, H, W) where given (a predicted
+        mask made earlier, e.g. cached for training), else from ``mask_logits`` or the segmenter."""
+        if lesion is None:
+            if mask_logits is None:
+                mask_logits = self.segment(x)
+            lesion = predicted_lesion(mask_logits, self.mask_threshold)
         boxes = lesion_boxes(lesion, self.roi_margin)
         seg_mean, seg_std = self._segmenter_stats
         cls_mean, cls_std = self._classifier_stats

@@ -70,6 +70,12 @@ class DataConfig(_Strict):
     #: margin, a fraction of the lesion box.
     roi_size: tuple[int, int] | None = None
     roi_margin: float = Field(0.1, ge=0, le=1)
+    #: For ``input: roi``, where the training ROIs' masks come from: ``live``, the segmenter run on
+    #: every augmented batch (as validation runs it); ``cached``, its mask of each un-augmented
+    #: training image, predicted once before training (stored under the output, keyed by the
+    #: segmenter's SHA-256 and ``image_size``) and augmented with the image, as the paper cuts its
+    #: ROIs offline (Innani et al. Sec. 3.2). Validation always runs the segmenter.
+    roi_masks: Literal["live", "cached"] = "live"
     #: Saved models run in order on each batch whose last output becomes the extra input channels
     #: (MB-DCNN: [coarse-SN] for mask-CN, [coarse-SN, mask-CN] for enhanced-SN). A model that
     #: takes guidance channels needs them: ground-truth masks never stand in.
@@ -264,7 +270,7 @@ def recipe_summary(config: TrainConfig) -> str:
     roi = ""
     if data.input == "roi":
         size = data.roi_size or data.image_size
-        roi = f", ROI {size[0]}×{size[1]} margin {data.roi_margin:g}"
+        roi = f", ROI {size[0]}×{size[1]} margin {data.roi_margin:g}, {data.roi_masks} masks"
     return (
         f"{config.model}, {data.source} {data.image_size[0]}×{data.image_size[1]}{roi}, "
         f"augment {data.augment}, "

@@ -125,6 +125,7 @@ class StagePredictor:
     def __init__(self, config: TrainConfig, model, class_names, device) -> None:
         data, mean_std = config.data, model.normalization
         self.roi = None
+        self.cached_roi_masks = data.input == "roi" and data.roi_masks == "cached"
         if data.input == "roi":
             segmenter = load_model(data.roi_segmenter, device=device)
             seg = segmenter.saved_config
@@ -149,12 +150,15 @@ class StagePredictor:
             source=f"training {config.model}",
         )
 
-    def train_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 images (N,3,H,W), augmented, → the input of the network being trained."""
+    def train_input(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """uint8 images (N,3,H,W), augmented, → the input of the network being trained. ``masks``
+        (augmented with them) are the segmenter's cached predictions with ``roi_masks: cached``,
+        and are not used otherwise."""
         x = self.predictor.model_input(images)
         if self.roi is not None:
+            lesion = masks.bool() if self.cached_roi_masks else None
             with torch.no_grad():
-                x, _ = self.roi.roi_input(x)
+                x, _ = self.roi.roi_input(x, lesion=lesion)
         return x
 
 
@@ -393,8 +397,8 @@ class _Step:
     def step(self, images, masks, labels) -> float:
         config, device = self.config, self.device
         images, masks = augment_batch(self.transform, images, masks)
-        x = self.stage.train_input(images.to(device))
         masks, labels = masks.to(device), labels.to(device)
+        x = self.stage.train_input(images.to(device), masks)
         with _autocast(config, device):
             outputs = self.model(x)
         loss = self.objective({k: v.float() for k, v in outputs.items()}, masks, labels)

@@ -39,6 +39,7 @@ from skinray.train.loop import (
     fault_injection_from_environment,
     train_func,
 )
+from skinray.train.roi_masks import cache_predicted_masks
 
 __all__ = [
     "TrainingOutcome",
@@ -137,6 +138,13 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     check_stage_inputs(config)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
     train_samples, validation_samples = load_samples(config)
+    if config.data.input == "roi" and config.data.roi_masks == "cached":
+        train_samples = cache_predicted_masks(
+            train_samples,
+            config.data.roi_segmenter,
+            config.data.image_size,
+            io.absolute(config.output),  # the workers read the masks
+        )
     if not ray.is_initialized():
         ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
     # Per-epoch lines from the workers are the progress to follow; Ray Data's bars for the
