@@ -68,6 +68,7 @@ def cache_predicted_masks(
     done = _existing(folder)
     ids = samples.rows["image_id"].to_pylist()
     uris = samples.rows["image_uri"].to_pylist()
+    labels = samples.rows["label"].to_pylist()  # synthetic images are drawn from their label
     names = [f"{image_id}.png" for image_id in ids]
     todo = [i for i, name in enumerate(names) if name not in done]
     unreadable: set[int] = set()
@@ -76,9 +77,9 @@ def cache_predicted_masks(
         batch = {
             "image_uri": [uris[i] for i in chunk],
             "mask_uri": [None] * len(chunk),
-            "label": [0] * len(chunk),
+            "label": [labels[i] for i in chunk],
         }
-        decoded = decode_samples(batch, image_size, num_classes=1)
+        decoded = decode_samples(batch, image_size, len(samples.class_names))
         masks = _predict(segmenter, decoded["image"])
         for i, ok, mask in zip(chunk, decoded["ok"], masks, strict=True):
             if not ok:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from skinray.models import CAM, CLASS_LOGITS, MASK_LOGITS, load_model
@@ -42,9 +45,18 @@ def test_two_step_chain_trains_the_roi_classifier_on_its_segmenter_and_saves_the
     from skinray.predict import Predictor
 
     output = str(tmp_path / "two_step")
-    overrides = ["epochs=1", "data.synthetic_count=24", "data.roi_size=[48, 48]"]
+    overrides = [
+        "epochs=1",
+        "data.synthetic_count=24",
+        "data.roi_size=[48, 48]",
+        "data.roi_masks=cached",
+    ]
     models = run_staged("two_step", output, overrides, smoke=True)
     assert set(models) == {"segmenter", "classifier", "two_step"}
+    # the training ROIs came from the segmenter's masks, predicted once per training image
+    (cache,) = (Path(output) / "classifier" / "roi-masks").iterdir()
+    trained = json.loads((Path(output) / "classifier" / "metrics.json").read_text())
+    assert len(list(cache.glob("*.png"))) == trained["train_images"] > 0
     classifier = load_model(models["classifier"]).saved_config
     assert classifier.input_size == (48, 48) and classifier.roi_source_size == (64, 64)
     assert classifier.roi_margin == 0.1
