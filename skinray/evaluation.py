@@ -97,7 +97,9 @@ class Evaluator:
     def result(self) -> dict[str, float]:
         results: dict[str, float] = {"images": self.images}
         for name, chunks in self._per_image.items():
-            results[name] = float(np.concatenate(chunks).mean())
+            # a model that segments and classifies has two accuracies: the pixels' is renamed
+            key = "pixel_accuracy" if name == "accuracy" else name
+            results[key] = float(np.concatenate(chunks).mean())
         if self._probabilities:
             results.update(
                 metrics.classification_scores(

@@ -64,7 +64,11 @@ def test_report_values_are_the_result_figures_with_intervals_around_them():
         assert figure["low"] < figure["value"] < figure["high"], name
     classification = report["classification"]
     assert list(classification) == list(CLASSIFICATION_FIGURES)
+    # a model that segments and classifies keeps both accuracies apart in the flat result
+    pixel = report["segmentation"]["accuracy"]["value"]
+    assert pixel == pytest.approx(result["pixel_accuracy"], abs=1e-12)
     assert classification["accuracy"]["value"] == pytest.approx(result["accuracy"])
+    assert abs(pixel - result["accuracy"]) > 1e-3
     assert classification["balanced_accuracy"]["value"] == pytest.approx(
         result["balanced_accuracy"]
     )

@@ -53,7 +53,15 @@ REGRESSION_IMAGES = 10
 #: share of validation images its threshold lets pass.
 OOD_BANK_SIZE = 1000
 OOD_QUANTILE = 0.975
-_HEADLINES = ("jaccard", "threshold_jaccard", "dice", "accuracy", "balanced_accuracy", "auc_mean")
+_HEADLINES = (
+    "jaccard",
+    "threshold_jaccard",
+    "dice",
+    "pixel_accuracy",
+    "accuracy",
+    "balanced_accuracy",
+    "auc_mean",
+)
 
 
 @dataclass
