@@ -63,3 +63,20 @@ def _decoded(samples):
     from skinray.data.loading import decode_samples
 
     return decode_samples(samples.rows.to_pydict(), (64, 64), 3)["image"]
+
+
+def test_the_card_marks_a_figure_its_bootstrap_range_does_not_contain():
+    from skinray.models.card import _headline_table
+
+    def figure(value, low, high):
+        return {"value": value, "low": low, "high": high}
+
+    classification = {"accuracy": figure(0.8, 0.75, 0.85), "ece": figure(0.047, 0.055, 0.141)}
+    rows = _headline_table({"report": {"classification": classification}})
+    assert "| accuracy | 0.800 [0.750, 0.850] |" in rows
+    assert "| expected calibration error (15 bins) | 0.047 [0.055, 0.141] † |" in rows
+    assert rows[-1].startswith("† The bootstrap range does not contain the figure")
+
+    classification["ece"] = figure(0.033, 0.027, 0.057)
+    rows = _headline_table({"report": {"classification": classification}})
+    assert not any("†" in row for row in rows)

@@ -49,11 +49,27 @@ def _interval(entry) -> str:
     return f"{value:.3f} [{low:.3f}, {high:.3f}]"
 
 
+def _outside_its_interval(entry) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    value, low, high = (entry.get(k, math.nan) for k in ("value", "low", "high"))
+    return not any(map(math.isnan, (value, low, high))) and not low <= value <= high
+
+
 def _headline_table(report: dict) -> list[str]:
-    rows = ["| metric | value [95 % CI] |", "|---|---|"]
+    rows, outside = ["| metric | value [95 % CI] |", "|---|---|"], False
     for section, names in _FIGURE_NAMES.items():
         for key, entry in report["report"].get(section, {}).items():
-            rows.append(f"| {names.get(key, key)} | {_interval(entry)} |")
+            mark = " †" if _outside_its_interval(entry) else ""
+            outside = outside or bool(mark)
+            rows.append(f"| {names.get(key, key)} | {_interval(entry)}{mark} |")
+    if outside:
+        rows += [
+            "",
+            "† The bootstrap range does not contain the figure: the figure is biased on resamples "
+            "(resampling only adds noise to an expected calibration error, so every resample's is "
+            "higher on few images). The range is the resamples' spread, not a confidence interval.",
+        ]
     return rows
 
 
