@@ -74,7 +74,10 @@ def _run_training(recipe: str, overrides: list[str], args, output: Path, paper: 
         f"epochs={args.epochs}",
         "batch_size=16",
         "checkpoint.num_to_keep=1",
-        f"scaling.cpus_per_worker={args.cpus}",
+        # The worker holds one CPU so that Ray Data's decode tasks get the rest (holding every
+        # CPU, it waited forever for its first batch); its torch uses every core.
+        "scaling.cpus_per_worker=1",
+        f"scaling.torch_threads={args.cpus}",
         "max_failures=10",
     ]
     if paper == "two_step":
