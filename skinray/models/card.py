@@ -66,9 +66,10 @@ def _headline_table(report: dict) -> list[str]:
     if outside:
         rows += [
             "",
-            "† The bootstrap range does not contain the figure: the figure is biased on resamples "
-            "(resampling only adds noise to an expected calibration error, so every resample's is "
-            "higher on few images). The range is the resamples' spread, not a confidence interval.",
+            "† The bootstrap range does not contain the figure: the figure is biased on "
+            "resamples (resampling only adds noise to an expected calibration error, so every "
+            "resample's is higher on few images). The range is the resamples' spread, not a "
+            "confidence interval.",
         ]
     return rows
 

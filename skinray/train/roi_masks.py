@@ -6,8 +6,9 @@ al. Sec. 3.2). Running the segmenter on each augmented batch instead (``live``) 
 saved segmenter predicts the lesion of each un-augmented training image once, at the training
 ``image_size`` and through the same ``segment_at`` / ``predicted_lesion`` as ``TwoStep``; the masks
 are written as PNGs beside the run and put in the training table's ``mask_uri`` column, so the
-augmentation moves each with its image and the ROI is cut from it. Ground-truth masks are dropped from that table: they never reach a
-model input. Validation still runs the segmenter (the path evaluation and scoring take).
+augmentation moves each with its image and the ROI is cut from it. Ground-truth masks are dropped
+from that table: they never reach a model input. Validation still runs the segmenter (the path
+evaluation and scoring take).
 """
 
 from __future__ import annotations
