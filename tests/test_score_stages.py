@@ -114,10 +114,16 @@ def test_the_segmenter_decodes_them_as_the_cpu_would(archive, segmenter):
         assert agreement > 0.9, (segmented["source_uri"][i], agreement)
 
 
-def test_the_cpu_stages_never_import_torch():
-    # Ray pickles stage functions by module: importing torch there would load it in every decode,
-    # ROI and write worker (seconds of start-up, hundreds of MiB each).
-    probe = "import sys, skinray.score.stages; print('torch' in sys.modules)"
+@pytest.mark.parametrize(
+    "module",
+    ["skinray.score.stages", "skinray.score.commit", "skinray.score.sources"],
+    ids=["decode-describe-rows", "staging-write", "listing"],
+)
+def test_the_cpu_tasks_modules_never_import_torch(module):
+    # Ray pickles task functions (and the staging sink) by module: importing torch there would
+    # load it in every decode, describe, listing and write worker (~4 s of start-up each, hundreds
+    # of MiB; the staging write paid it at the end of every run).
+    probe = f"import sys, {module}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -9,7 +9,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from skinray.data.decode import DEFAULT_MAX_PIXELS
-from skinray.models.zoo import DEFAULT_CLASSIFIER, DEFAULT_SEGMENTER, released_models
 
 __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
 
@@ -79,6 +78,10 @@ class ScoreConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _released_models_by_default(cls, values: dict) -> dict:
+        # Imported here: ``skinray.models`` imports torch, and this module is imported by the
+        # staging write and listing tasks, whose workers would pay ~4 s for it.
+        from skinray.models.zoo import DEFAULT_CLASSIFIER, DEFAULT_SEGMENTER, released_models
+
         if isinstance(values, dict) and not values.get("segmenter"):
             released = released_models()
             if DEFAULT_SEGMENTER not in released:
