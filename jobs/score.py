@@ -57,7 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--incremental", action="store_true", help="skip images already scored")
     parser.add_argument("--cam", dest="include_cam", action="store_true", help="store CAMs as PNG")
     parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
-    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--batch-size", type=int, help="images per model call on an actor (16)")
+    parser.add_argument(
+        "--decode-batch-size",
+        type=int,
+        help="images a decode task yields at a time, and per descriptor and row task (64)",
+    )
     parser.add_argument(
         "--max-actors",
         type=int,

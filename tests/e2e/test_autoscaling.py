@@ -175,6 +175,8 @@ def test_scoring_grows_an_empty_autoscaling_cluster_and_lands_every_input_once(
         "2026-12-02",
         "--batch-size",
         "4",
+        "--decode-batch-size",
+        "8",  # many small blocks, as the pool's queue needs to back up
         "--cpu-threads",
         "1",
         "--backend",

@@ -324,6 +324,8 @@ def _score_command(bucket, models, output: str, run_id: str) -> list[str]:
         "1",
         "--batch-size",
         "8",
+        "--decode-batch-size",
+        "8",
         "--rows-per-file",
         "4",
         "--backend",
@@ -358,7 +360,8 @@ def test_a_killed_driver_leaves_the_partition_unchanged_and_its_run_resumes_to_a
 
     segmenter, classifier = models
     settings = dict(segmenter=segmenter, classifier=classifier, max_pixels=MAX_PIXELS)
-    settings |= dict(max_actors=1, batch_size=8, rows_per_file=4, backend="eager")
+    settings |= dict(max_actors=1, batch_size=8, decode_batch_size=8, rows_per_file=4)
+    settings |= dict(backend="eager")
     run_scoring(  # the partition a good run left, with the settings of _score_command
         make_score_config(
             input=f"{s3_bucket}/archive/",
