@@ -23,7 +23,7 @@ import math
 import sys
 
 from skinray import io
-from skinray.backends import BACKENDS, accelerated
+from skinray.backends import BACKENDS, accelerated, read_calibration_images
 from skinray.data.datasets import DatasetError, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="run the networks as a scoring actor would (skinray.backends): the figures a backend "
         "gives, to set beside eager's",
     )
+    parser.add_argument(
+        "--int8-calibration",
+        metavar="URI",
+        help="real images (folder, s3:// prefix or manifest; never the split evaluated) that "
+        "calibrate --backend openvino-int8",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument(
@@ -97,6 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error("--bootstrap must be 0 or more")
+    if args.backend == "openvino-int8" and not args.int8_calibration:
+        parser.error("--backend openvino-int8 needs --int8-calibration (real images)")
     return args
 
 
@@ -116,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
         predictor.test_time_flips = predictor.test_time_flips or args.test_time_flips
-        predictor, used, reason = accelerated(predictor, args.backend)
+        calibration = None
+        if args.backend == "openvino-int8":
+            calibration = read_calibration_images(args.int8_calibration, predictor.input_size)
+        predictor, used, reason = accelerated(
+            predictor, args.backend, calibration_images=calibration
+        )
         if reason:
             print(f"backend {args.backend} fell back to {used}: {reason}", file=sys.stderr)
         evaluator = Evaluator(predictor.class_names or samples.class_names)

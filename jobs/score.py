@@ -99,6 +99,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "guard on their device, skinray.backends.DEFAULT_BACKENDS)",
     )
     parser.add_argument(
+        "--int8-calibration",
+        metavar="URI",
+        help="real images (folder, s3:// prefix or manifest) that calibrate --backend openvino-int8",
+    )
+    parser.add_argument(
         "--no-report",
         dest="report",
         action="store_false",

@@ -13,7 +13,10 @@ OpenVINO f32 11.7 and OpenVINO bf16 24.3. ``openvino`` runs f32; ``openvino-bf16
 for bf16 arithmetic where the CPU has it (AVX512_BF16 or AMX), and is held to the same guard;
 ``openvino-mixed`` runs the networks without class outputs (segmenters) in bf16 and those with class
 outputs in f32, for a pair whose masks hold in bf16 and whose probabilities do not (the released
-classifier's moved by up to 0.087 in bf16).
+classifier's moved by up to 0.087 in bf16). ``openvino-int8`` runs the networks quantised to int8 by
+NNCF's post-training quantisation, calibrated on real images: each network is calibrated on what it
+sees when the eager Predictor runs on them (resized, normalised, the two-step ROI cut), and the
+quantised network is cached by its weights and the calibration inputs' digest.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights and their input shape, so the actors of a node export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
@@ -42,21 +45,36 @@ __all__ = [
     "BACKENDS",
     "DEFAULT_BACKENDS",
     "GUARD_FALLBACK",
+    "INT8_CALIBRATION_IMAGES",
     "GuardResult",
     "OpenVinoNetwork",
     "accelerated",
     "compare_predictions",
     "default_backend",
+    "network_inputs",
+    "read_calibration_images",
 ]
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "compile", "openvino", "openvino-bf16", "openvino-mixed")
+BACKENDS = ("eager", "compile", "openvino", "openvino-bf16", "openvino-mixed", "openvino-int8")
 #: What an actor tries next when a backend fails the accuracy guard (then eager): reduced precision
 #: falls back to the same runtime with the class outputs at full precision, then to all of it.
-GUARD_FALLBACK = {"openvino-bf16": "openvino-mixed", "openvino-mixed": "openvino"}
-#: OpenVINO inference precision per backend; "mixed": bf16 for a network without class outputs.
-_OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-mixed": "mixed"}
+GUARD_FALLBACK = {
+    "openvino-bf16": "openvino-mixed",
+    "openvino-int8": "openvino-mixed",
+    "openvino-mixed": "openvino",
+}
+#: OpenVINO inference precision per backend; "mixed": bf16 for a network without class outputs;
+#: "int8": the network quantised (NNCF), its unquantised operations in f32.
+_OPENVINO_PRECISION = {
+    "openvino": "f32",
+    "openvino-bf16": "bf16",
+    "openvino-mixed": "mixed",
+    "openvino-int8": "int8",
+}
+#: Calibration images int8 takes at most (NNCF's default ``subset_size``).
+INT8_CALIBRATION_IMAGES = 300
 #: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
 #: measured it (docs/benchmarks.md); a device type not here runs eager. CPU, the released pair on
 #: 440 archive images, 2 threads: eager 31.3 images/s, compile 42.9, openvino 67.3, openvino-mixed
@@ -156,9 +174,11 @@ def exported_network(
     cache_dir: Path | None = None,
     threads: int | None = None,
     precision: str = "f32",
+    calibration: np.ndarray | None = None,
 ) -> OpenVinoNetwork:
     """``network`` (eval mode) exported to ONNX for inputs (N, *input_shape) with N free, cached by
-    its weights and shape, and compiled by OpenVINO."""
+    its weights and shape, and compiled by OpenVINO; for ``precision`` int8, quantised on
+    ``calibration`` (the network's inputs, N×C×H×W float) first."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
     with torch.no_grad():
@@ -192,25 +212,103 @@ def exported_network(
                 dynamo=False,
             )
         os.replace(partial, path)  # atomic: actors exporting side by side never read half a file
+    if precision == "int8":
+        if calibration is None or not len(calibration):
+            raise ValueError("int8 needs calibration images (none given, or none could be read)")
+        path, precision = _quantised(path, calibration), "f32"
     return OpenVinoNetwork(path, names, threads, precision)
 
 
+def _quantised(onnx_path: Path, calibration: np.ndarray) -> Path:
+    """The exported network quantised to int8 by NNCF's post-training quantisation (min-max
+    ranges and bias correction over the calibration inputs), saved as OpenVINO IR beside the
+    export and cached by the calibration inputs' digest."""
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    digest = hashlib.sha256(calibration.tobytes()).hexdigest()[:16]
+    path = onnx_path.with_name(f"{onnx_path.stem}-int8-{digest}.xml")
+    if path.exists():
+        return path
+    try:
+        import nncf
+    except ImportError as error:
+        raise ImportError("openvino-int8 needs NNCF: pip install 'skinray[int8]'") from error
+    import openvino as ov
+
+    samples = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    quantised = nncf.quantize(
+        ov.Core().read_model(str(onnx_path)), samples, subset_size=len(calibration)
+    )
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.xml")
+    ov.save_model(quantised, str(partial), compress_to_fp16=False)
+    # The weights first, then the graph: the .xml existing means both are whole.
+    os.replace(partial.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(partial, path)
+    return path
+
+
+def read_calibration_images(
+    uri: str, input_size: tuple[int, int], count: int = INT8_CALIBRATION_IMAGES
+) -> np.ndarray:
+    """Up to ``count`` images from ``uri`` (a folder, ``s3://`` prefix or manifest, as the scoring
+    job lists its input), spread evenly over its sorted listing, decoded to ``input_size`` as the
+    scoring job decodes them: N×H×W×3 uint8. An image that cannot be read or decoded is left out.
+    """
+    from skinray.data.decode import DEFAULT_MAX_PIXELS
+    from skinray.score.sources import list_inputs
+    from skinray.score.stages import read_and_decode
+
+    listing = list_inputs(uri).sort_by("source_uri")
+    picks = np.unique(np.linspace(0, listing.num_rows - 1, min(count, listing.num_rows)).round())
+    decoded = read_and_decode(
+        listing.take(picks.astype(int)).to_pydict(), tuple(input_size), DEFAULT_MAX_PIXELS
+    )
+    return decoded["image"][decoded["error_stage"] == ""]
+
+
+def network_inputs(predictor, images: np.ndarray | None) -> dict[nn.Module, np.ndarray]:
+    """What each network of ``predictor`` sees when it runs eagerly on ``images`` (N×H×W×3 uint8
+    at its input size), as int8's calibration inputs: the one prediction path's resizing,
+    normalisation and two-step ROI cut, read by forward pre-hooks."""
+    if images is None or not len(images):
+        return {}
+    model = predictor.model
+    networks = [model.segmenter, model.classifier] if isinstance(model, TwoStep) else [model]
+    seen: dict[nn.Module, list[np.ndarray]] = {network: [] for network in networks}
+
+    def record(module, args):
+        seen[module].append(args[0].detach().float().cpu().numpy())
+
+    hooks = [network.register_forward_pre_hook(record) for network in networks]
+    try:
+        for start in range(0, len(images), 16):
+            predictor(torch.from_numpy(np.asarray(images[start : start + 16])).permute(0, 3, 1, 2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {network: np.concatenate(batches) for network, batches in seen.items() if batches}
+
+
 def _exported_model(
-    model: nn.Module, input_size, channels, cache_dir, threads, precision
+    model: nn.Module, input_size, channels, cache_dir, threads, precision, calibration
 ) -> nn.Module:
     """The whole model exported; a two-step composite runs its two networks exported and its ROI
     glue in PyTorch (the glue's data-dependent box does not export: the exporter fails on it, after
     seconds of tracing and a dump of the graph)."""
     if not isinstance(model, TwoStep):
-        return exported_network(model, (channels, *input_size), cache_dir, threads, precision)
+        return exported_network(
+            model, (channels, *input_size), cache_dir, threads, precision, calibration.get(model)
+        )
     composite = copy.copy(model)  # shares buffers and settings; only the two networks change
     composite._modules = dict(model._modules)
-    composite.segmenter = exported_network(
-        model.segmenter, (3, *model.segmenter_input_size), cache_dir, threads, precision
-    )
-    composite.classifier = exported_network(
-        model.classifier, (3, *model.classifier_input_size), cache_dir, threads, precision
-    )
+    for name, size in (
+        ("segmenter", model.segmenter_input_size),
+        ("classifier", model.classifier_input_size),
+    ):
+        network = getattr(model, name)
+        exported = exported_network(
+            network, (3, *size), cache_dir, threads, precision, calibration.get(network)
+        )
+        setattr(composite, name, exported)
     return composite
 
 
@@ -221,9 +319,11 @@ def accelerated(
     *,
     cache_dir: Path | None = None,
     threads: int | None = None,
+    calibration_images: np.ndarray | None = None,
 ):
     """``(predictor on the backend, backend used, reason for a fallback or None)``. ``backend``
-    None: the device's default. The eager predictor is not changed."""
+    None: the device's default. ``calibration_images`` (N×H×W×3 uint8 at the predictor's input
+    size, real images) calibrate ``openvino-int8``. The eager predictor is not changed."""
     device = predictor.device
     backend = backend or default_backend(device)
     if backend not in BACKENDS:
@@ -240,13 +340,16 @@ def accelerated(
                     "eager",
                     f"{backend} runs on CPU nodes (GPUs run eager or compile)",
                 )
+            precision = _OPENVINO_PRECISION[backend]
+            int8 = precision == "int8"
             model = _exported_model(
                 predictor.model,
                 predictor.input_size,
                 getattr(predictor.model, "input_channels", 3),
                 cache_dir,
                 threads,
-                _OPENVINO_PRECISION[backend],
+                precision,
+                network_inputs(predictor, calibration_images) if int8 else {},
             )
         else:
             # dynamic=None: a second batch shape (a short last batch) recompiles once with a

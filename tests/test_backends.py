@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from skinray.backends import BACKENDS, accelerated, compare_predictions, exported_network
+from skinray.backends import (
+    BACKENDS,
+    accelerated,
+    compare_predictions,
+    exported_network,
+    network_inputs,
+    read_calibration_images,
+)
 from skinray.models import create_model, get_model_spec, list_models, load_model, save_model
 from skinray.predict import Predictor
 
@@ -147,6 +154,71 @@ def test_mixed_precision_runs_the_released_segmenter_in_bf16_and_its_classifier_
     assert fast.model.classifier.precision == "f32"
     result = compare_predictions(eager(images), fast(images))
     assert result.passed, result
+
+
+TRAINING_IMAGES = SHARED_DATA / "isic2017" / "ISIC-2017_Training_Data"
+
+
+def _fake_quantize_ops(path: Path) -> int:
+    import openvino as ov
+
+    return sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(path).get_ops())
+
+
+def test_int8_runs_the_released_pair_quantised_on_training_images(tmp_path):
+    eager = Predictor.load("lesion-segmenter", "ham10000-classifier")
+    calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=24)
+    assert calibration.shape == (24, *eager.input_size, 3)
+    fast, used, reason = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+    )
+    assert (used, reason) == ("openvino-int8", None)
+    for network in (fast.model.segmenter, fast.model.classifier):
+        assert network.path.suffix == ".xml" and _fake_quantize_ops(network.path) > 10
+    images = _real_images(8)  # validation images, not the calibration ones
+    reference, quantised = eager(images), fast(images)
+    # int8 is not held to the fp32 guard (its probabilities move by up to ~0.2 here; the actor's
+    # guard then hands over to openvino-mixed): masks and predicted classes must hold.
+    assert compare_predictions(reference, quantised).mask_jaccard >= 0.95
+    classes = [p.class_probabilities.argmax(1) for p in (reference, quantised)]
+    assert (classes[0] == classes[1]).float().mean() >= 0.85
+
+
+def test_int8_is_cached_by_the_calibration_images(tmp_path):
+    eager = Predictor.load("lesion-segmenter")
+    calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=8)
+    first, _, _ = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+    )
+    written = first.model.path.stat().st_mtime_ns
+    again, _, _ = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+    )
+    assert again.model.path == first.model.path
+    assert again.model.path.stat().st_mtime_ns == written  # not quantised again
+    other, _, _ = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration[:4]
+    )
+    assert other.model.path != first.model.path
+
+
+def test_int8_without_calibration_images_falls_back_to_eager_and_says_so(tmp_path):
+    eager = Predictor.load("lesion-segmenter")
+    fast, used, reason = accelerated(eager, "openvino-int8", cache_dir=tmp_path)
+    assert fast is eager and used == "eager"
+    assert "int8 needs calibration images" in reason
+
+
+def test_calibration_inputs_are_what_each_network_sees_in_the_prediction_path():
+    eager = Predictor.load("lesion-segmenter", "ham10000-classifier")
+    images = np.stack(_real_images(3))
+    images = np.stack([cv2.resize(i, eager.input_size[::-1]) for i in images])
+    seen = network_inputs(eager, images)
+    segmenter, classifier = eager.model.segmenter, eager.model.classifier
+    assert seen[segmenter].shape == (3, 3, *eager.model.segmenter_input_size)
+    assert seen[classifier].shape == (3, 3, *eager.model.classifier_input_size)
+    # Normalised inputs, not raw pixels: roughly centred on 0.
+    assert abs(float(seen[segmenter].mean())) < 1.5 and seen[segmenter].max() < 10
 
 
 def test_an_unknown_backend_is_refused_with_the_choices(tmp_path):

@@ -77,6 +77,26 @@ def test_score_job_reports_a_missing_input(tmp_path):
     assert "error:" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        ([], "backend openvino-int8 needs int8_calibration (real images)"),
+        (["--int8-calibration", "/nonexistent/calibration"], "/nonexistent/calibration"),
+    ],
+    ids=["none", "missing"],
+)
+def test_score_job_refuses_int8_without_calibration_images_at_the_door(
+    tmp_path, calibration, message
+):
+    result = _run(
+        "score.py", "--output", str(tmp_path / "out"), "--backend", "openvino-int8", *calibration
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("run_id", [None, "other"])
 def test_score_job_refuses_a_resume_with_nothing_staged_or_two_run_ids(tmp_path, run_id):
     extra = ["--run-id", run_id] if run_id else []

@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from skinray.backends import GUARD_FALLBACK, accelerated, compare_predictions
+from skinray.backends import (
+    GUARD_FALLBACK,
+    accelerated,
+    compare_predictions,
+    default_backend,
+    read_calibration_images,
+)
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
 from skinray.predict import Predictor
@@ -40,8 +46,8 @@ class PredictActor:
     the classifier ships a bank (``skinray.ood``), the flips' disagreement where the model runs
     test-time flips, the predicted class's CAM and the ROI box.
 
-    The networks run on ``backend`` (``skinray.backends``; None: the device's default). The first
-    batch runs both ways and the backend is dropped for eager, with a logged reason, where it fails
+    The networks run on ``backend`` (``skinray.backends``; None: the device's default), int8 calibrated
+    on the images at ``int8_calibration``. The first batch runs both ways and the backend is dropped for eager, with a logged reason, where it fails
     the accuracy guard."""
 
     def __init__(
@@ -53,6 +59,7 @@ class PredictActor:
         cpu_threads: int | None = None,
         backend: str | None = None,
         test_delay_s: float = 0.0,
+        int8_calibration: str | None = None,
     ) -> None:
         self.test_delay_s = test_delay_s  # PREDICT_DELAY_ENV, for the resume test
         if kill_marker:
@@ -64,8 +71,12 @@ class PredictActor:
         if device.type == "cuda":
             eager.model = eager.model.to(memory_format=torch.channels_last)
         self.cpu_threads = cpu_threads
+        backend = backend or default_backend(device)
+        calibration = None
+        if backend == "openvino-int8" and int8_calibration:
+            calibration = read_calibration_images(int8_calibration, eager.input_size)
         self.predictor, self.backend, self.fallback_reason = accelerated(
-            eager, backend, threads=cpu_threads
+            eager, backend, threads=cpu_threads, calibration_images=calibration
         )
         self._unguarded = eager if self.backend != "eager" else None
         self.batch_size = batch_size

@@ -13,7 +13,14 @@ from skinray.data.decode import DEFAULT_MAX_PIXELS
 __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
 
 #: ``skinray.backends.BACKENDS``, named here without importing torch.
-BACKEND_NAMES = ("eager", "compile", "openvino", "openvino-bf16", "openvino-mixed")
+BACKEND_NAMES = (
+    "eager",
+    "compile",
+    "openvino",
+    "openvino-bf16",
+    "openvino-mixed",
+    "openvino-int8",
+)
 
 
 class ScoreConfigError(ValueError):
@@ -39,9 +46,13 @@ class ScoreConfig(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     include_cam: bool = False
     #: How the model actors run the networks (``skinray.backends``): eager, compile, openvino,
-    #: openvino-bf16 or openvino-mixed (bf16 segmenter, f32 classifier).
+    #: openvino-bf16, openvino-mixed (bf16 segmenter, f32 classifier) or openvino-int8.
     #: None: the fastest that passed the accuracy guard on the actor's device.
     backend: Literal[BACKEND_NAMES] | None = None
+    #: Real images (folder, ``s3://`` prefix or manifest) that calibrate ``openvino-int8``: up to
+    #: ``skinray.backends.INT8_CALIBRATION_IMAGES`` of them, spread over the sorted listing. The
+    #: quantised networks are cached per node by their weights and these images.
+    int8_calibration: str | None = None
     #: Rows per model call on an actor.
     batch_size: int = Field(16, ge=1)
     #: Rows a decode task yields at a time (one Ray Data block), and rows per descriptor and row
@@ -96,6 +107,12 @@ class ScoreConfig(BaseModel):
                 classifier = DEFAULT_CLASSIFIER
             values = {**values, "segmenter": DEFAULT_SEGMENTER, "classifier": classifier}
         return values
+
+    @model_validator(mode="after")
+    def _int8_is_calibrated(self) -> ScoreConfig:
+        if self.backend == "openvino-int8" and not self.int8_calibration:
+            raise ValueError("backend openvino-int8 needs int8_calibration (real images)")
+        return self
 
     @field_validator("input", "output", "segmenter", "classifier")
     @classmethod

@@ -71,6 +71,7 @@ def _model_stages(rows, config: ScoreConfig, placement: Placement):
             "test_delay_s": float(os.environ.get(PREDICT_DELAY_ENV) or 0),
             "cpu_threads": placement.cpu_threads,
             "backend": config.backend,
+            "int8_calibration": config.int8_calibration,
         },
         batch_size=config.batch_size,
         **placement.pool_args(config),

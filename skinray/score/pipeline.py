@@ -131,6 +131,8 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     started = time.perf_counter()
     models = read_scoring_models(config)
     check_input(config.input)
+    if config.int8_calibration:
+        check_input(config.int8_calibration)
     if not ray.is_initialized():
         ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
     placement = plan_placement(config)
