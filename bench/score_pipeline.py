@@ -472,7 +472,7 @@ def accuracy_guard(reference: list[dict], candidate: list[dict]) -> dict:
     """Mean per-image mask Jaccard and the largest class-probability difference against eager."""
     from skinray.backends import MAX_PROBABILITY_DIFFERENCE, MIN_MASK_JACCARD
 
-    jaccards, difference = [], 0.0
+    jaccards, difference, agreements = [], 0.0, []
     for ref, cand in zip(reference, candidate, strict=True):
         a = ref["mask"].reshape(len(ref["mask"]), -1) > 0
         b = cand["mask"].reshape(len(cand["mask"]), -1) > 0
@@ -481,10 +481,14 @@ def accuracy_guard(reference: list[dict], candidate: list[dict]) -> dict:
         if "class_probabilities" in ref:
             gap = np.abs(ref["class_probabilities"] - cand["class_probabilities"]).max()
             difference = max(difference, float(gap))
+            agreements.extend(
+                ref["class_probabilities"].argmax(1) == cand["class_probabilities"].argmax(1)
+            )
     jaccard = float(np.mean(jaccards))
     return {
         "mask_jaccard": round(jaccard, 5),
         "max_probability_difference": round(difference, 6),
+        "class_agreement": round(float(np.mean(agreements)), 4) if agreements else None,
         "passed": jaccard >= MIN_MASK_JACCARD and difference <= MAX_PROBABILITY_DIFFERENCE,
     }
 

@@ -86,6 +86,10 @@ DEFAULT_BACKENDS: dict[str, str] = {"cpu": "openvino-mixed"}
 #: absolute difference of a class probability.
 MIN_MASK_JACCARD = 0.99
 MAX_PROBABILITY_DIFFERENCE = 0.01
+#: int8's guard: on 32 ISIC 2017 validation images the released pair quantised on 300 training
+#: images kept mask Jaccard 0.976 and the predicted class of 31 (probabilities moved up to 0.21).
+INT8_MIN_MASK_JACCARD = 0.95
+INT8_MIN_CLASS_AGREEMENT = 0.9
 _OPSET = 17
 
 
@@ -372,12 +376,25 @@ def _name(model: nn.Module) -> str:
 class GuardResult:
     mask_jaccard: float  # mean per-image Jaccard of the backend's masks against eager's (1: none)
     max_probability_difference: float  # 0 where the model does not classify
+    class_agreement: float = 1.0  # share of images whose predicted class is eager's
 
     @property
     def passed(self) -> bool:
+        """The fp32 bounds, which bf16 is held to as well."""
         return (
             self.mask_jaccard >= MIN_MASK_JACCARD
             and self.max_probability_difference <= MAX_PROBABILITY_DIFFERENCE
+        )
+
+    def passed_for(self, backend: str) -> bool:
+        """int8 is judged by the change in its validation figures (docs/benchmarks.md), which no
+        batch can show; its guard only catches a broken quantisation: masks and predicted classes
+        must hold (``INT8_MIN_MASK_JACCARD``, ``INT8_MIN_CLASS_AGREEMENT``)."""
+        if backend != "openvino-int8":
+            return self.passed
+        return (
+            self.mask_jaccard >= INT8_MIN_MASK_JACCARD
+            and self.class_agreement >= INT8_MIN_CLASS_AGREEMENT
         )
 
 
@@ -390,9 +407,9 @@ def compare_predictions(reference, candidate) -> GuardResult:
         union = (a | b).sum(1)
         per_image = np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0)
         jaccard = float(per_image.mean())
-    difference = 0.0
+    difference, agreement = 0.0, 1.0
     if reference.class_probabilities is not None:
-        difference = float(
-            (reference.class_probabilities - candidate.class_probabilities).abs().max()
-        )
-    return GuardResult(jaccard, difference)
+        ours, theirs = reference.class_probabilities, candidate.class_probabilities
+        difference = float((ours - theirs).abs().max())
+        agreement = float((ours.argmax(1) == theirs.argmax(1)).float().mean())
+    return GuardResult(jaccard, difference, agreement)

@@ -184,6 +184,33 @@ def test_int8_runs_the_released_pair_quantised_on_training_images(tmp_path):
     assert (classes[0] == classes[1]).float().mean() >= 0.85
 
 
+def test_an_int8_actor_runs_int8_past_its_guard(tmp_path, monkeypatch):
+    from skinray.score.actors import PredictActor
+
+    monkeypatch.setenv("SKINRAY_CACHE", str(tmp_path / "cache"))
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    for path in sorted(TRAINING_IMAGES.glob("*.jpg"))[:16]:
+        (calibration / path.name).symlink_to(path)
+    actor = PredictActor(
+        "lesion-segmenter",
+        "ham10000-classifier",
+        batch_size=8,
+        backend="openvino-int8",
+        int8_calibration=str(calibration),
+    )
+    size = actor.predictor.input_size
+    images = np.stack([cv2.resize(i, size[::-1]) for i in _real_images(8)])
+    batch = {
+        "source_uri": np.array([f"v{i}" for i in range(8)], dtype=object),
+        "image": images,
+        "error_stage": np.array([""] * 8, dtype=object),
+    }
+    rows = actor(batch)
+    assert actor.backend == "openvino-int8", actor.fallback_reason
+    assert set(rows["backend"]) == {"openvino-int8"}
+
+
 def test_int8_is_cached_by_the_calibration_images(tmp_path):
     eager = Predictor.load("lesion-segmenter")
     calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=8)
