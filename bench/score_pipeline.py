@@ -22,7 +22,9 @@ raylet, dashboard and agents are summed apart as "system") and the object store'
 
 Throughput on the N set, in one further process and ``ray.init``: (a) the pipeline's
 ``read_and_decode`` stage alone as a Ray Data ``map_batches``; (b) the segmenter and the classifier
-alone on pre-decoded images in the driver (same batch size); (c) the full pipeline; (d) the plain
+alone on pre-decoded images in the driver (same batch size), on every backend, each with its
+accuracy guard against eager (``openvino-int8`` calibrated on ISIC 2017 training images,
+``CALIBRATION_IMAGES``, none of them among the measured ones); (c) the full pipeline; (d) the plain
 pattern of Ray's batch-inference docs: ``read_images(size=(256, 256))`` then ``map_batches`` with a
 callable class running the same two models (the classifier on the resized whole image, no ROI) with
 the same torch threads as (b) and the pipeline's actors, run over 10×N too. The rates net of fixed costs (actor start-up, model loading) come from the runs over
