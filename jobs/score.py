@@ -101,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--int8-calibration",
         metavar="URI",
-        help="real images (folder, s3:// prefix or manifest) that calibrate --backend openvino-int8",
+        help="real images (folder, s3:// prefix or manifest) that calibrate "
+        "--backend openvino-int8",
     )
     parser.add_argument(
         "--no-report",

@@ -46,8 +46,9 @@ class PredictActor:
     the classifier ships a bank (``skinray.ood``), the flips' disagreement where the model runs
     test-time flips, the predicted class's CAM and the ROI box.
 
-    The networks run on ``backend`` (``skinray.backends``; None: the device's default), int8 calibrated
-    on the images at ``int8_calibration``. The first batch runs both ways and the backend is dropped for eager, with a logged reason, where it fails
+    The networks run on ``backend`` (``skinray.backends``; None: the device's default), int8
+    calibrated on the images at ``int8_calibration``. The first batch runs both ways and the
+    backend is dropped for its ``GUARD_FALLBACK`` or eager, with a logged reason, where it fails
     the accuracy guard."""
 
     def __init__(

@@ -9,7 +9,14 @@ from skinray.data.loading import to_ray_dataset
 def _epoch_orders(seed: int | None, epochs: int = 3) -> list[list[str]]:
     """Image URIs in the order one Ray Train worker's shard yields them, epoch by epoch (Ray Train
     hands each worker a ``streaming_split`` shard and iterates it once per epoch)."""
+    import ray.train
+
     dataset = to_ray_dataset(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=seed)
+    # The trainer's ingest options (skinray.train.trainer._data_config): the decode tasks finish in
+    # any order, and only preserve_order keeps the shuffled order (without it this test was flaky).
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    dataset.context.execution_options = options
     shard = dataset.streaming_split(1, equal=True)[0]
     return [
         [str(uri) for batch in shard.iter_batches(batch_size=8) for uri in batch["image_uri"]]
