@@ -16,7 +16,9 @@ outputs in f32, for a pair whose masks hold in bf16 and whose probabilities do n
 classifier's moved by up to 0.087 in bf16). ``openvino-int8`` runs the networks quantised to int8 by
 NNCF's post-training quantisation, calibrated on real images: each network is calibrated on what it
 sees when the eager Predictor runs on them (resized, normalised, the two-step ROI cut), and the
-quantised network is cached by its weights and the calibration inputs' digest.
+quantised network is cached by its weights and a digest of the calibration images and the model
+that turns them into each network's inputs, so an actor whose quantisation is cached decodes the
+images but runs nothing on them.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights and their input shape, so the actors of a node export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
@@ -26,12 +28,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,11 +184,11 @@ def exported_network(
     cache_dir: Path | None = None,
     threads: int | None = None,
     precision: str = "f32",
-    calibration: np.ndarray | None = None,
+    calibration: Calibration | None = None,
 ) -> OpenVinoNetwork:
     """``network`` (eval mode) exported to ONNX for inputs (N, *input_shape) with N free, cached by
     its weights and shape, and compiled by OpenVINO; for ``precision`` int8, quantised on
-    ``calibration`` (the network's inputs, N×C×H×W float) first."""
+    ``calibration`` first."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
     with torch.no_grad():
@@ -220,30 +223,54 @@ def exported_network(
             )
         os.replace(partial, path)  # atomic: actors exporting side by side never read half a file
     if precision == "int8":
-        if calibration is None or not len(calibration):
+        if calibration is None:
             raise ValueError("int8 needs calibration images (none given, or none could be read)")
-        path, precision = _quantised(path, calibration), "f32"
+        path, precision = _quantised(path, calibration, network), "f32"
     return OpenVinoNetwork(path, names, threads, precision)
 
 
-def _quantised(onnx_path: Path, calibration: np.ndarray) -> Path:
+@dataclass(frozen=True)
+class Calibration:
+    """int8's calibration: ``digest`` names it (the images and the model that turns them into
+    its networks' inputs); ``inputs`` computes each network's inputs, only where a quantisation
+    is not cached yet."""
+
+    digest: str
+    inputs: Callable[[], dict[nn.Module, np.ndarray]]
+
+
+def _calibration(predictor, images: np.ndarray | None) -> Calibration | None:
+    if images is None or not len(images):
+        return None
+    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    # The segmenter's weights and the Predictor's resizing and normalisation shape a pair's
+    # classifier inputs too, so they are part of every network's calibration.
+    digest.update(weights_digest(predictor.model).encode())
+    digest.update(repr((predictor.input_size, predictor.mean, predictor.std)).encode())
+    inputs = functools.cache(lambda: network_inputs(predictor, images))
+    return Calibration(digest.hexdigest()[:16], inputs)
+
+
+def _quantised(onnx_path: Path, calibration: Calibration, network: nn.Module) -> Path:
     """The exported network quantised to int8 by NNCF's post-training quantisation (min-max
-    ranges and bias correction over the calibration inputs), saved as OpenVINO IR beside the
-    export and cached by the calibration inputs' digest."""
-    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
-    digest = hashlib.sha256(calibration.tobytes()).hexdigest()[:16]
-    path = onnx_path.with_name(f"{onnx_path.stem}-int8-{digest}.xml")
+    ranges and bias correction over its calibration inputs), saved as OpenVINO IR beside the
+    export and cached by the calibration's digest."""
+    path = onnx_path.with_name(f"{onnx_path.stem}-int8-{calibration.digest}.xml")
     if path.exists():
         return path
+    inputs = calibration.inputs().get(network)
+    if inputs is None:  # a ROI classifier on images where the segmenter found no lesion
+        raise ValueError("int8 needs calibration images, and none reached this network")
+    inputs = np.ascontiguousarray(inputs, dtype=np.float32)
     try:
         import nncf
     except ImportError as error:
         raise ImportError("openvino-int8 needs NNCF: pip install 'skinray[int8]'") from error
     import openvino as ov
 
-    samples = nncf.Dataset([calibration[i : i + 1] for i in range(len(calibration))])
+    samples = nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))])
     quantised = nncf.quantize(
-        ov.Core().read_model(str(onnx_path)), samples, subset_size=len(calibration)
+        ov.Core().read_model(str(onnx_path)), samples, subset_size=len(inputs)
     )
     partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.xml")
     ov.save_model(quantised, str(partial), compress_to_fp16=False)
@@ -303,7 +330,7 @@ def _exported_model(
     seconds of tracing and a dump of the graph)."""
     if not isinstance(model, TwoStep):
         return exported_network(
-            model, (channels, *input_size), cache_dir, threads, precision, calibration.get(model)
+            model, (channels, *input_size), cache_dir, threads, precision, calibration
         )
     composite = copy.copy(model)  # shares buffers and settings; only the two networks change
     composite._modules = dict(model._modules)
@@ -312,9 +339,7 @@ def _exported_model(
         ("classifier", model.classifier_input_size),
     ):
         network = getattr(model, name)
-        exported = exported_network(
-            network, (3, *size), cache_dir, threads, precision, calibration.get(network)
-        )
+        exported = exported_network(network, (3, *size), cache_dir, threads, precision, calibration)
         setattr(composite, name, exported)
     return composite
 
@@ -356,7 +381,7 @@ def accelerated(
                 cache_dir,
                 threads,
                 precision,
-                network_inputs(predictor, calibration_images) if int8 else {},
+                _calibration(predictor, calibration_images) if int8 else None,
             )
         else:
             # dynamic=None: a second batch shape (a short last batch) recompiles once with a
