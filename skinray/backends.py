@@ -113,7 +113,14 @@ class OpenVinoNetwork(nn.Module):
     """An exported network compiled by OpenVINO for the CPU; ``forward`` returns the registry's
     output dict on the input's device, as the eager network does. ``precision`` is OpenVINO's
     inference precision: ``f32``, or ``bf16`` (where the CPU has native bf16: AVX512_BF16 or AMX;
-    elsewhere OpenVINO runs f32)."""
+    elsewhere OpenVINO runs f32).
+
+    With ``threads`` given, the network runs as that many single-thread streams (OpenVINO's
+    THROUGHPUT hint), each batch split among them and run as parallel requests. One request
+    over all threads (the LATENCY hint) waits at every layer for its slowest thread, and in a
+    scoring node the decode tasks share the cores: 2 threads with one core taken by JPEG
+    decoding ran the released pair at 75.3 images/s as one request and 92.3 as two streams
+    (162 and 166 with the cores free)."""
 
     def __init__(
         self,
@@ -127,14 +134,17 @@ class OpenVinoNetwork(nn.Module):
 
         settings = {
             "INFERENCE_PRECISION_HINT": precision,
-            "PERFORMANCE_HINT": "LATENCY",
+            "PERFORMANCE_HINT": "THROUGHPUT" if threads else "LATENCY",
             # OpenVINO's own cache of compiled networks, beside the exports: an actor that starts
             # after the first loads the compiled blob instead of compiling again.
             "CACHE_DIR": str(path.parent / "openvino"),
         }
         if threads:
-            settings["INFERENCE_NUM_THREADS"] = int(threads)
+            settings.update(NUM_STREAMS=int(threads), INFERENCE_NUM_THREADS=int(threads))
         self.compiled = ov.Core().compile_model(str(path), "CPU", settings)
+        # OpenVINO runs no more streams than the machine has cores.
+        self.streams = int(self.compiled.get_property("NUM_STREAMS")) if threads else 1
+        self.requests = ov.AsyncInferQueue(self.compiled, self.streams)
         self.output_names = list(output_names)
         self.path, self.precision = path, precision
 
@@ -142,10 +152,23 @@ class OpenVinoNetwork(nn.Module):
         count = len(x)
         if count == 0:  # no ROI in a batch: OpenVINO refuses an empty batch, eager returns one
             x = x.new_zeros((1, *x.shape[1:]))
-        outputs = self.compiled(x.detach().float().cpu().numpy())
+        chunks = np.array_split(x.detach().float().cpu().numpy(), min(self.streams, len(x)))
+        outputs: list[list[np.ndarray] | None] = [None] * len(chunks)
+
+        def keep(request, index: int) -> None:  # the request's buffers are reused: copy out
+            outputs[index] = [
+                request.get_output_tensor(i).data.copy() for i in range(len(self.output_names))
+            ]
+
+        self.requests.set_callback(keep)
+        for index, chunk in enumerate(chunks):
+            self.requests.start_async({0: chunk}, userdata=index)
+        self.requests.wait_all()
         return {
-            name: torch.from_numpy(outputs[index][:count]).to(x.device)
-            for index, name in enumerate(self.output_names)
+            name: torch.from_numpy(np.concatenate([part[i] for part in outputs])[:count]).to(
+                x.device
+            )
+            for i, name in enumerate(self.output_names)
         }
 
 

@@ -3,6 +3,7 @@ backend takes passes the accuracy guard; what it cannot take falls back to eager
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -80,6 +81,22 @@ def test_an_empty_batch_gives_empty_outputs_as_eager_does(tmp_path):
         expected = model(empty)
     outputs = exported(empty)
     assert {k: v.shape for k, v in outputs.items()} == {k: v.shape for k, v in expected.items()}
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="OpenVINO runs one stream a core")
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_streams_split_a_batch_into_parallel_requests_and_join_it_in_order(count, tmp_path):
+    model = create_model("unet", **get_model_spec("unet").smoke_kwargs).eval()
+    one_request = exported_network(model, (3, *SIZE), tmp_path)
+    streams = exported_network(model, (3, *SIZE), tmp_path, threads=2)
+    assert (one_request.streams, streams.streams) == (1, 2)
+    images = torch.from_numpy(np.stack(_real_images(count))).permute(0, 3, 1, 2).float() / 255
+    images = torch.nn.functional.interpolate(images, size=SIZE)
+    # 5 images over 2 streams: chunks of 3 and 2, which must come back in the batch's order.
+    expected, outputs = one_request(images), streams(images)
+    for name, value in expected.items():
+        assert outputs[name].shape == value.shape
+        assert torch.allclose(outputs[name], value, atol=1e-4), name
 
 
 def test_a_model_the_backend_cannot_take_falls_back_to_eager_and_says_why(tmp_path):
