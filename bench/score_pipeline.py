@@ -301,8 +301,13 @@ class MemorySampler(threading.Thread):
 
 
 def start_ray(cpus: int) -> None:
+    """A local Ray of ``cpus`` CPUs, its node set up as ``run_scoring`` sets up the local Ray it
+    starts (and cluster.yaml its worker nodes)."""
     import ray
 
+    from skinray.score.plan import ray_node_environment
+
+    os.environ.update(ray_node_environment(cpus))
     ray.init(num_cpus=cpus, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 

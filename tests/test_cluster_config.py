@@ -17,8 +17,10 @@ them once step 3 is skipped), and a guard refuses any network connection during 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,8 @@ import pytest
 import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from skinray.score.plan import ray_node_environment
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 
@@ -202,6 +206,17 @@ def test_every_node_starts_ray_with_token_auth(raw_config):
         for cmd in starts:
             assert "RAY_AUTH_MODE=token" in cmd, cmd
     assert "RAY_AUTH_MODE=disabled" not in CLUSTER_YAML.read_text()
+
+
+def test_worker_nodes_keep_the_idle_workers_the_scoring_stages_need(raw_config):
+    # The variable must sit in the same shell command as `ray start`, which the raylet inherits.
+    starts = [cmd for cmd in raw_config["worker_start_ray_commands"] if "ray start" in cmd]
+    setting = re.findall(r"RAY_num_workers_soft_limit=(\$\(\( \$\(nproc\) \* \d+ \)\))", starts[0])
+    assert setting, starts[0]
+    node = subprocess.run(["bash", "-c", f"echo {setting[0]}"], capture_output=True, text=True)
+    assert {"RAY_num_workers_soft_limit": node.stdout.strip()} == ray_node_environment(
+        os.cpu_count() or 1
+    )
 
 
 # No secrets in the file

@@ -3,6 +3,9 @@ the write tasks' staged files and their commit into the results and errors parti
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -312,3 +315,31 @@ def test_the_listing_is_staged_in_order_without_duplicates_or_what_a_dead_driver
 )
 def test_listing_files_give_up_to_64_read_tasks_until_they_hold_4096_rows(count, rows):
     assert listing_rows_per_file(count, decode_batch_size=8) == rows
+
+
+_INIT_AND_READ_WORKER_ENV = """
+import os, ray
+from skinray.score.pipeline import _init_ray
+_init_ray()
+print(ray.get(ray.remote(lambda: os.environ.get("RAY_num_workers_soft_limit")).remote()))
+ray.shutdown()
+"""
+
+
+@pytest.mark.parametrize("user_value", [None, "3"])
+def test_a_local_ray_started_by_the_job_keeps_the_idle_workers_its_stages_need(user_value):
+    # The raylet reads RAY_* settings from its environment, and its workers inherit that
+    # environment: a task's view shows what the raylet was started with.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    if user_value:
+        env["RAY_num_workers_soft_limit"] = user_value
+    worker = subprocess.run(
+        [sys.executable, "-c", _INIT_AND_READ_WORKER_ENV],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    expected = user_value or str(plan.IDLE_WORKERS_PER_CPU * (os.cpu_count() or 1))
+    assert worker.stdout.strip().splitlines()[-1] == expected

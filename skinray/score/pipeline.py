@@ -39,6 +39,7 @@ from skinray.score.plan import (
     ScoringModels,
     object_store_budget,
     plan_placement,
+    ray_node_environment,
     read_scoring_models,
 )
 from skinray.score.sources import StagedListing, check_input, list_inputs, stage_listing
@@ -134,7 +135,7 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     if config.int8_calibration:
         check_input(config.int8_calibration)
     if not ray.is_initialized():
-        ray.init()  # the cluster in RAY_ADDRESS (as under `ray job submit`), or a local one
+        _init_ray()
     placement = plan_placement(config)
     staging = io.join(config.output, "_staging", config.run_id)
     listing = _stage_listing_on_a_worker(config, staging, models)
@@ -156,6 +157,19 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)
     return summary
+
+
+def _init_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (as under `ray job submit`) or one `ray start` left
+    running here, or start a local one, set up as cluster.yaml sets up its worker nodes (a running
+    cluster keeps its own settings; variables the user set win)."""
+    import os
+
+    import ray
+
+    for key, value in ray_node_environment(os.cpu_count() or 1).items():
+        os.environ.setdefault(key, value)
+    ray.init()
 
 
 def _stage_listing_on_a_worker(

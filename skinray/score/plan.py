@@ -11,12 +11,14 @@ only ``prefetch_batches`` batches per actor deep (docs/benchmarks.md).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from skinray.score.config import ScoreConfig, ScoreConfigError
 
 __all__ = [
+    "IDLE_WORKERS_PER_CPU",
     "LIGHT_TASK_CPUS",
     "OUTPUT_ROW_BYTES",
     "WRITE_TASK_CPUS",
@@ -26,6 +28,7 @@ __all__ = [
     "cluster_shape",
     "object_store_budget",
     "plan_placement",
+    "ray_node_environment",
     "read_scoring_models",
 ]
 
@@ -38,6 +41,23 @@ LIGHT_TASK_CPUS = 0.25
 #: queued under the object-store bound until 1,024 had arrived and the model actor stalled (440
 #: images: predict busy 58.9 s of a 301.9 s span, 1.36 images/s).
 WRITE_TASK_CPUS = 0.2
+#: Idle worker processes a node keeps, per CPU (Ray's ``num_workers_soft_limit``; cluster.yaml
+#: sets it on every worker node). The stages claim fractions of a CPU (the CPU model actor 0.5, the
+#: light and write tasks ``LIGHT_TASK_CPUS`` and ``WRITE_TASK_CPUS``), so a node runs more tasks at
+#: once than it has CPUs. Ray's default keeps idle workers only up to the CPUs left free and kills
+#: the rest after 1 s, and each replacement starts Python and imports its stage's modules again: 15
+#: new worker processes in a 72 s run over 4,400 images on 2 CPUs. Keeping one for each task that
+#: can run at once: 75.2 and 75.7 s → 64.2 and 61.9 s (docs/benchmarks.md).
+IDLE_WORKERS_PER_CPU = math.ceil(1 / min(LIGHT_TASK_CPUS, WRITE_TASK_CPUS))
+
+
+def ray_node_environment(node_cpus: int) -> dict[str, str]:
+    """The ``RAY_*`` settings of a node that runs scoring stages, read by the raylet ``ray start``
+    or a local ``ray.init()`` starts: cluster.yaml sets them on its worker nodes, and
+    ``run_scoring`` for the local Ray it starts when there is no cluster."""
+    return {"RAY_num_workers_soft_limit": str(IDLE_WORKERS_PER_CPU * max(1, node_cpus))}
+
+
 #: Bytes of a finished output row in the object store, for the write's bundle: its mask PNG (under
 #: 2 KiB at 192 px for most lesions) and ~60 numbers and strings, rounded up.
 OUTPUT_ROW_BYTES = 4096
