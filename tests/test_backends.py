@@ -90,6 +90,8 @@ def test_streams_split_a_batch_into_parallel_requests_and_join_it_in_order(count
     one_request = exported_network(model, (3, *SIZE), tmp_path)
     streams = exported_network(model, (3, *SIZE), tmp_path, threads=2)
     assert (one_request.streams, streams.streams) == (1, 2)
+    # An actor shares its node's cores with other actors and the decode tasks: not pinned.
+    assert streams.compiled.get_property("ENABLE_CPU_PINNING") is False
     images = torch.from_numpy(np.stack(_real_images(count))).permute(0, 3, 1, 2).float() / 255
     images = torch.nn.functional.interpolate(images, size=SIZE)
     # 5 images over 2 streams: chunks of 3 and 2, which must come back in the batch's order.
