@@ -151,8 +151,8 @@ class OpenVinoNetwork(nn.Module):
             )
         self.compiled = ov.Core().compile_model(str(path), "CPU", settings)
         # OpenVINO runs no more streams than the machine has cores.
-        self.streams = int(self.compiled.get_property("NUM_STREAMS")) if threads else 1
-        self.requests = ov.AsyncInferQueue(self.compiled, self.streams)
+        streams = int(self.compiled.get_property("NUM_STREAMS")) if threads else 1
+        self.requests = [self.compiled.create_infer_request() for _ in range(streams)]
         self.output_names = list(output_names)
         self.path, self.precision = path, precision
 
@@ -161,23 +161,22 @@ class OpenVinoNetwork(nn.Module):
         if count == 0:  # no ROI in a batch: OpenVINO refuses an empty batch, eager returns one
             x = x.new_zeros((1, *x.shape[1:]))
         chunks = np.array_split(x.detach().float().cpu().numpy(), min(self.streams, len(x)))
-        outputs: list[list[np.ndarray] | None] = [None] * len(chunks)
-
-        def keep(request, index: int) -> None:  # the request's buffers are reused: copy out
-            outputs[index] = [
-                request.get_output_tensor(i).data.copy() for i in range(len(self.output_names))
-            ]
-
-        self.requests.set_callback(keep)
-        for index, chunk in enumerate(chunks):
-            self.requests.start_async({0: chunk}, userdata=index)
-        self.requests.wait_all()
+        running = self.requests[: len(chunks)]
+        for request, chunk in zip(running, chunks, strict=True):
+            request.start_async({0: chunk})
+        for request in running:
+            request.wait()
+        # concatenate copies out of the requests' buffers, which the next call reuses.
         return {
-            name: torch.from_numpy(np.concatenate([part[i] for part in outputs])[:count]).to(
-                x.device
-            )
+            name: torch.from_numpy(
+                np.concatenate([r.get_output_tensor(i).data for r in running])[:count]
+            ).to(x.device)
             for i, name in enumerate(self.output_names)
         }
+
+    @property
+    def streams(self) -> int:
+        return len(self.requests)
 
 
 class _AsTuple(nn.Module):
