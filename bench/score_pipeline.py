@@ -462,7 +462,7 @@ def model_only(images: str, config, input_size, threads: int, backend: str = "ea
                 config.segmenter, config.classifier, config.batch_size, backend="eager"
             )
             _, reference = time_stage(eager, decoded, config.batch_size)
-            guard = accuracy_guard(reference, outputs)
+            guard = accuracy_guard(reference, outputs, predict.backend)
     finally:
         torch.set_num_threads(previous)
     count = len(listing["source_uri"])
@@ -534,9 +534,10 @@ def single_core_costs(images: str, config, backend: str) -> dict:
     }
 
 
-def accuracy_guard(reference: list[dict], candidate: list[dict]) -> dict:
-    """Mean per-image mask Jaccard and the largest class-probability difference against eager."""
-    from skinray.backends import MAX_PROBABILITY_DIFFERENCE, MIN_MASK_JACCARD
+def accuracy_guard(reference: list[dict], candidate: list[dict], backend: str) -> dict:
+    """Mean per-image mask Jaccard, the largest class-probability difference and the share of
+    predicted classes that agree, against eager; ``passed``: ``backend``'s own guard."""
+    from skinray.backends import GuardResult
 
     jaccards, difference, agreements = [], 0.0, []
     for ref, cand in zip(reference, candidate, strict=True):
@@ -550,12 +551,13 @@ def accuracy_guard(reference: list[dict], candidate: list[dict]) -> dict:
             agreements.extend(
                 ref["class_probabilities"].argmax(1) == cand["class_probabilities"].argmax(1)
             )
-    jaccard = float(np.mean(jaccards))
+    agreement = float(np.mean(agreements)) if agreements else 1.0
+    result = GuardResult(float(np.mean(jaccards)), difference, agreement)
     return {
-        "mask_jaccard": round(jaccard, 5),
+        "mask_jaccard": round(result.mask_jaccard, 5),
         "max_probability_difference": round(difference, 6),
-        "class_agreement": round(float(np.mean(agreements)), 4) if agreements else None,
-        "passed": jaccard >= MIN_MASK_JACCARD and difference <= MAX_PROBABILITY_DIFFERENCE,
+        "class_agreement": round(agreement, 4) if agreements else None,
+        "passed": result.passed_for(backend),
     }
 
 

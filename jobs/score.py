@@ -96,13 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backend",
         choices=BACKEND_NAMES,
         help="how model actors run the networks (default: the fastest that passed the accuracy "
-        "guard on their device, skinray.backends.DEFAULT_BACKENDS)",
+        "guard on their device, skinray.backends.DEFAULT_BACKENDS; on CPU openvino-int8 with "
+        "--int8-calibration, else openvino-mixed)",
     )
     parser.add_argument(
         "--int8-calibration",
         metavar="URI",
-        help="real images (folder, s3:// prefix or manifest) that calibrate "
-        "--backend openvino-int8",
+        help="real images (folder, s3:// prefix or manifest) that calibrate openvino-int8, the "
+        "CPU default when given",
     )
     parser.add_argument(
         "--no-report",

@@ -13,12 +13,15 @@ OpenVINO f32 11.7 and OpenVINO bf16 24.3. ``openvino`` runs f32; ``openvino-bf16
 for bf16 arithmetic where the CPU has it (AVX512_BF16 or AMX), and is held to the same guard;
 ``openvino-mixed`` runs the networks without class outputs (segmenters) in bf16 and those with class
 outputs in f32, for a pair whose masks hold in bf16 and whose probabilities do not (the released
-classifier's moved by up to 0.087 in bf16). ``openvino-int8`` runs the networks quantised to int8 by
-NNCF's post-training quantisation, calibrated on real images: each network is calibrated on what it
-sees when the eager Predictor runs on them (resized, normalised, the two-step ROI cut), and the
-quantised network is cached by its weights and a digest of the calibration images and the model
-that turns them into each network's inputs, so an actor whose quantisation is cached decodes the
-images but runs nothing on them.
+classifier's moved by up to 0.087 in bf16). ``openvino-int8`` runs the networks without class outputs
+quantised to int8 by NNCF's post-training quantisation (their unquantised operations in bf16, as
+``openvino-mixed``) and those with class outputs in f32: quantised too, the released HAM10000
+classifier's probabilities moved by up to 0.27 and its balanced accuracy by 1.1 points, to save
+1.3 ms an image on one core (its 3.0 in f32; the segmenter's 7.8 in bf16, 4.6 in int8).
+Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
+them (resized, normalised), and the quantised network is cached by its weights and a digest of the
+calibration images and the model that turns them into each network's inputs, so an actor whose
+quantisation is cached decodes the images but runs nothing on them.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights and their input shape, so the actors of a node export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
@@ -68,8 +71,9 @@ GUARD_FALLBACK = {
     "openvino-int8": "openvino-mixed",
     "openvino-mixed": "openvino",
 }
-#: OpenVINO inference precision per backend; "mixed": bf16 for a network without class outputs;
-#: "int8": the network quantised (NNCF), its unquantised operations in f32.
+#: OpenVINO inference precision per backend; "mixed": bf16 for a network without class outputs,
+#: f32 for one with; "int8": a network without class outputs quantised (NNCF), its unquantised
+#: operations in bf16, one with class outputs in f32.
 _OPENVINO_PRECISION = {
     "openvino": "f32",
     "openvino-bf16": "bf16",
@@ -81,10 +85,13 @@ INT8_CALIBRATION_IMAGES = 300
 #: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
 #: measured it (docs/benchmarks.md); a device type not here runs eager. CPU, the released pair on
 #: 440 archive images, 2 threads: eager 31.3 images/s, compile 42.9, openvino 67.3, openvino-mixed
-#: 109.5 (openvino-bf16 failed the guard: a class probability moved 0.037). openvino-mixed's bf16
-#: segmenter moves its validation figures by at most 0.4 point (ISIC 2017 thresholded Jaccard
-#: 0.6891 → 0.6931), within the 0.5 a reduced-precision default may. GPUs are not measured yet.
-DEFAULT_BACKENDS: dict[str, str] = {"cpu": "openvino-mixed"}
+#: 109.5 (openvino-bf16 failed the guard: a class probability moved 0.037); the pipeline over
+#: 4,400 images ran 92.5 and 93.8 images/s on openvino-int8 against 75.2 and 81.5 on
+#: openvino-mixed. Each moves the released models' validation figures by at most 0.4 point (ISIC
+#: 2017 thresholded Jaccard 0.6891 → 0.6931 and 0.6930), within the 0.5 a reduced-precision
+#: default may. int8 needs calibration images: without them the default is its GUARD_FALLBACK.
+#: GPUs are not measured yet.
+DEFAULT_BACKENDS: dict[str, str] = {"cpu": "openvino-int8"}
 #: The guard's bounds (fp32 backends): mean per-image mask Jaccard against eager, and the largest
 #: absolute difference of a class probability.
 MIN_MASK_JACCARD = 0.99
@@ -99,8 +106,12 @@ INT8_MIN_CLASS_AGREEMENT = 0.75
 _OPSET = 17
 
 
-def default_backend(device: torch.device | str) -> str:
-    return DEFAULT_BACKENDS.get(torch.device(device).type, "eager")
+def default_backend(device: torch.device | str, calibrated: bool = False) -> str:
+    """The device's default backend; ``calibrated``: int8 calibration images are at hand."""
+    backend = DEFAULT_BACKENDS.get(torch.device(device).type, "eager")
+    if backend == "openvino-int8" and not calibrated:
+        return GUARD_FALLBACK[backend]
+    return backend
 
 
 def default_cache_dir() -> Path:
@@ -217,14 +228,17 @@ def exported_network(
     calibration: Calibration | None = None,
 ) -> OpenVinoNetwork:
     """``network`` (eval mode) exported to ONNX for inputs (N, *input_shape) with N free, cached by
-    its weights and shape, and compiled by OpenVINO; for ``precision`` int8, quantised on
-    ``calibration`` first."""
+    its weights and shape, and compiled by OpenVINO; for ``precision`` int8, a network without
+    class outputs quantised on ``calibration`` first."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
     with torch.no_grad():
         names = list(network(example).keys())
+    classifies = "class_logits" in names
     if precision == "mixed":
-        precision = "f32" if "class_logits" in names else "bf16"
+        precision = "f32" if classifies else "bf16"
+    if precision == "int8" and classifies:
+        precision = "f32"  # quantised, the released classifier's probabilities moved up to 0.27
     cache_dir = cache_dir or default_cache_dir()
     outputs = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]  # a new output, a new file
     path = (
@@ -255,7 +269,7 @@ def exported_network(
     if precision == "int8":
         if calibration is None:
             raise ValueError("int8 needs calibration images (none given, or none could be read)")
-        path, precision = _quantised(path, calibration, network), "f32"
+        path, precision = _quantised(path, calibration, network), "bf16"
     return OpenVinoNetwork(path, names, threads, precision)
 
 
@@ -387,7 +401,8 @@ def accelerated(
     None: the device's default. ``calibration_images`` (N×H×W×3 uint8 at the predictor's input
     size, real images) calibrate ``openvino-int8``. The eager predictor is not changed."""
     device = predictor.device
-    backend = backend or default_backend(device)
+    calibrated = calibration_images is not None and len(calibration_images) > 0
+    backend = backend or default_backend(device, calibrated)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
     if backend == "eager":

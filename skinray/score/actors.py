@@ -72,7 +72,7 @@ class PredictActor:
         if device.type == "cuda":
             eager.model = eager.model.to(memory_format=torch.channels_last)
         self.cpu_threads = cpu_threads
-        backend = backend or default_backend(device)
+        backend = backend or default_backend(device, calibrated=bool(int8_calibration))
         calibration = None
         if backend == "openvino-int8" and int8_calibration:
             calibration = read_calibration_images(int8_calibration, eager.input_size)

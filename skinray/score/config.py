@@ -46,8 +46,9 @@ class ScoreConfig(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     include_cam: bool = False
     #: How the model actors run the networks (``skinray.backends``): eager, compile, openvino,
-    #: openvino-bf16, openvino-mixed (bf16 segmenter, f32 classifier) or openvino-int8.
-    #: None: the fastest that passed the accuracy guard on the actor's device.
+    #: openvino-bf16, openvino-mixed (bf16 segmenter, f32 classifier) or openvino-int8 (int8
+    #: segmenter, f32 classifier). None: the fastest that passed the accuracy guard on the actor's
+    #: device: on CPU openvino-int8 where ``int8_calibration`` names images, else openvino-mixed.
     backend: Literal[BACKEND_NAMES] | None = None
     #: Real images (folder, ``s3://`` prefix or manifest) that calibrate ``openvino-int8``: up to
     #: ``skinray.backends.INT8_CALIBRATION_IMAGES`` of them, spread over the sorted listing. The
