@@ -502,7 +502,12 @@ def single_core_costs(images: str, config, backend: str) -> dict:
         decoded = read_and_decode(listing, models.input_size, config.max_pixels)
         decode_s = time.perf_counter() - started
         predict = PredictActor(
-            config.segmenter, config.classifier, config.batch_size, cpu_threads=1, backend=backend
+            config.segmenter,
+            config.classifier,
+            config.batch_size,
+            cpu_threads=1,
+            backend=backend,
+            int8_calibration=config.int8_calibration,
         )
         time_stage(predict, decoded, config.batch_size)  # the guard's eager run, kernels built
         models_s, outputs = time_stage(predict, decoded, config.batch_size)
