@@ -196,7 +196,7 @@ def test_int8_quantises_the_released_segmenter_and_runs_its_classifier_in_f32(tm
     assert (used, reason) == ("openvino-int8", None)
     segmenter, classifier = fast.model.segmenter, fast.model.classifier
     assert segmenter.path.suffix == ".xml" and _fake_quantize_ops(segmenter.path) > 10
-    assert segmenter.precision == "bf16"  # its operations int8 left unquantised
+    assert segmenter.precision == "bf16"  # what int8 leaves unquantised runs in bf16
     assert classifier.path.suffix == ".onnx" and classifier.precision == "f32"
     images = _real_images(8)  # validation images, not the calibration ones
     result = compare_predictions(eager(images), fast(images))
