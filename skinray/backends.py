@@ -55,6 +55,7 @@ __all__ = [
     "GuardResult",
     "OpenVinoNetwork",
     "accelerated",
+    "calibration_sha256",
     "compare_predictions",
     "default_backend",
     "network_inputs",
@@ -282,10 +283,17 @@ class Calibration:
     inputs: Callable[[], dict[nn.Module, np.ndarray]]
 
 
+def calibration_sha256(images: np.ndarray) -> str:
+    """SHA-256 of int8's calibration images (N×H×W×3 uint8): their shape and pixels."""
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    return digest.hexdigest()
+
+
 def _calibration(predictor, images: np.ndarray | None) -> Calibration | None:
     if images is None or not len(images):
         return None
-    digest = hashlib.sha256(np.ascontiguousarray(images).tobytes())
+    digest = hashlib.sha256(calibration_sha256(images).encode())
     # The segmenter's weights and the Predictor's resizing and normalisation shape a pair's
     # classifier inputs too, so they are part of every network's calibration.
     digest.update(weights_digest(predictor.model).encode())

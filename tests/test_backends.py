@@ -15,6 +15,7 @@ from skinray.backends import (
     BACKENDS,
     MAX_PROBABILITY_DIFFERENCE,
     accelerated,
+    calibration_sha256,
     compare_predictions,
     default_backend,
     exported_network,
@@ -240,6 +241,10 @@ def test_an_actor_given_calibration_images_runs_int8_by_default_past_its_guard(
     rows = actor(batch)
     assert actor.backend == "openvino-int8", actor.fallback_reason
     assert set(rows["backend"]) == {"openvino-int8"}
+    # Every row names the images that calibrated it.
+    expected = calibration_sha256(read_calibration_images(str(calibration), size))
+    assert set(rows["int8_calibration_sha256"]) == {expected}
+    assert expected != calibration_sha256(read_calibration_images(str(calibration), size, 8))
 
 
 def test_int8_is_cached_by_the_calibration_images(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from skinray.backends import (
     GUARD_FALLBACK,
     accelerated,
+    calibration_sha256,
     compare_predictions,
     default_backend,
     read_calibration_images,
@@ -76,6 +77,10 @@ class PredictActor:
         calibration = None
         if backend == "openvino-int8" and int8_calibration:
             calibration = read_calibration_images(int8_calibration, eager.input_size)
+        # Which images calibrated int8 changes its masks: every int8 row records them.
+        self.calibration_sha256 = (
+            calibration_sha256(calibration) if calibration is not None else None
+        )
         self.predictor, self.backend, self.fallback_reason = accelerated(
             eager, backend, threads=cpu_threads, calibration_images=calibration
         )
@@ -90,6 +95,7 @@ class PredictActor:
         count = len(batch["source_uri"])
         batch["mask"] = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
         batch["backend"] = np.array([None] * count, dtype=object)
+        batch["int8_calibration_sha256"] = np.array([None] * count, dtype=object)
         healthy = np.flatnonzero(healthy_rows(batch))
         if not len(healthy):
             return batch
@@ -104,6 +110,8 @@ class PredictActor:
             column[healthy] = values
             batch[key] = column
         batch["backend"][healthy] = self.backend  # after the first batch's guard: what ran
+        if self.backend == "openvino-int8":
+            batch["int8_calibration_sha256"][healthy] = self.calibration_sha256
         return batch
 
     def _guard(self, chunk: torch.Tensor) -> None:

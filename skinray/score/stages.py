@@ -253,6 +253,9 @@ def finish_rows(
         ),
         **{key: np.array([value] * count, dtype=object) for key, value in models.items()},
         "backend": batch.get("backend", np.array([None] * count, dtype=object)),
+        "int8_calibration_sha256": batch.get(
+            "int8_calibration_sha256", np.array([None] * count, dtype=object)
+        ),
         "run_id": np.array([run_id] * count, dtype=object),
         "scored_at": np.full(count, now),
         "error_stage": batch["error_stage"],

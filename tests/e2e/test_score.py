@@ -255,6 +255,7 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(
     assert results.num_rows == first.results + 5
     assert len(set(results["source_uri"].to_pylist())) == results.num_rows
     assert set(results["backend"].to_pylist()) == {default_backend("cpu")}
+    assert set(results["int8_calibration_sha256"].to_pylist()) == {None}  # not int8: no images
 
     # The same weights with a new temperature are new predictions: nothing is skipped.
     recalibrated = shutil.copytree(models[1], tmp_path / "recalibrated")
