@@ -50,7 +50,8 @@ class PredictActor:
     The networks run on ``backend`` (``skinray.backends``; None: the device's default), int8
     calibrated on the images at ``int8_calibration``. The first batch runs both ways and the
     backend is dropped for its ``GUARD_FALLBACK`` or eager, with a logged reason, where it fails
-    the accuracy guard."""
+    the accuracy guard. Each row records the backend that ran and, for int8, its calibration
+    images' SHA-256."""
 
     def __init__(
         self,
