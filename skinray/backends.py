@@ -17,7 +17,9 @@ classifier's moved by up to 0.087 in bf16). ``openvino-int8`` runs the networks 
 quantised to int8 by NNCF's post-training quantisation (their unquantised operations in bf16, as
 ``openvino-mixed``) and those with class outputs in f32: quantised too, the released HAM10000
 classifier's probabilities moved by up to 0.27 and its balanced accuracy by 1.1 points, to save
-1.3 ms an image on one core (its 3.0 in f32; the segmenter's 7.8 in bf16, 4.6 in int8).
+1.3 ms an image on one core (its 3.0 in f32; the segmenter's 7.8 in bf16, 4.6 in int8). A model
+with nothing to quantise runs, and is reported, as ``openvino``; without calibration images int8
+runs as ``openvino-mixed``.
 Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
 them (resized, normalised), and the quantised network is cached by its weights and a digest of the
 calibration images and the model that turns them into each network's inputs, so an actor whose
@@ -139,6 +141,7 @@ class OpenVinoNetwork(nn.Module):
         output_names: Sequence[str],
         threads: int | None = None,
         precision: str = "f32",
+        quantised: bool = False,
     ):
         super().__init__()
         import openvino as ov
@@ -165,7 +168,7 @@ class OpenVinoNetwork(nn.Module):
         streams = int(self.compiled.get_property("NUM_STREAMS")) if threads else 1
         self.requests = [self.compiled.create_infer_request() for _ in range(streams)]
         self.output_names = list(output_names)
-        self.path, self.precision = path, precision
+        self.path, self.precision, self.quantised = path, precision, quantised
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         count = len(x)
@@ -269,7 +272,8 @@ def exported_network(
     if precision == "int8":
         if calibration is None:
             raise ValueError("int8 needs calibration images (none given, or none could be read)")
-        path, precision = _quantised(path, calibration, network), "bf16"
+        path = _quantised(path, calibration, network)
+        return OpenVinoNetwork(path, names, threads, "bf16", quantised=True)
     return OpenVinoNetwork(path, names, threads, precision)
 
 
@@ -416,6 +420,14 @@ def accelerated(
         return predictor, "eager", None
     if predictor.guidance:
         return predictor, "eager", "guidance chains run eager (their stages feed each other)"
+    if backend == "openvino-int8" and not calibrated:  # an unreadable calibration URI, say
+        following = GUARD_FALLBACK[backend]
+        reason = "openvino-int8 needs calibration images (none given, or none could be read)"
+        log.warning("%s: running %s", reason, following)
+        fast, used, further = accelerated(
+            predictor, following, cache_dir=cache_dir, threads=threads
+        )
+        return fast, used, "; ".join(filter(None, [reason, further]))
     try:
         if backend in _OPENVINO_PRECISION:
             if device.type != "cpu":
@@ -445,6 +457,15 @@ def accelerated(
         return predictor, "eager", reason
     fast = copy.copy(predictor)
     fast.model = model
+    if backend == "openvino-int8" and not any(
+        getattr(module, "quantised", False) for module in model.modules()
+    ):  # a classifier alone, or a joint model: every network has class outputs and runs f32
+        reason = (
+            f"openvino-int8 quantises only networks without class outputs, and "
+            f"{_name(predictor.model)} has none: it runs as openvino (f32)"
+        )
+        log.info(reason)
+        return fast, "openvino", reason
     return fast, backend, None
 
 

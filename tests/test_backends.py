@@ -196,7 +196,8 @@ def test_int8_quantises_the_released_segmenter_and_runs_its_classifier_in_f32(tm
     )
     assert (used, reason) == ("openvino-int8", None)
     segmenter, classifier = fast.model.segmenter, fast.model.classifier
-    assert segmenter.path.suffix == ".xml" and _fake_quantize_ops(segmenter.path) > 10
+    assert segmenter.quantised and _fake_quantize_ops(segmenter.path) > 10
+    assert not classifier.quantised
     assert segmenter.precision == "bf16"  # what int8 leaves unquantised runs in bf16
     assert classifier.path.suffix == ".onnx" and classifier.precision == "f32"
     images = _real_images(8)  # validation images, not the calibration ones
@@ -265,11 +266,30 @@ def test_int8_is_cached_by_the_calibration_images(tmp_path):
     assert other.model.path != first.model.path
 
 
-def test_int8_without_calibration_images_falls_back_to_eager_and_says_so(tmp_path):
+def test_int8_without_calibration_images_falls_back_to_mixed_and_says_so(tmp_path):
     eager = Predictor.load("lesion-segmenter")
-    fast, used, reason = accelerated(eager, "openvino-int8", cache_dir=tmp_path)
-    assert fast is eager and used == "eager"
-    assert "int8 needs calibration images" in reason
+    for calibration in (None, np.zeros((0, *eager.input_size, 3), np.uint8)):  # none decoded
+        fast, used, reason = accelerated(
+            eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+        )
+        assert used == "openvino-mixed" and fast.model.precision == "bf16"
+        assert not fast.model.quantised
+        assert "int8 needs calibration images" in reason
+
+
+def test_int8_on_a_model_with_nothing_to_quantise_runs_and_says_openvino(tmp_path):
+    """A classifier alone: int8 leaves networks with class outputs in f32, so nothing is
+    quantised and its rows must not claim int8."""
+    eager = Predictor.load("ham10000-classifier")
+    calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=8)
+    fast, used, reason = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+    )
+    assert used == "openvino" and "has none" in reason
+    assert fast.model.precision == "f32" and not fast.model.quantised
+    images = _real_images(4)
+    result = compare_predictions(eager(images), fast(images))
+    assert result.passed_for("openvino"), result
 
 
 def test_calibration_inputs_are_what_each_network_sees_in_the_prediction_path():
