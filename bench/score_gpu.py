@@ -5,8 +5,10 @@
 
 Inputs are those of ``bench/score_pipeline.py`` (its functions are reused, not copied): N real
 full-resolution ISIC JPEGs picked evenly over the source folder's pixel counts (at N = 440 every one
-of the 110 images four times), symlinked under ``--workdir``, and the same freshly initialised
-models (U-Net ResNet-34 at 256×256 → ROI → ResNet-18 at 224×224). It measures:
+of the 110 images four times), symlinked under ``--workdir``, and the same models
+(``--model-set``, score_pipeline's ``save_models``: by default the shipped segmenter and
+classifier; ``random`` for the earlier figures' U-Net ResNet-34 → ROI → ResNet-18). The JSON's
+settings name each model with its weights' SHA-256. It measures:
 
 1. Models alone, images/s: the pipeline's ``PredictActor`` in the driver on pre-decoded images (as
    score_pipeline's ``model_only``), ``backend="eager"`` and ``"compile"``, at each batch size. On
@@ -108,7 +110,7 @@ def open_device(name: str):
     return torch.device(name)
 
 
-def prepare(workdir: Path, n: int, source: Path) -> dict:
+def prepare(workdir: Path, n: int, source: Path, model_set: str) -> dict:
     """``n`` images picked as score_pipeline picks them, linked into one folder; the models."""
     sources = sorted(source.glob("*.jpg"))
     for path in sources:  # into the page cache, so no measurement pays for a cold read
@@ -119,7 +121,7 @@ def prepare(workdir: Path, n: int, source: Path) -> dict:
         "images": str(sp.link_images(picked, workdir / f"images_{n}", repeat=1)),
         "picked_images": sp.describe_images(picked),
         "all_source_images": sp.describe_images(sources),
-        "models": sp.save_models(workdir / "models"),
+        "models": sp.save_models(workdir / "models", model_set),
     }
 
 
@@ -392,7 +394,7 @@ def models_section(decoded: dict, models: dict, args, device, reader) -> dict:
             if backend == "eager":
                 reference = outputs
             elif reference is not None:
-                out[name]["guard"] = sp.accuracy_guard(reference, outputs)
+                out[name]["guard"] = sp.accuracy_guard(reference, outputs, backend)
     return out
 
 
@@ -620,6 +622,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-sizes", nargs="+", type=int_list, default=[[16, 64, 128]])
     parser.add_argument("--backends", nargs="+", choices=("eager", "compile"), default=None)
     parser.add_argument("--skip-pipeline", action="store_true", help="no Ray measurements")
+    parser.add_argument("--model-set", choices=("released", "random"), default="released")
     args = parser.parse_args(argv)
     args.batch_sizes = sorted({size for sizes in args.batch_sizes for size in sizes})
     args.backends = args.backends or ["eager", "compile"]
@@ -630,6 +633,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def settings(args, config, size) -> dict:
+    from skinray.score.plan import read_scoring_models
+
     return {
         "n": args.n,
         "device": args.device,
@@ -640,8 +645,8 @@ def settings(args, config, size) -> dict:
         "precision": "bf16 autocast, channels_last (PredictActor on CUDA); fp32 on CPU",
         "timing": "second pass of two, between torch.cuda.synchronize() calls",
         "gpu_sample_interval_s": SAMPLE_INTERVAL_S,
-        "segmenter": "unet, encoder resnet34, 256×256, random weights",
-        "classifier": "classifier, encoder resnet18, 224×224, 3 classes, random weights",
+        "model_set": args.model_set,
+        **read_scoring_models(config).identity,  # each model's name and weights' SHA-256
     }
 
 
@@ -654,7 +659,7 @@ def main(argv: list[str] | None = None) -> None:
     device = open_device(args.device)
     workdir = Path(args.workdir).resolve()
     started = dt.datetime.now(dt.UTC)
-    inputs = prepare(workdir, args.n, source)
+    inputs = prepare(workdir, args.n, source, args.model_set)
     config = make_config(inputs, workdir)
     size = decode_size(config)
     reader = gpu_reader()
