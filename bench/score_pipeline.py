@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import importlib
 import json
 import os
@@ -429,6 +430,20 @@ def time_stage(stage, batch: dict, batch_size: int) -> tuple[float, list[dict]]:
     return seconds, outputs
 
 
+@functools.cache
+def _calibration_images(uri: str, input_size: tuple[int, int]):
+    from skinray.backends import read_calibration_images
+
+    return read_calibration_images(uri, input_size)
+
+
+def calibration_images(config, input_size):
+    """int8's calibration images, read once, as ``run_scoring`` reads them for a run."""
+    if not config.int8_calibration:
+        return None
+    return _calibration_images(config.int8_calibration, tuple(input_size))
+
+
 def model_only(images: str, config, input_size, threads: int, backend: str = "eager") -> dict:
     """(b) The pipeline's PredictActor code (segmenter → ROI → classifier, one ``Predictor``) in
     the driver, on pre-decoded images, with the networks on ``backend``; for a backend other than
@@ -450,7 +465,7 @@ def model_only(images: str, config, input_size, threads: int, backend: str = "ea
             config.batch_size,
             cpu_threads=threads,
             backend=backend,
-            int8_calibration=config.int8_calibration,
+            calibration_images=calibration_images(config, input_size),
         )
         # Each pass runs twice, timing the second: oneDNN builds its kernels per batch shape (and
         # torch.compile compiles, ONNX Runtime plans, on the first calls).
@@ -507,7 +522,7 @@ def single_core_costs(images: str, config, backend: str) -> dict:
             config.batch_size,
             cpu_threads=1,
             backend=backend,
-            int8_calibration=config.int8_calibration,
+            calibration_images=calibration_images(config, models.input_size),
         )
         time_stage(predict, decoded, config.batch_size)  # the guard's eager run, kernels built
         models_s, outputs = time_stage(predict, decoded, config.batch_size)

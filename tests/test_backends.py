@@ -229,10 +229,14 @@ def test_an_actor_given_calibration_images_runs_int8_by_default_past_its_guard(
     calibration.mkdir()
     for path in sorted(TRAINING_IMAGES.glob("*.jpg"))[:16]:
         (calibration / path.name).symlink_to(path)
+    size = Predictor.load("lesion-segmenter", "ham10000-classifier").input_size
+    calibration_images = read_calibration_images(str(calibration), size)
     actor = PredictActor(
-        "lesion-segmenter", "ham10000-classifier", batch_size=8, int8_calibration=str(calibration)
+        "lesion-segmenter",
+        "ham10000-classifier",
+        batch_size=8,
+        calibration_images=calibration_images,
     )
-    size = actor.predictor.input_size
     images = np.stack([cv2.resize(i, size[::-1]) for i in _real_images(8)])
     batch = {
         "source_uri": np.array([f"v{i}" for i in range(8)], dtype=object),
@@ -243,9 +247,9 @@ def test_an_actor_given_calibration_images_runs_int8_by_default_past_its_guard(
     assert actor.backend == "openvino-int8", actor.fallback_reason
     assert set(rows["backend"]) == {"openvino-int8"}
     # Every row names the images that calibrated it.
-    expected = calibration_sha256(read_calibration_images(str(calibration), size))
+    expected = calibration_sha256(calibration_images)
     assert set(rows["int8_calibration_sha256"]) == {expected}
-    assert expected != calibration_sha256(read_calibration_images(str(calibration), size, 8))
+    assert expected != calibration_sha256(calibration_images[:8])
 
 
 def test_int8_is_cached_by_the_calibration_images(tmp_path):

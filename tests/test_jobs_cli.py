@@ -97,6 +97,26 @@ def test_score_job_refuses_int8_without_calibration_images_at_the_door(
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
+def test_score_job_stops_at_the_door_where_no_calibration_image_can_be_decoded(tmp_path):
+    calibration = tmp_path / "calibration"
+    calibration.mkdir()
+    (calibration / "a.jpg").write_bytes(b"not a jpeg")
+    (calibration / "notes.txt").write_text("no image")
+    images = tmp_path / "images"
+    images.mkdir()
+    result = _run(
+        "score.py",
+        *("--input", str(images), "--output", str(tmp_path / "out")),
+        *("--segmenter", "lesion-segmenter", "--int8-calibration", str(calibration)),
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: int8 calibration: no image under {calibration} could be read and decoded"
+    ], lines
+    assert not (tmp_path / "out").exists()  # nothing ran
+
+
 @pytest.mark.parametrize("run_id", [None, "other"])
 def test_score_job_refuses_a_resume_with_nothing_staged_or_two_run_ids(tmp_path, run_id):
     extra = ["--run-id", run_id] if run_id else []

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from skinray.backends import (
@@ -19,8 +20,6 @@ from skinray.backends import (
     accelerated,
     calibration_sha256,
     compare_predictions,
-    default_backend,
-    read_calibration_images,
 )
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
@@ -48,7 +47,8 @@ class PredictActor:
     test-time flips, the predicted class's CAM and the ROI box.
 
     The networks run on ``backend`` (``skinray.backends``; None: the device's default), int8
-    calibrated on the images at ``int8_calibration``. The first batch runs both ways and the
+    calibrated on ``calibration_images`` (N×H×W×3 uint8 at the decode size, or their object
+    reference: the run reads them once, at the door). The first batch runs both ways and the
     backend is dropped for its ``GUARD_FALLBACK`` or eager, with a logged reason, where it fails
     the accuracy guard. Each row records the backend that ran and, for int8, its calibration
     images' SHA-256."""
@@ -62,7 +62,7 @@ class PredictActor:
         cpu_threads: int | None = None,
         backend: str | None = None,
         test_delay_s: float = 0.0,
-        int8_calibration: str | None = None,
+        calibration_images: np.ndarray | ray.ObjectRef | None = None,
     ) -> None:
         self.test_delay_s = test_delay_s  # PREDICT_DELAY_ENV, for the resume test
         if kill_marker:
@@ -74,16 +74,15 @@ class PredictActor:
         if device.type == "cuda":
             eager.model = eager.model.to(memory_format=torch.channels_last)
         self.cpu_threads = cpu_threads
-        backend = backend or default_backend(device, calibrated=bool(int8_calibration))
-        calibration = None
-        if backend == "openvino-int8" and int8_calibration:
-            calibration = read_calibration_images(int8_calibration, eager.input_size)
-        # Which images calibrated int8 changes its masks: every int8 row records them.
-        self.calibration_sha256 = (
-            calibration_sha256(calibration) if calibration is not None else None
-        )
+        calibration = calibration_images
+        if isinstance(calibration, ray.ObjectRef):
+            calibration = ray.get(calibration)
         self.predictor, self.backend, self.fallback_reason = accelerated(
             eager, backend, threads=cpu_threads, calibration_images=calibration
+        )
+        # Which images calibrated int8 changes its masks: every int8 row records them.
+        self.calibration_sha256 = (
+            calibration_sha256(calibration) if self.backend == "openvino-int8" else None
         )
         self._unguarded = eager if self.backend != "eager" else None
         self.batch_size = batch_size

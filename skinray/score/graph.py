@@ -57,10 +57,11 @@ def decoded_images(listing: StagedListing, config: ScoreConfig, image_size: tupl
     )
 
 
-def _model_stages(rows, config: ScoreConfig, placement: Placement):
+def _model_stages(rows, config: ScoreConfig, placement: Placement, calibration_images=None):
     """Decoded rows through the ``PredictActor`` pool (segmenter, or segmenter → ROI → classifier,
-    in one actor: the ROI is cut on its device from the decoded image), then the lesion
-    descriptors and mask PNG on light CPU tasks."""
+    in one actor: the ROI is cut on its device from the decoded image; int8 calibrated on
+    ``calibration_images``, an object reference), then the lesion descriptors and mask PNG on
+    light CPU tasks."""
     return rows.map_batches(
         PredictActor,
         fn_constructor_kwargs={
@@ -71,7 +72,7 @@ def _model_stages(rows, config: ScoreConfig, placement: Placement):
             "test_delay_s": float(os.environ.get(PREDICT_DELAY_ENV) or 0),
             "cpu_threads": placement.cpu_threads,
             "backend": config.backend,
-            "int8_calibration": config.int8_calibration,
+            "calibration_images": calibration_images,
         },
         batch_size=config.batch_size,
         **placement.pool_args(config),
@@ -79,12 +80,17 @@ def _model_stages(rows, config: ScoreConfig, placement: Placement):
 
 
 def build_graph(
-    listing: StagedListing, config: ScoreConfig, models: ScoringModels, placement: Placement
+    listing: StagedListing,
+    config: ScoreConfig,
+    models: ScoringModels,
+    placement: Placement,
+    calibration_images=None,
 ):
     """The lazy ``ray.data.Dataset`` of output rows (results and errors alike) for a non-empty
-    listing: decode → models → ``finish_rows``. Nothing runs until it is written."""
+    listing: decode → models → ``finish_rows``; ``calibration_images``: the object reference of
+    int8's calibration images, read once for the run. Nothing runs until it is written."""
     rows = decoded_images(listing, config, models.input_size)
-    rows = _model_stages(rows, config, placement)
+    rows = _model_stages(rows, config, placement, calibration_images)
     return rows.map_batches(
         finish_rows,
         batch_size=config.decode_batch_size,

@@ -132,16 +132,17 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     started = time.perf_counter()
     models = read_scoring_models(config)
     check_input(config.input)
-    if config.int8_calibration:
-        check_input(config.int8_calibration)
+    calibration = _int8_calibration_images(config, models)
     if not ray.is_initialized():
         _init_ray()
     placement = plan_placement(config)
+    use = calibration is not None and not placement.use_gpu  # GPUs run no int8
+    calibration_ref = ray.put(calibration) if use else None
     staging = io.join(config.output, "_staging", config.run_id)
     listing = _stage_listing_on_a_worker(config, staging, models)
     operator_times, budget = {}, 0
     if listing.to_score:
-        rows = build_graph(listing, config, models, placement)
+        rows = build_graph(listing, config, models, placement, calibration_ref)
         budget = object_store_budget(
             config, placement, models.input_size, listing.mean_source_bytes
         )
@@ -157,6 +158,25 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     summary_json = json.dumps(asdict(summary), indent=2).encode()
     io.write_bytes(io.join(summaries, f"summary-{config.run_id}.json"), summary_json)
     return summary
+
+
+def _int8_calibration_images(config: ScoreConfig, models: ScoringModels):
+    """int8's calibration images (N×H×W×3 uint8 at the decode size), read and decoded once for
+    the run, at the door, where its CPU actors may run int8; a URI under which none can be read
+    and decoded is the door's error. Each actor read them itself before: from ``s3://``, 300 GETs
+    and decodes an actor, and with none readable every actor fell back on its own."""
+    uri = config.int8_calibration
+    if not uri:
+        return None
+    check_input(uri)
+    if config.backend not in (None, "openvino-int8") or config.use_gpu:
+        return None
+    from skinray.backends import read_calibration_images
+
+    images = read_calibration_images(uri, models.input_size)
+    if not len(images):
+        raise ScoreConfigError(f"int8 calibration: no image under {uri} could be read and decoded")
+    return images
 
 
 def _init_ray() -> None:

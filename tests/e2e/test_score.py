@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import duckdb
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pytest
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 
 from skinray import io
-from skinray.backends import default_backend
+from skinray.backends import calibration_sha256, default_backend, read_calibration_images
 from skinray.data.synthetic import synthetic_sample
 from skinray.models import (
     create_model,
@@ -37,6 +38,7 @@ from skinray.models.two_step import lesion_boxes
 from skinray.score.commit import staged_uris
 from skinray.score.config import make_score_config
 from skinray.score.pipeline import run_scoring
+from skinray.score.plan import read_scoring_models
 from skinray.score.schema import ROI_BOX_COLUMNS
 from skinray.score.stages import KILL_ACTOR_MARKER_ENV, PREDICT_DELAY_ENV
 
@@ -257,16 +259,27 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(
     assert set(results["backend"].to_pylist()) == {default_backend("cpu")}
     assert set(results["int8_calibration_sha256"].to_pylist()) == {None}  # not int8: no images
 
-    # The same weights with a new temperature are new predictions: nothing is skipped.
+    # The same weights with a new temperature are new predictions: nothing is skipped. This run
+    # is int8, calibrated on images the door reads once from S3 and hands every actor.
     recalibrated = shutil.copytree(models[1], tmp_path / "recalibrated")
     config = read_model_config(str(recalibrated))
     write_model_config(str(recalibrated), config.replace(temperature=2.0))
-    again = run_scoring(_config(s3_bucket, (models[0], str(recalibrated)), incremental=True))
+    calibration = f"{s3_bucket}/archive/good/"
+    again_config = _config(
+        s3_bucket, (models[0], str(recalibrated)), incremental=True, int8_calibration=calibration
+    )
+    again = run_scoring(again_config)
     assert again.skipped_already_scored == 0 and again.results == first.results + 5
     new_hash = read_model_config(str(recalibrated)).config_sha256
     assert new_hash != config.config_sha256
-    hashes = _read(s3_bucket, "results")["classifier_config_sha256"].to_pylist()
+    results = _read(s3_bucket, "results")
+    hashes = results["classifier_config_sha256"].to_pylist()
     assert hashes.count(new_hash) == again.results  # beside the earlier model's rows
+    ran = results.filter(pc.field("classifier_config_sha256") == new_hash)
+    images = read_calibration_images(calibration, read_scoring_models(again_config).input_size)
+    assert len(images) == GOOD + 5
+    assert set(ran["backend"].to_pylist()) == {"openvino-int8"}
+    assert set(ran["int8_calibration_sha256"].to_pylist()) == {calibration_sha256(images)}
 
 
 def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, models):
