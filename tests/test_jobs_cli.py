@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def _run(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -97,11 +98,16 @@ def test_score_job_refuses_int8_without_calibration_images_at_the_door(
     assert not (tmp_path / "out").exists()  # nothing ran
 
 
-def test_score_job_stops_at_the_door_where_no_calibration_image_can_be_decoded(tmp_path):
+def _undecodable_calibration(tmp_path: Path) -> Path:
     calibration = tmp_path / "calibration"
     calibration.mkdir()
     (calibration / "a.jpg").write_bytes(b"not a jpeg")
     (calibration / "notes.txt").write_text("no image")
+    return calibration
+
+
+def test_score_job_stops_at_the_door_where_no_calibration_image_can_be_decoded(tmp_path):
+    calibration = _undecodable_calibration(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
     result = _run(
@@ -115,6 +121,23 @@ def test_score_job_stops_at_the_door_where_no_calibration_image_can_be_decoded(t
         f"error: int8 calibration: no image under {calibration} could be read and decoded"
     ], lines
     assert not (tmp_path / "out").exists()  # nothing ran
+
+
+def test_evaluate_job_stops_where_no_calibration_image_can_be_decoded(tmp_path):
+    calibration = _undecodable_calibration(tmp_path)
+    result = _run(
+        "evaluate.py",
+        "lesion-segmenter",
+        *("--data", "isic2017", "--root", str(SHARED_DATA / "isic2017"), "--limit", "2"),
+        *("--backend", "openvino-int8", "--int8-calibration", str(calibration)),
+        *("--json", str(tmp_path / "metrics.json")),
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"error: int8 calibration: no image under {calibration} could be read and decoded"
+    ], lines
+    assert not (tmp_path / "metrics.json").exists()  # no figures under a backend that did not run
 
 
 @pytest.mark.parametrize("run_id", [None, "other"])
