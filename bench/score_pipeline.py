@@ -555,30 +555,33 @@ def single_core_costs(images: str, config, backend: str) -> dict:
 
 
 def accuracy_guard(reference: list[dict], candidate: list[dict], backend: str) -> dict:
-    """Mean per-image mask Jaccard, the largest class-probability difference and the share of
+    """``skinray.backends.compare_predictions`` on the rows of two model stages over the same
+    images: mean per-image mask Jaccard, the largest class-probability difference and the share of
     predicted classes that agree, against eager; ``passed``: ``backend``'s own guard."""
-    from skinray.backends import GuardResult
+    from skinray.backends import compare_predictions
 
-    jaccards, difference, agreements = [], 0.0, []
-    for ref, cand in zip(reference, candidate, strict=True):
-        a = ref["mask"].reshape(len(ref["mask"]), -1) > 0
-        b = cand["mask"].reshape(len(cand["mask"]), -1) > 0
-        union = (a | b).sum(1)
-        jaccards.extend(np.where(union > 0, (a & b).sum(1) / np.maximum(union, 1), 1.0))
-        if "class_probabilities" in ref:
-            gap = np.abs(ref["class_probabilities"] - cand["class_probabilities"]).max()
-            difference = max(difference, float(gap))
-            agreements.extend(
-                ref["class_probabilities"].argmax(1) == cand["class_probabilities"].argmax(1)
-            )
-    agreement = float(np.mean(agreements)) if agreements else 1.0
-    result = GuardResult(float(np.mean(jaccards)), difference, agreement)
+    result = compare_predictions(_as_prediction(reference), _as_prediction(candidate))
+    classifies = "class_probabilities" in reference[0]
     return {
         "mask_jaccard": round(result.mask_jaccard, 5),
-        "max_probability_difference": round(difference, 6),
-        "class_agreement": round(agreement, 4) if agreements else None,
+        "max_probability_difference": round(result.max_probability_difference, 6),
+        "class_agreement": round(result.class_agreement, 4) if classifies else None,
         "passed": result.passed_for(backend),
     }
+
+
+def _as_prediction(outputs: list[dict]):
+    """The model stage's output batches as one ``Prediction`` (masks and class probabilities)."""
+    import torch
+
+    from skinray.predict import Prediction
+
+    def joined(key):
+        if key not in outputs[0]:
+            return None
+        return torch.from_numpy(np.concatenate([output[key] for output in outputs]))
+
+    return Prediction(None, joined("mask"), joined("class_probabilities"), None, None)
 
 
 class PlainPredictor:
