@@ -495,6 +495,36 @@ def model_only(images: str, config, input_size, threads: int, backend: str = "ea
     }
 
 
+def one_thread_actor(config, backend: str, calibration):
+    """The pipeline's model stage on one thread, as (e) and (f) run it."""
+    from skinray.score.actors import PredictActor
+
+    return PredictActor(
+        config.segmenter,
+        config.classifier,
+        config.batch_size,
+        cpu_threads=1,
+        backend=backend,
+        calibration_images=calibration,
+    )
+
+
+def finished_rows(outputs: list[dict], config, models) -> list[dict]:
+    """The describe and row stages over the model stage's outputs."""
+    from skinray.score.stages import describe_lesions, finish_rows
+
+    return [
+        finish_rows(
+            describe_lesions(output),
+            class_names=models.class_names,
+            models=models.identity,
+            run_id="bench",
+            include_cam=config.include_cam,
+        )
+        for output in outputs
+    ]
+
+
 def single_core_costs(images: str, config, backend: str) -> dict:
     """(e) Each stage's cost on one core, in the driver, without Ray: ``read_and_decode`` (OpenCV
     on one thread), the models on one thread on ``backend``, and the describe and row stages; and
@@ -503,10 +533,9 @@ def single_core_costs(images: str, config, backend: str) -> dict:
     import cv2
     import torch
 
-    from skinray.score.actors import PredictActor
     from skinray.score.plan import read_scoring_models
     from skinray.score.sources import list_inputs
-    from skinray.score.stages import describe_lesions, finish_rows, read_and_decode
+    from skinray.score.stages import read_and_decode
 
     models = read_scoring_models(config)
     previous = cv2.getNumThreads(), torch.get_num_threads()
@@ -518,25 +547,11 @@ def single_core_costs(images: str, config, backend: str) -> dict:
         started = time.perf_counter()
         decoded = read_and_decode(listing, models.input_size, config.max_pixels)
         decode_s = time.perf_counter() - started
-        predict = PredictActor(
-            config.segmenter,
-            config.classifier,
-            config.batch_size,
-            cpu_threads=1,
-            backend=backend,
-            calibration_images=calibration_images(config, models.input_size),
-        )
+        predict = one_thread_actor(config, backend, calibration_images(config, models.input_size))
         time_stage(predict, decoded, config.batch_size)  # the guard's eager run, kernels built
         models_s, outputs = time_stage(predict, decoded, config.batch_size)
         started = time.perf_counter()
-        for output in outputs:
-            finish_rows(
-                describe_lesions(output),
-                class_names=models.class_names,
-                models=models.identity,
-                run_id="single-core",
-                include_cam=config.include_cam,
-            )
+        finished_rows(outputs, config, models)
         describe_s = time.perf_counter() - started
     finally:
         cv2.setNumThreads(previous[0])
@@ -799,30 +814,15 @@ def _whole_path(share, config, models, backend, calibration, start, results) -> 
     import cv2
     import torch
 
-    from skinray.score.actors import PredictActor
-    from skinray.score.stages import describe_lesions, finish_rows, read_and_decode
+    from skinray.score.stages import read_and_decode
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    predict = PredictActor(
-        config.segmenter,
-        config.classifier,
-        config.batch_size,
-        cpu_threads=1,
-        backend=backend,
-        calibration_images=calibration,
-    )
+    predict = one_thread_actor(config, backend, calibration)
 
     def score(listing: dict) -> None:
         decoded = read_and_decode(listing, models.input_size, config.max_pixels)
-        for output in time_stage(predict, decoded, config.batch_size)[1]:
-            finish_rows(
-                describe_lesions(output),
-                class_names=models.class_names,
-                models=models.identity,
-                run_id="whole-path",
-                include_cam=config.include_cam,
-            )
+        finished_rows(time_stage(predict, decoded, config.batch_size)[1], config, models)
 
     score({key: values[: config.batch_size] for key, values in share.items()})  # warm-up
     start.wait()
