@@ -126,8 +126,11 @@ def prepare(workdir: Path, n: int, source: Path, model_set: str) -> dict:
 
 
 def make_config(inputs: dict, workdir: Path, **update):
+    """score_pipeline's run config, less int8's calibration images: GPUs run no int8, and they
+    lie under ../shared, which does not travel to the lent device machine (the door would stop
+    every Ray run there for a missing input)."""
     config = sp.score_config(inputs["images"], workdir / "out", inputs["models"], "score_gpu")
-    return config.model_copy(update=update)
+    return config.model_copy(update={"int8_calibration": None, **update})
 
 
 def decode_size(config) -> tuple[int, int]:
