@@ -127,11 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         calibration = None
         if args.backend == "openvino-int8":
             calibration = read_calibration_images(args.int8_calibration, predictor.input_size)
-            if not len(calibration):
-                raise ValueError(
-                    f"int8 calibration: no image under {args.int8_calibration} could be read "
-                    "and decoded"
-                )
         predictor, used, reason = accelerated(
             predictor, args.backend, calibration_images=calibration
         )

@@ -23,7 +23,7 @@ runs as ``openvino-mixed``.
 Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
 them (resized, normalised), and the quantised network is cached by its weights and a digest of the
 calibration images and the model that turns them into each network's inputs, so an actor whose
-quantisation is cached decodes the images but runs nothing on them.
+quantisation is cached runs nothing on the images.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights and their input shape, so the actors of a node export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
@@ -340,8 +340,8 @@ def read_calibration_images(
 ) -> np.ndarray:
     """Up to ``count`` images from ``uri`` (a folder, ``s3://`` prefix or manifest, as the scoring
     job lists its input), spread evenly over its sorted listing, decoded to ``input_size`` as the
-    scoring job decodes them: N×H×W×3 uint8. An image that cannot be read or decoded is left out.
-    """
+    scoring job decodes them: N×H×W×3 uint8. An image that cannot be read or decoded is left out;
+    a ``ValueError`` where none is left."""
     from skinray.data.decode import DEFAULT_MAX_PIXELS
     from skinray.score.sources import list_inputs
     from skinray.score.stages import read_and_decode
@@ -351,7 +351,10 @@ def read_calibration_images(
     decoded = read_and_decode(
         listing.take(picks.astype(int)).to_pydict(), tuple(input_size), DEFAULT_MAX_PIXELS
     )
-    return decoded["image"][decoded["error_stage"] == ""]
+    images = decoded["image"][decoded["error_stage"] == ""]
+    if not len(images):
+        raise ValueError(f"int8 calibration: no image under {uri} could be read and decoded")
+    return images
 
 
 def network_inputs(predictor, images: np.ndarray | None) -> dict[nn.Module, np.ndarray]:

@@ -173,10 +173,10 @@ def _int8_calibration_images(config: ScoreConfig, models: ScoringModels):
         return None
     from skinray.backends import read_calibration_images
 
-    images = read_calibration_images(uri, models.input_size)
-    if not len(images):
-        raise ScoreConfigError(f"int8 calibration: no image under {uri} could be read and decoded")
-    return images
+    try:
+        return read_calibration_images(uri, models.input_size)
+    except ValueError as error:  # none could be read and decoded: the door's one line
+        raise ScoreConfigError(str(error)) from None
 
 
 def _init_ray() -> None:
