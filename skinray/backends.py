@@ -21,9 +21,9 @@ classifier's probabilities moved by up to 0.27 and its balanced accuracy by 1.1 
 with nothing to quantise runs, and is reported, as ``openvino``; without calibration images int8
 runs as ``openvino-mixed``.
 Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
-them (resized, normalised), and the quantised network is cached by its weights and a digest of the
-calibration images and the model that turns them into each network's inputs, so an actor whose
-quantisation is cached runs nothing on the images.
+them (resized, normalised), and the quantised network is cached by its weights, a digest of the
+calibration images and the model that turns them into each network's inputs, and NNCF's version
+and settings, so an actor whose quantisation is cached runs nothing on the images.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights and their input shape, so the actors of a node export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
@@ -106,6 +106,11 @@ MAX_PROBABILITY_DIFFERENCE = 0.01
 INT8_MIN_MASK_JACCARD = 0.95
 INT8_MIN_CLASS_AGREEMENT = 0.75
 _OPSET = 17
+#: NNCF's post-training quantisation settings beyond its defaults (none: the defaults are what
+#: docs/benchmarks.md measured). With NNCF's version they name every cached int8 network, so a
+#: node that upgrades NNCF, or a change here, quantises again instead of reusing another's network
+#: under the same calibration digest.
+_NNCF_SETTINGS: dict[str, object] = {}
 
 
 def default_backend(device: torch.device | str, calibrated: bool = False) -> str:
@@ -306,11 +311,23 @@ def _calibration(predictor, images: np.ndarray | None) -> Calibration | None:
     return Calibration(digest.hexdigest()[:16], inputs)
 
 
+def _quantiser() -> str:
+    """What quantises: NNCF's version and the settings ``_quantised`` gives it."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        nncf = version("nncf")
+    except PackageNotFoundError:  # _quantised says how to install it
+        nncf = "absent"
+    return f"nncf {nncf} {sorted(_NNCF_SETTINGS.items())}"
+
+
 def _quantised(onnx_path: Path, calibration: Calibration, network: nn.Module) -> Path:
     """The exported network quantised to int8 by NNCF's post-training quantisation (min-max
     ranges and bias correction over its calibration inputs), saved as OpenVINO IR beside the
-    export and cached by the calibration's digest."""
-    path = onnx_path.with_name(f"{onnx_path.stem}-int8-{calibration.digest}.xml")
+    export and cached by the calibration's digest and the quantiser (``_quantiser``)."""
+    quantiser = hashlib.sha256(_quantiser().encode()).hexdigest()[:8]
+    path = onnx_path.with_name(f"{onnx_path.stem}-int8-{calibration.digest}-q{quantiser}.xml")
     if path.exists():
         return path
     inputs = calibration.inputs().get(network)
@@ -325,7 +342,7 @@ def _quantised(onnx_path: Path, calibration: Calibration, network: nn.Module) ->
 
     samples = nncf.Dataset([inputs[i : i + 1] for i in range(len(inputs))])
     quantised = nncf.quantize(
-        ov.Core().read_model(str(onnx_path)), samples, subset_size=len(inputs)
+        ov.Core().read_model(str(onnx_path)), samples, subset_size=len(inputs), **_NNCF_SETTINGS
     )
     partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp.xml")
     ov.save_model(quantised, str(partial), compress_to_fp16=False)

@@ -270,6 +270,30 @@ def test_int8_is_cached_by_the_calibration_images(tmp_path):
     assert other.model.path != first.model.path
 
 
+def test_int8_is_quantised_again_by_other_nncf_settings(tmp_path, monkeypatch):
+    """The same calibration images under another quantiser (NNCF's version or its settings) must
+    not reuse the cached network: a node that upgrades NNCF would run another int8 model under
+    the same calibration digest."""
+    from skinray import backends
+
+    eager = Predictor.load("lesion-segmenter")
+    calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=8)
+    first, _, _ = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+    )
+    nncf = pytest.importorskip("nncf")
+    assert f"nncf {nncf.__version__} " in backends._quantiser()  # an upgrade changes the name too
+    monkeypatch.setitem(backends._NNCF_SETTINGS, "preset", nncf.QuantizationPreset.MIXED)
+    other, used, _ = accelerated(
+        eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
+    )
+    assert used == "openvino-int8" and other.model.quantised
+    assert other.model.path != first.model.path and first.model.path.exists()
+    images = _real_images(4)
+    # Asymmetric activation ranges (MIXED) give another network: the setting reached NNCF.
+    assert not torch.equal(first(images).mask_probability, other(images).mask_probability)
+
+
 def test_int8_without_calibration_images_falls_back_to_mixed_and_says_so(tmp_path):
     eager = Predictor.load("lesion-segmenter")
     for calibration in (None, np.zeros((0, *eager.input_size, 3), np.uint8)):  # none decoded
