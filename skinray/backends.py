@@ -25,7 +25,8 @@ them (resized, normalised), and the quantised network is cached by its weights, 
 calibration images and the model that turns them into each network's inputs, and NNCF's version
 and settings, so an actor whose quantisation is cached runs nothing on the images.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
-of their weights and their input shape, so the actors of a node export once. A composite whose glue
+of their weights, of the code that computes them and their input shape, so the actors of a node
+export once. A composite whose glue
 does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
 """
 
@@ -35,6 +36,7 @@ import contextlib
 import copy
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import tempfile
@@ -227,6 +229,25 @@ def weights_digest(network: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def code_digest(network: nn.Module) -> str:
+    """SHA-256 (16 hex) of torch's version and the source files of every module class in
+    ``network``: with the weights, what names its export, so that a cached export is not run
+    after the code that computes the network changes (a skinray, timm or torch upgrade on a node
+    that keeps its cache) under the same weights."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in sorted({_source_file(type(module)) for module in network.modules()} - {None}):
+        digest.update(Path(source).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _source_file(cls: type) -> str | None:
+    try:
+        return inspect.getsourcefile(cls)
+    except TypeError:  # a class without a Python source file
+        return None
+
+
 def exported_network(
     network: nn.Module,
     input_shape: Sequence[int],
@@ -236,7 +257,7 @@ def exported_network(
     calibration: Calibration | None = None,
 ) -> OpenVinoNetwork:
     """``network`` (eval mode) exported to ONNX for inputs (N, *input_shape) with N free, cached by
-    its weights and shape, and compiled by OpenVINO; for ``precision`` int8, a network without
+    its weights, its code (``code_digest``) and shape, and compiled by OpenVINO; for ``precision`` int8, a network without
     class outputs quantised on ``calibration`` first."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
@@ -249,10 +270,9 @@ def exported_network(
         precision = "f32"  # quantised, the released classifier's probabilities moved up to 0.27
     cache_dir = cache_dir or default_cache_dir()
     outputs = hashlib.sha256(",".join(names).encode()).hexdigest()[:8]  # a new output, a new file
-    path = (
-        cache_dir
-        / f"{weights_digest(network)}-{channels}x{height}x{width}-{outputs}-op{_OPSET}.onnx"
-    )
+    shape = f"{channels}x{height}x{width}"
+    name = f"{weights_digest(network)}-{code_digest(network)}-{shape}-{outputs}-op{_OPSET}"
+    path = cache_dir / f"{name}.onnx"
     if not path.exists():
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".{os.getpid()}.tmp")

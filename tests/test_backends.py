@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from skinray.backends import (
     BACKENDS,
@@ -72,6 +73,53 @@ def test_the_export_is_cached_by_weights_and_shape(tmp_path):
     assert again.path == first.path and again.path.stat().st_mtime_ns == modified
     assert exported_network(model, (3, 96, 96), tmp_path).path != first.path
     assert len(list(tmp_path.glob("*.onnx"))) == 2
+
+
+_NETWORK_SOURCE = """
+import torch
+from torch import nn
+
+
+class Network(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 1, 3, padding=1)
+
+    def forward(self, x):
+        return {{"mask_logits": {expression}}}
+"""
+
+
+def _network_from_source(folder: Path, name: str, expression: str, monkeypatch) -> nn.Module:
+    """A one-conv network imported from its own module file, as a package's would be."""
+    import importlib.util
+    import sys
+
+    path = folder / f"{name}.py"
+    path.write_text(_NETWORK_SOURCE.format(expression=expression))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module.Network().eval()
+
+
+def test_an_export_is_not_reused_once_the_networks_code_changes(tmp_path, monkeypatch):
+    """Same weights, other code (a node upgrading skinray, timm or torch keeps its cache): the
+    cached export of the old code must not run for the new."""
+    old = _network_from_source(tmp_path, "old_code", "self.conv(x)", monkeypatch)
+    new = _network_from_source(tmp_path, "new_code", "-self.conv(x)", monkeypatch)
+    new.load_state_dict(old.state_dict())
+    cache = tmp_path / "cache"
+    old_export, new_export = (
+        exported_network(old, (3, *SIZE), cache),
+        exported_network(new, (3, *SIZE), cache),
+    )
+    assert new_export.path != old_export.path
+    images = torch.rand(2, 3, *SIZE)
+    with torch.no_grad():
+        expected = new(images)["mask_logits"]
+    assert torch.allclose(new_export(images)["mask_logits"], expected, atol=1e-5)
 
 
 def test_an_empty_batch_gives_empty_outputs_as_eager_does(tmp_path):
