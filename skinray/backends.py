@@ -26,8 +26,8 @@ calibration images and the model that turns them into each network's inputs, and
 and settings, so an actor whose quantisation is cached runs nothing on the images.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights, of the code that computes them and their input shape, so the actors of a node
-export once. A composite whose glue
-does not export (the two-step ROI cut) runs its networks on the backend and its glue in PyTorch.
+export once. A composite whose glue does not export (the two-step ROI cut) runs its networks on
+the backend and its glue in PyTorch.
 """
 
 from __future__ import annotations
@@ -257,8 +257,8 @@ def exported_network(
     calibration: Calibration | None = None,
 ) -> OpenVinoNetwork:
     """``network`` (eval mode) exported to ONNX for inputs (N, *input_shape) with N free, cached by
-    its weights, its code (``code_digest``) and shape, and compiled by OpenVINO; for ``precision`` int8, a network without
-    class outputs quantised on ``calibration`` first."""
+    its weights, its code (``code_digest``) and shape, and compiled by OpenVINO; for ``precision``
+    int8, a network without class outputs quantised on ``calibration`` first."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
     with torch.no_grad():
