@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 __all__ = [
     "AUC_SENSITIVITY_FLOOR",
@@ -121,6 +120,10 @@ def per_class_auc(
     labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str] | None = None
 ) -> dict[str, float]:
     """One-vs-rest ROC AUC of each class; NaN for a class with no positives or no negatives."""
+    # Imported here: scikit-learn takes about 2 s to import, and every training worker and job
+    # that imports this module would pay it for this one function.
+    from sklearn.metrics import roc_auc_score
+
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=float)
     num_classes = probabilities.shape[1]
