@@ -322,6 +322,8 @@ def test_int8_is_quantised_again_by_other_nncf_settings(tmp_path, monkeypatch):
     """The same calibration images under another quantiser (NNCF's version or its settings) must
     not reuse the cached network: a node that upgrades NNCF would run another int8 model under
     the same calibration digest."""
+    import nncf  # the test extra installs it, as every int8 test here assumes
+
     from skinray import backends
 
     eager = Predictor.load("lesion-segmenter")
@@ -329,7 +331,6 @@ def test_int8_is_quantised_again_by_other_nncf_settings(tmp_path, monkeypatch):
     first, _, _ = accelerated(
         eager, "openvino-int8", cache_dir=tmp_path, calibration_images=calibration
     )
-    nncf = pytest.importorskip("nncf")
     assert f"nncf {nncf.__version__} " in backends._quantiser()  # an upgrade changes the name too
     monkeypatch.setitem(backends._NNCF_SETTINGS, "preset", nncf.QuantizationPreset.MIXED)
     other, used, _ = accelerated(
