@@ -11,7 +11,13 @@ def ray_cluster(s3_server):
     import ray
 
     # Four logical CPUs on a 2-core machine: two training workers plus Ray Data's read tasks.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True, ignore_reinit_error=True)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=True,
+        ignore_reinit_error=True,
+    )
     try:
         yield
     finally:
