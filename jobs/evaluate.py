@@ -23,7 +23,7 @@ import math
 import sys
 
 from skinray import io
-from skinray.backends import BACKENDS, accelerated, read_calibration_images
+from skinray.backends import BACKENDS, accelerated, read_calibration_images, runtime_versions
 from skinray.data.datasets import DatasetError, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_path:
         payload = {
             "model": args.model,
-            "backend": args.backend,
+            "backend": used,  # what ran: after a fallback, not what was asked
+            "backend_requested": args.backend,
+            "backend_versions": runtime_versions(used),
             "data": args.data,
             "root": args.root,
             "metrics": results,

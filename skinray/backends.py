@@ -64,6 +64,7 @@ __all__ = [
     "default_backend",
     "network_inputs",
     "read_calibration_images",
+    "runtime_versions",
 ]
 
 log = logging.getLogger(__name__)
@@ -331,15 +332,32 @@ def _calibration(predictor, images: np.ndarray | None) -> Calibration | None:
     return Calibration(digest.hexdigest()[:16], inputs)
 
 
-def _quantiser() -> str:
-    """What quantises: NNCF's version and the settings ``_quantised`` gives it."""
+def _version(package: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        nncf = version("nncf")
-    except PackageNotFoundError:  # _quantised says how to install it
-        nncf = "absent"
-    return f"nncf {nncf} {sorted(_NNCF_SETTINGS.items())}"
+        return version(package)
+    except PackageNotFoundError:  # the backend that needs it says how to install it
+        return "absent"
+
+
+def _quantiser() -> str:
+    """What quantises: NNCF's version and the settings ``_quantised`` gives it."""
+    return f"nncf {_version('nncf')} {sorted(_NNCF_SETTINGS.items())}"
+
+
+@functools.cache
+def runtime_versions(backend: str) -> str:
+    """The libraries that compute ``backend``'s outputs, with their versions ("torch 2.14.1;
+    openvino 2026.4.1; nncf 2.19.0"): another version may move a mask or a probability, so each
+    row records them beside its backend. NNCF's settings follow its version when there are any."""
+    parts = [f"torch {torch.__version__}"]
+    if backend.startswith("openvino"):
+        parts.append(f"openvino {_version('openvino')}")
+    if backend == "openvino-int8":
+        settings = f" {sorted(_NNCF_SETTINGS.items())}" if _NNCF_SETTINGS else ""
+        parts.append(f"nncf {_version('nncf')}{settings}")
+    return "; ".join(parts)
 
 
 def _quantised(onnx_path: Path, calibration: Calibration, network: nn.Module) -> Path:

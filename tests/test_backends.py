@@ -3,6 +3,7 @@ backend takes passes the accuracy guard; what it cannot take falls back to eager
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from skinray.backends import (
     exported_network,
     network_inputs,
     read_calibration_images,
+    runtime_versions,
 )
 from skinray.models import create_model, get_model_spec, list_models, load_model, save_model
 from skinray.predict import Predictor
@@ -297,6 +299,11 @@ def test_an_actor_given_calibration_images_runs_int8_by_default_past_its_guard(
     # Every row names the images that calibrated it.
     expected = calibration_sha256(calibration_images)
     assert set(rows["int8_calibration_sha256"]) == {expected}
+    # ... and the libraries, with their versions, that quantised and ran it.
+    (versions,) = set(rows["backend_versions"])
+    assert versions == runtime_versions("openvino-int8")
+    assert [part.split()[0] for part in versions.split("; ")] == ["torch", "openvino", "nncf"]
+    assert f"nncf {importlib.metadata.version('nncf')}" in versions
     assert expected != calibration_sha256(calibration_images[:8])
 
 

@@ -199,7 +199,10 @@ def test_the_evaluate_job_measures_a_backend_beside_eager(tmp_path):
         argv = ["lesion-segmenter", *common, "--backend", backend, "--json", str(out)]
         assert job.main(argv) == 0
         payload = json.loads(out.read_text())
-        assert payload["backend"] == backend
+        assert payload["backend"] == payload["backend_requested"] == backend
+        # The libraries that computed the figures, with their versions.
+        libraries = [part.split()[0] for part in payload["backend_versions"].split("; ")]
+        assert libraries == (["torch"] if backend == "eager" else ["torch", "openvino"])
         figures[backend] = payload["metrics"]["jaccard"]
     assert figures["openvino"] == pytest.approx(figures["eager"], abs=1e-3)
     assert 0.3 < figures["eager"] < 1.0

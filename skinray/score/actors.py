@@ -20,6 +20,7 @@ from skinray.backends import (
     accelerated,
     calibration_sha256,
     compare_predictions,
+    runtime_versions,
 )
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
@@ -96,6 +97,7 @@ class PredictActor:
         batch["mask"] = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
         batch["backend"] = np.array([None] * count, dtype=object)
         batch["int8_calibration_sha256"] = np.array([None] * count, dtype=object)
+        batch["backend_versions"] = np.array([None] * count, dtype=object)
         healthy = np.flatnonzero(healthy_rows(batch))
         if not len(healthy):
             return batch
@@ -110,6 +112,7 @@ class PredictActor:
             column[healthy] = values
             batch[key] = column
         batch["backend"][healthy] = self.backend  # after the first batch's guard: what ran
+        batch["backend_versions"][healthy] = runtime_versions(self.backend)
         if self.backend == "openvino-int8":
             batch["int8_calibration_sha256"][healthy] = self.calibration_sha256
         return batch

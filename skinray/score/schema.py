@@ -66,6 +66,7 @@ _RESULT_TAIL = [
     pa.field("classifier_config_sha256", pa.string()),
     pa.field("backend", pa.string()),
     pa.field("int8_calibration_sha256", pa.string()),
+    pa.field("backend_versions", pa.string()),
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("scored_at", TIMESTAMP),
 ]

@@ -256,6 +256,7 @@ def finish_rows(
         "int8_calibration_sha256": batch.get(
             "int8_calibration_sha256", np.array([None] * count, dtype=object)
         ),
+        "backend_versions": batch.get("backend_versions", np.array([None] * count, dtype=object)),
         "run_id": np.array([run_id] * count, dtype=object),
         "scored_at": np.full(count, now),
         "error_stage": batch["error_stage"],

@@ -25,7 +25,12 @@ import torch
 from PIL import Image
 
 from skinray import io
-from skinray.backends import calibration_sha256, default_backend, read_calibration_images
+from skinray.backends import (
+    calibration_sha256,
+    default_backend,
+    read_calibration_images,
+    runtime_versions,
+)
 from skinray.data.synthetic import synthetic_sample
 from skinray.models import (
     create_model,
@@ -258,6 +263,9 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(
     assert len(set(results["source_uri"].to_pylist())) == results.num_rows
     assert set(results["backend"].to_pylist()) == {default_backend("cpu")}
     assert set(results["int8_calibration_sha256"].to_pylist()) == {None}  # not int8: no images
+    assert set(results["backend_versions"].to_pylist()) == {
+        runtime_versions(default_backend("cpu"))
+    }
 
     # The same weights with a new temperature are new predictions: nothing is skipped. This run
     # is int8, calibrated on images the door reads once from S3 and hands every actor.
@@ -280,6 +288,7 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(
     assert len(images) == GOOD + 5
     assert set(ran["backend"].to_pylist()) == {"openvino-int8"}
     assert set(ran["int8_calibration_sha256"].to_pylist()) == {calibration_sha256(images)}
+    assert set(ran["backend_versions"].to_pylist()) == {runtime_versions("openvino-int8")}
 
 
 def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, models):
