@@ -348,8 +348,8 @@ def _quantiser() -> str:
 
 @functools.cache
 def runtime_versions(backend: str) -> str:
-    """The libraries that compute ``backend``'s outputs, with their versions ("torch 2.14.1;
-    openvino 2026.4.1; nncf 2.19.0"): another version may move a mask or a probability, so each
+    """The libraries that compute ``backend``'s outputs, with their versions ("torch
+    2.14.1+cu130; openvino 2026.4.1; nncf 3.4.0"): another version may move a mask or a probability, so each
     row records them beside its backend. NNCF's settings follow its version when there are any."""
     parts = [f"torch {torch.__version__}"]
     if backend.startswith("openvino"):
