@@ -349,8 +349,9 @@ def _quantiser() -> str:
 @functools.cache
 def runtime_versions(backend: str) -> str:
     """The libraries that compute ``backend``'s outputs, with their versions ("torch
-    2.14.1+cu130; openvino 2026.4.1; nncf 3.4.0"): another version may move a mask or a probability, so each
-    row records them beside its backend. NNCF's settings follow its version when there are any."""
+    2.14.1+cu130; openvino 2026.4.1; nncf 3.4.0"): another version may move a mask or a
+    probability, so each row records them beside its backend. NNCF's settings follow its version
+    when there are any."""
     parts = [f"torch {torch.__version__}"]
     if backend.startswith("openvino"):
         parts.append(f"openvino {_version('openvino')}")
