@@ -1,7 +1,8 @@
 """GPU scoring benchmark (issue #13): models, decoding and the pipeline on one GPU.
 
     python bench/score_gpu.py [--n 440] [--images DIR] [--batch-sizes 16 64 128] \\
-        [--backends eager compile] [--device cuda|cpu] [--skip-pipeline] [--out FILE]
+        [--backends eager eager-bf16 eager-mixed compile] [--device cuda|cpu] [--skip-pipeline] \\
+        [--out FILE]
 
 Inputs are those of ``bench/score_pipeline.py`` (its functions are reused, not copied): N real
 full-resolution ISIC JPEGs picked evenly over the source folder's pixel counts (at N = 440 every one
@@ -11,9 +12,10 @@ classifier; ``random`` for the earlier figures' U-Net ResNet-34 → ROI → ResN
 settings name each model with its weights' SHA-256. It measures:
 
 1. Models alone, images/s: the pipeline's ``PredictActor`` in the driver on pre-decoded images (as
-   score_pipeline's ``model_only``), ``backend="eager"`` and ``"compile"``, at each batch size. On
-   CUDA the Predictor runs bf16 autocast and the actor puts the model in channels_last (there is no
-   fp32 path to measure); on CPU it runs fp32. Each pass runs twice and the second is timed (the
+   score_pipeline's ``model_only``), each backend (``eager``: f32; ``eager-bf16``: bf16 autocast;
+   ``eager-mixed``: bf16 autocast for the networks without class outputs; ``compile``: f32) at each
+   batch size. On CUDA the actor puts the networks in channels_last, and a backend that fails its
+   first batch's guard runs the one it falls back to (the record names both). Each pass runs twice and the second is timed (the
    first autotunes cuDNN and compiles), between ``torch.cuda.synchronize()`` calls; each compile
    starts from ``torch._dynamo.reset()``, as a fresh actor would.
 2. GPU load over every timed measurement: ``nvidia-smi`` every 0.2 s (pynvml where there is no
@@ -27,8 +29,8 @@ settings name each model with its weights' SHA-256. It measures:
    with ``jpeg_decode_in_segmenter``), Ray's documented pattern as score_pipeline runs it
    (``plain_pattern``: its models stay on CPU) and the same pattern with its models on the GPU
    (fp32, ``num_gpus=1``); the pipeline at the batch size where eager ran fastest.
-5. The accuracy guard of compile against eager (score_pipeline's ``accuracy_guard``) at each batch
-   size, on the outputs of the timed passes.
+5. The accuracy guard of each backend against eager (score_pipeline's ``accuracy_guard``) at each
+   batch size, on the outputs of the timed passes.
 
 Prints a table and writes one JSON: ``--out``, by default ``$OUT/score_gpu.json`` where ``$OUT`` is
 set, else ``runs/score_gpu.json``. The JSON is rewritten after each section, so a run cut short
@@ -83,6 +85,8 @@ import score_pipeline as sp  # noqa: E402
 
 MIB = 1024 * 1024
 SAMPLE_INTERVAL_S = 0.2
+#: The backends that run on a GPU (skinray.backends.BACKENDS less OpenVINO's, which run on CPU).
+BACKENDS = ("eager", "eager-bf16", "eager-mixed", "compile")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +386,7 @@ def row_errors(outputs: list[dict]) -> dict:
 
 
 def models_section(decoded: dict, models: dict, args, device, reader) -> dict:
-    """Each backend at each batch size; compile's outputs guarded against eager's."""
+    """Each backend at each batch size; each one's outputs guarded against eager's."""
     out = {}
     backends = sorted(args.backends, key=lambda b: b != "eager")  # eager first: the reference
     for batch_size in args.batch_sizes:
@@ -566,7 +570,7 @@ def print_table(results: dict) -> None:
 
 
 def summarise(results: dict) -> dict:
-    """The fastest models per backend (compile only where it passed the guard) against decode."""
+    """The fastest models per backend that ran (only where it passed the guard) against decode."""
     models = [r for r in results["models"].values() if "images_per_s" in r]
     best = {
         backend: max(
@@ -577,7 +581,7 @@ def summarise(results: dict) -> dict:
             ),
             default=None,
         )
-        for backend in ("eager", "compile")
+        for backend in sorted({r["backend"] for r in models})
     }
     decode = results["decode"]
     cpu = decode["cpu_read_and_decode"]["images_per_s"]
@@ -623,12 +627,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="JSON; default $OUT/score_gpu.json or runs/")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--batch-sizes", nargs="+", type=int_list, default=[[16, 64, 128]])
-    parser.add_argument("--backends", nargs="+", choices=("eager", "compile"), default=None)
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None)
     parser.add_argument("--skip-pipeline", action="store_true", help="no Ray measurements")
     parser.add_argument("--model-set", choices=("released", "random"), default="released")
     args = parser.parse_args(argv)
     args.batch_sizes = sorted({size for sizes in args.batch_sizes for size in sizes})
-    args.backends = args.backends or ["eager", "compile"]
+    args.backends = args.backends or list(BACKENDS)
     output = os.environ.get("OUT")
     default = Path(output) / "score_gpu.json" if output else REPO / "runs" / "score_gpu.json"
     args.out = Path(args.out) if args.out else default
@@ -645,7 +649,8 @@ def settings(args, config, size) -> dict:
         "backends": args.backends,
         "decode_size": list(size),
         "decode_rows_per_task": config.decode_batch_size,
-        "precision": "bf16 autocast, channels_last (PredictActor on CUDA); fp32 on CPU",
+        "precision": "per backend (eager and compile f32, eager-bf16 and eager-mixed bf16 "
+        "autocast); channels_last on CUDA",
         "timing": "second pass of two, between torch.cuda.synchronize() calls",
         "gpu_sample_interval_s": SAMPLE_INTERVAL_S,
         "model_set": args.model_set,

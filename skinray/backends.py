@@ -1,4 +1,5 @@
-"""Execution backends: the same networks, run by eager PyTorch, ``torch.compile`` or OpenVINO.
+"""Execution backends: the same networks, run by eager PyTorch (in f32, or under bf16 autocast),
+``torch.compile`` or OpenVINO.
 
 A backend replaces the networks inside a ``skinray.predict.Predictor`` and nothing else: resizing,
 normalisation, guidance, the ROI cut, sigmoid/softmax, temperature and threshold stay the Predictor's,
@@ -20,6 +21,10 @@ classifier's probabilities moved by up to 0.27 and its balanced accuracy by 1.1 
 1.3 ms an image on one core (its 3.0 in f32; the segmenter's 7.8 in bf16, 4.6 in int8). A model
 with nothing to quantise runs, and is reported, as ``openvino``; without calibration images int8
 runs as ``openvino-mixed``.
+``eager-bf16`` runs every network in eager PyTorch under bf16 autocast, on any device, and
+``eager-mixed`` only the networks without class outputs: eager itself runs f32 on every device, so
+a GPU node's rows equal a CPU node's within the guard, and bf16 is a backend the guard judges like
+any other (the released classifier's probabilities moved by up to 0.040 under autocast on CPU).
 Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
 them (resized, normalised), and the quantised network is cached by its weights, a digest of the
 calibration images and the model that turns them into each network's inputs, and NNCF's version
@@ -56,6 +61,7 @@ __all__ = [
     "DEFAULT_BACKENDS",
     "GUARD_FALLBACK",
     "INT8_CALIBRATION_IMAGES",
+    "AutocastNetwork",
     "GuardResult",
     "OpenVinoNetwork",
     "accelerated",
@@ -69,10 +75,21 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("eager", "compile", "openvino", "openvino-bf16", "openvino-mixed", "openvino-int8")
+BACKENDS = (
+    "eager",
+    "eager-bf16",
+    "eager-mixed",
+    "compile",
+    "openvino",
+    "openvino-bf16",
+    "openvino-mixed",
+    "openvino-int8",
+)
 #: What an actor tries next when a backend fails the accuracy guard (then eager): reduced precision
 #: falls back to the same runtime with the class outputs at full precision, then to all of it.
 GUARD_FALLBACK = {
+    "eager-bf16": "eager-mixed",
+    "eager-mixed": "eager",
     "openvino-bf16": "openvino-mixed",
     "openvino-int8": "openvino-mixed",
     "openvino-mixed": "openvino",
@@ -86,6 +103,9 @@ _OPENVINO_PRECISION = {
     "openvino-mixed": "mixed",
     "openvino-int8": "int8",
 }
+#: Which networks run under bf16 autocast, per eager backend: every one, or those without class
+#: outputs.
+_AUTOCAST = {"eager-bf16": "all", "eager-mixed": "mixed"}
 #: Calibration images int8 takes at most (NNCF's default ``subset_size``).
 INT8_CALIBRATION_IMAGES = 300
 #: The fastest backend that passed the accuracy guard, per device type, as bench/score_pipeline.py
@@ -96,8 +116,10 @@ INT8_CALIBRATION_IMAGES = 300
 #: openvino-mixed. Each moves the released models' validation figures by at most 0.4 point (ISIC
 #: 2017 thresholded Jaccard 0.6891 → 0.6931 and 0.6930), within the 0.5 a reduced-precision
 #: default may. int8 needs calibration images: without them the default is its GUARD_FALLBACK.
-#: GPUs are not measured yet.
-DEFAULT_BACKENDS: dict[str, str] = {"cpu": "openvino-int8"}
+#: CUDA: ``eager-bf16``, the bf16 autocast that the actors ran unguarded before it became a
+#: backend; the guard drops it to ``eager-mixed``, then f32. GPUs are not measured yet
+#: (bench/score_gpu.py measures each backend).
+DEFAULT_BACKENDS: dict[str, str] = {"cpu": "openvino-int8", "cuda": "eager-bf16"}
 #: The guard's bounds (fp32 backends): mean per-image mask Jaccard against eager, and the largest
 #: absolute difference of a class probability.
 MIN_MASK_JACCARD = 0.99
@@ -262,8 +284,7 @@ def exported_network(
     int8, a network without class outputs quantised on ``calibration`` first."""
     channels, height, width = (int(s) for s in input_shape)
     example = torch.zeros(2, channels, height, width)
-    with torch.no_grad():
-        names = list(network(example).keys())
+    names = _output_names(network, input_shape)
     classifies = "class_logits" in names
     if precision == "mixed":
         precision = "f32" if classifies else "bf16"
@@ -436,26 +457,55 @@ def network_inputs(predictor, images: np.ndarray | None) -> dict[nn.Module, np.n
     return {network: np.concatenate(batches) for network, batches in seen.items() if batches}
 
 
-def _exported_model(
-    model: nn.Module, input_size, channels, cache_dir, threads, precision, calibration
+def _output_names(network: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """The output keys of ``network`` for inputs (N, *input_shape): a forward pass on zeros, on
+    the network's device."""
+    parameter = next(network.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    with torch.no_grad():
+        zeros = torch.zeros(2, *(int(s) for s in input_shape), device=device)
+        return list(network(zeros).keys())
+
+
+def _per_network(
+    model: nn.Module, input_size, channels: int, convert: Callable[[nn.Module, tuple], nn.Module]
 ) -> nn.Module:
-    """The whole model exported; a two-step composite runs its two networks exported and its ROI
-    glue in PyTorch (the glue's data-dependent box does not export: the exporter fails on it, after
-    seconds of tracing and a dump of the graph)."""
+    """``convert(network, input_shape)`` of the whole model; a two-step composite gets each of its
+    two networks converted and keeps its ROI glue in PyTorch (the glue's data-dependent box does
+    not export: the exporter fails on it, after seconds of tracing and a dump of the graph)."""
     if not isinstance(model, TwoStep):
-        return exported_network(
-            model, (channels, *input_size), cache_dir, threads, precision, calibration
-        )
+        return convert(model, (channels, *input_size))
     composite = copy.copy(model)  # shares buffers and settings; only the two networks change
     composite._modules = dict(model._modules)
     for name, size in (
         ("segmenter", model.segmenter_input_size),
         ("classifier", model.classifier_input_size),
     ):
-        network = getattr(model, name)
-        exported = exported_network(network, (3, *size), cache_dir, threads, precision, calibration)
-        setattr(composite, name, exported)
+        setattr(composite, name, convert(getattr(model, name), (3, *size)))
     return composite
+
+
+class AutocastNetwork(nn.Module):
+    """A network run by eager PyTorch under bf16 autocast on its input's device, its outputs in
+    float32 as eager's."""
+
+    precision = "bf16"
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.autocast(x.device.type, torch.bfloat16):
+            outputs = self.network(x)
+        return {name: value.float() for name, value in outputs.items()}
+
+
+def _autocast(network: nn.Module, input_shape: Sequence[int], every: bool) -> nn.Module:
+    """``network`` under bf16 autocast; with ``every`` False, only one without class outputs."""
+    if every or "class_logits" not in _output_names(network, input_shape):
+        return AutocastNetwork(network)
+    return network
 
 
 # -- choosing -----------------------------------------------------------------------------------------
@@ -487,6 +537,7 @@ def accelerated(
             predictor, following, cache_dir=cache_dir, threads=threads
         )
         return fast, used, "; ".join(filter(None, [reason, further]))
+    channels = getattr(predictor.model, "input_channels", 3)
     try:
         if backend in _OPENVINO_PRECISION:
             if device.type != "cpu":
@@ -496,15 +547,21 @@ def accelerated(
                     f"{backend} runs on CPU nodes (GPUs run eager or compile)",
                 )
             precision = _OPENVINO_PRECISION[backend]
-            int8 = precision == "int8"
-            model = _exported_model(
+            calibration = (
+                _calibration(predictor, calibration_images) if precision == "int8" else None
+            )
+
+            def convert(network, shape):
+                return exported_network(network, shape, cache_dir, threads, precision, calibration)
+
+            model = _per_network(predictor.model, predictor.input_size, channels, convert)
+        elif backend in _AUTOCAST:
+            every = _AUTOCAST[backend] == "all"
+            model = _per_network(
                 predictor.model,
                 predictor.input_size,
-                getattr(predictor.model, "input_channels", 3),
-                cache_dir,
-                threads,
-                precision,
-                _calibration(predictor, calibration_images) if int8 else None,
+                channels,
+                lambda network, shape: _autocast(network, shape, every),
             )
         else:
             # dynamic=None: a second batch shape (a short last batch) recompiles once with a
@@ -525,6 +582,15 @@ def accelerated(
         )
         log.info(reason)
         return fast, "openvino", reason
+    if backend == "eager-mixed" and not any(
+        isinstance(module, AutocastNetwork) for module in model.modules()
+    ):  # a classifier alone, or a joint model: every network has class outputs and runs f32
+        reason = (
+            f"eager-mixed runs only networks without class outputs in bf16, and "
+            f"{_name(predictor.model)} has none: it runs as eager (f32)"
+        )
+        log.info(reason)
+        return predictor, "eager", reason
     return fast, backend, None
 
 

@@ -3,8 +3,8 @@
 A ``Predictor`` wraps saved model(s) — a single model, a joint model (MB-DCNN, CLNet), a two-step pair
 (a ``two_step`` composite, or a segmenter and a classifier assembled into one), or a model under
 training with its guidance chain — and owns every step around the networks: resizing to the model's
-input size, normalisation, guidance channels, autocast, sigmoid/softmax, the mask threshold, the CAM
-of the predicted class and the ROI box. Training's validation, the training inputs of guided and ROI
+input size, normalisation, guidance channels, sigmoid/softmax, the mask threshold, the CAM of the
+predicted class and the ROI box. Training's validation, the training inputs of guided and ROI
 stages, ``jobs/evaluate.py`` and the scoring actors all call it, so a figure measured in one place
 holds in the others. Ground truth never enters: a model that takes guidance channels gets them from
 the chain's own predictions, and a ROI classifier from its segmenter's.
@@ -233,10 +233,10 @@ class Predictor:
         return Prediction(probability, mask, probabilities, cam, box, ood_score)
 
     def run(self, images) -> tuple[dict[str, torch.Tensor], Prediction]:
-        """Raw outputs (float32) and the prediction; runs in whatever mode the model is in, under
-        bf16 autocast on CUDA. With ``test_time_flips`` the mask and class logits are the mean over
-        the image and its horizontal and vertical flips (each flipped back); CAM and ROI box come
-        from the unflipped image, as do the features. The prediction's ``flip_disagreement`` is the
+        """Raw outputs (float32) and the prediction; runs in whatever mode the model is in. With
+        ``test_time_flips`` the mask and class logits are the mean over the image and its
+        horizontal and vertical flips (each flipped back); CAM and ROI box come from the unflipped
+        image, as do the features. The prediction's ``flip_disagreement`` is the
         views' disagreement (``skinray.uncertainty.flip_disagreement``)."""
         x = self.model_input(self.as_batch(images))
         outputs = self._forward(x)
@@ -260,9 +260,7 @@ class Predictor:
         return outputs, prediction
 
     def _forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = x.device
-        with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-            outputs = self.model(x)
+        outputs = self.model(x)  # f32 on every device: bf16 is a backend (skinray.backends)
         return {key: value.float() for key, value in outputs.items()}
 
     @torch.inference_mode()

@@ -15,7 +15,9 @@ from torch import nn
 
 from skinray.backends import (
     BACKENDS,
+    GUARD_FALLBACK,
     MAX_PROBABILITY_DIFFERENCE,
+    AutocastNetwork,
     accelerated,
     calibration_sha256,
     compare_predictions,
@@ -228,6 +230,84 @@ def test_mixed_precision_runs_the_released_segmenter_in_bf16_and_its_classifier_
     assert result.passed, result
 
 
+def _conv_output_dtypes(network: nn.Module, images, predictor) -> set[torch.dtype]:
+    """The dtypes the convolutions of ``network`` give while ``predictor`` runs on ``images``."""
+    seen: set[torch.dtype] = set()
+    convs = [m for m in network.modules() if isinstance(m, nn.Conv2d)]
+    hooks = [c.register_forward_hook(lambda m, i, out: seen.add(out.dtype)) for c in convs]
+    try:
+        predictor(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def test_eager_runs_f32_and_bf16_autocast_is_a_backend_the_guard_judges():
+    """bf16 autocast is no longer eager's on CUDA but a backend of its own, held to the guard:
+    under it the released classifier's probabilities move past 0.01, and ``eager-mixed`` keeps
+    the classifier in f32 and only the segmenter in bf16."""
+    eager = Predictor.load("lesion-segmenter", "ham10000-classifier")
+    images = _real_images(8)
+    reference = eager(images)
+    segmenter, classifier = eager.model.segmenter, eager.model.classifier
+    assert _conv_output_dtypes(classifier, images, eager) == {torch.float32}
+
+    every, used, reason = accelerated(eager, "eager-bf16")
+    assert (used, reason) == ("eager-bf16", None)
+    assert _conv_output_dtypes(segmenter, images, every) == {torch.bfloat16}
+    assert _conv_output_dtypes(classifier, images, every) == {torch.bfloat16}
+    result = compare_predictions(reference, every(images))
+    assert result.max_probability_difference > MAX_PROBABILITY_DIFFERENCE, result
+    assert not result.passed
+
+    mixed, used, reason = accelerated(eager, "eager-mixed")
+    assert (used, reason) == ("eager-mixed", None)
+    assert _conv_output_dtypes(segmenter, images, mixed) == {torch.bfloat16}
+    assert _conv_output_dtypes(classifier, images, mixed) == {torch.float32}
+    result = compare_predictions(reference, mixed(images))
+    assert result.passed and result.max_probability_difference == 0, result
+    assert eager.model.segmenter is segmenter  # the eager Predictor is not changed
+    assert not isinstance(eager.model.segmenter, AutocastNetwork)
+
+
+def test_the_gpu_default_is_bf16_autocast_and_falls_back_through_mixed_to_f32():
+    assert default_backend("cuda") == "eager-bf16"
+    assert GUARD_FALLBACK["eager-bf16"] == "eager-mixed"
+    assert GUARD_FALLBACK["eager-mixed"] == "eager"
+
+
+def test_an_actor_asked_for_bf16_ends_on_mixed_where_the_classifier_fails_the_guard():
+    from skinray.score.actors import PredictActor
+
+    actor = PredictActor(
+        "lesion-segmenter", "ham10000-classifier", batch_size=8, backend="eager-bf16"
+    )
+    size = actor.predictor.input_size
+    images = np.stack([cv2.resize(i, size[::-1]) for i in _real_images(8)])
+    rows = actor(
+        {
+            "source_uri": np.array([f"v{i}" for i in range(8)], dtype=object),
+            "image": images,
+            "error_stage": np.array([""] * 8, dtype=object),
+        }
+    )
+    assert actor.backend == "eager-mixed"
+    assert actor.fallback_reason.startswith("eager-bf16 failed the accuracy guard")
+    assert set(rows["backend"]) == {"eager-mixed"}
+    assert set(rows["backend_versions"]) == {f"torch {torch.__version__}"}
+    eager = Predictor.load("lesion-segmenter", "ham10000-classifier")
+    expected = eager(images).class_probabilities.numpy()
+    np.testing.assert_array_equal(rows["class_probabilities"], expected)
+
+
+def test_eager_mixed_on_a_classifier_alone_runs_eager_and_says_so():
+    eager = Predictor.load("ham10000-classifier")
+    fast, used, reason = accelerated(eager, "eager-mixed")
+    assert fast is eager and used == "eager"
+    assert "has none: it runs as eager (f32)" in reason
+
+
 TRAINING_IMAGES = SHARED_DATA / "isic2017" / "ISIC-2017_Training_Data"
 
 
@@ -260,7 +340,7 @@ def test_int8_quantises_the_released_segmenter_and_runs_its_classifier_in_f32(tm
 def test_the_cpu_default_is_int8_where_calibration_images_are_at_hand(tmp_path):
     assert default_backend("cpu") == "openvino-mixed"
     assert default_backend("cpu", calibrated=True) == "openvino-int8"
-    assert default_backend("cuda", calibrated=True) == "eager"
+    assert default_backend("cuda", calibrated=True) == "eager-bf16"
     eager = Predictor.load("lesion-segmenter")
     calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=8)
     _, used, _ = accelerated(eager, cache_dir=tmp_path, calibration_images=calibration)

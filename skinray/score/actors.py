@@ -42,7 +42,7 @@ def _kill_once_if_asked() -> None:
 
 class PredictActor:
     """A ``Predictor`` (the segmenter, or the two-step pair segmenter → ROI → classifier) on this
-    actor's device (bf16 autocast on GPU), in ``inference_mode``: per row the lesion mask at the
+    actor's device (channels_last on GPU), in ``inference_mode``: per row the lesion mask at the
     decoded size, class probabilities and their normalised entropy, the OOD score and flag where
     the classifier ships a bank (``skinray.ood``), the flips' disagreement where the model runs
     test-time flips, the predicted class's CAM and the ROI box.

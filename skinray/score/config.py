@@ -15,6 +15,8 @@ __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
 #: ``skinray.backends.BACKENDS``, named here without importing torch.
 BACKEND_NAMES = (
     "eager",
+    "eager-bf16",
+    "eager-mixed",
     "compile",
     "openvino",
     "openvino-bf16",
