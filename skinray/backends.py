@@ -544,7 +544,7 @@ def accelerated(
                 return (
                     predictor,
                     "eager",
-                    f"{backend} runs on CPU nodes (GPUs run eager or compile)",
+                    f"{backend} runs on CPU nodes (GPUs run the eager backends or compile)",
                 )
             precision = _OPENVINO_PRECISION[backend]
             calibration = (
