@@ -22,9 +22,9 @@ classifier's probabilities moved by up to 0.27 and its balanced accuracy by 1.1 
 with nothing to quantise runs, and is reported, as ``openvino``; without calibration images int8
 runs as ``openvino-mixed``.
 ``eager-bf16`` runs every network in eager PyTorch under bf16 autocast, on any device, and
-``eager-mixed`` only the networks without class outputs: eager itself runs f32 on every device, so
-a GPU node's rows equal a CPU node's within the guard, and bf16 is a backend the guard judges like
-any other (the released classifier's probabilities moved by up to 0.040 under autocast on CPU).
+``eager-mixed`` only the networks without class outputs: eager itself runs f32 on every device
+(on CUDA, cuDNN's convolutions in TF32, PyTorch's default), so bf16 is a backend the guard judges
+like any other (the released classifier's probabilities moved by up to 0.040 under autocast on CPU).
 Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
 them (resized, normalised), and the quantised network is cached by its weights, a digest of the
 calibration images and the model that turns them into each network's inputs, and NNCF's version
