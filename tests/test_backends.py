@@ -271,8 +271,8 @@ def test_eager_runs_f32_and_bf16_autocast_is_a_backend_the_guard_judges():
     assert not isinstance(eager.model.segmenter, AutocastNetwork)
 
 
-def test_the_gpu_default_is_bf16_autocast_and_falls_back_through_mixed_to_f32():
-    assert default_backend("cuda") == "eager-bf16"
+def test_the_gpu_default_is_bf16_autocast_for_the_segmenter_and_falls_back_to_f32():
+    assert default_backend("cuda") == "eager-mixed"
     assert GUARD_FALLBACK["eager-bf16"] == "eager-mixed"
     assert GUARD_FALLBACK["eager-mixed"] == "eager"
 
@@ -340,7 +340,7 @@ def test_int8_quantises_the_released_segmenter_and_runs_its_classifier_in_f32(tm
 def test_the_cpu_default_is_int8_where_calibration_images_are_at_hand(tmp_path):
     assert default_backend("cpu") == "openvino-mixed"
     assert default_backend("cpu", calibrated=True) == "openvino-int8"
-    assert default_backend("cuda", calibrated=True) == "eager-bf16"
+    assert default_backend("cuda", calibrated=True) == "eager-mixed"
     eager = Predictor.load("lesion-segmenter")
     calibration = read_calibration_images(str(TRAINING_IMAGES), eager.input_size, count=8)
     _, used, _ = accelerated(eager, cache_dir=tmp_path, calibration_images=calibration)
