@@ -236,8 +236,8 @@ class Predictor:
         """Raw outputs (float32) and the prediction; runs in whatever mode the model is in. With
         ``test_time_flips`` the mask and class logits are the mean over the image and its
         horizontal and vertical flips (each flipped back); CAM and ROI box come from the unflipped
-        image, as do the features. The prediction's ``flip_disagreement`` is the
-        views' disagreement (``skinray.uncertainty.flip_disagreement``)."""
+        image, as do the features. The prediction's ``flip_disagreement`` is the views'
+        disagreement (``skinray.uncertainty.flip_disagreement``)."""
         x = self.model_input(self.as_batch(images))
         outputs = self._forward(x)
         if not self.test_time_flips:
