@@ -145,7 +145,8 @@ class Predictor:
     @classmethod
     def pair(cls, segmenter: nn.Module, classifier: nn.Module, source: str = "pair") -> Predictor:
         """Segmenter and ROI classifier (both with ``saved_config``, or made by ``create_model``
-        with one attached) as one two-step predictor."""
+        with one attached) as one two-step predictor. Test-time flips run when either model was
+        saved with them: the pair flips as a whole, its mask and class logits alike."""
         composite, input_size = assemble_two_step(segmenter, classifier)
         seg, clf = segmenter.saved_config, classifier.saved_config
         return cls(
@@ -156,7 +157,7 @@ class Predictor:
             class_names=clf.class_names,
             mask_threshold=seg.mask_threshold,
             temperature=clf.temperature,
-            test_time_flips=seg.test_time_flips,
+            test_time_flips=seg.test_time_flips or clf.test_time_flips,
             ood=getattr(classifier, "ood", None),
             source=source,
         )

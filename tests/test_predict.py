@@ -168,6 +168,22 @@ def test_a_whole_image_classifier_in_a_pair_sees_the_whole_image_as_in_training(
     torch.testing.assert_close(together.class_probabilities, apart.class_probabilities)
 
 
+def test_a_classifier_saved_with_test_time_flips_keeps_them_in_a_pair(tmp_path):
+    # The pair is what scoring, evaluate --classifier and the release measure: a classifier
+    # released with flips must give in it the flip-averaged probabilities it gives alone.
+    torch.manual_seed(0)
+    segmenter_uri = _saved("unet", tmp_path)
+    classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    uri = str(tmp_path / "flipped")
+    save_model(classifier, uri, input_size=(48, 80), class_names=CLASSES, test_time_flips=True)
+    alone, pair = Predictor.load(uri), Predictor.load(segmenter_uri, uri)
+    assert pair.test_time_flips
+    images = [synthetic_sample(seed, (120, 200)).image for seed in range(3)]
+    together, apart = pair(images), alone(images)
+    torch.testing.assert_close(together.class_probabilities, apart.class_probabilities)
+    assert together.flip_disagreement is not None
+
+
 def test_an_roi_classifier_in_a_pair_gets_the_lesion_box(tmp_path):
     segmenter_uri = _saved("unet", tmp_path)
     classifier = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
 import torch
 
 from skinray.data.datasets import synthetic_samples
@@ -80,3 +82,50 @@ def test_the_card_marks_a_figure_its_bootstrap_range_does_not_contain():
     classification["ece"] = figure(0.033, 0.027, 0.057)
     rows = _headline_table({"report": {"classification": classification}})
     assert not any("†" in row for row in rows)
+
+
+def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
+    # With test-time flips on, on the flip-averaged logits; and in absolute terms, so that a model
+    # released again from a release (temperature already fitted) gets the same temperature back.
+    from skinray import calibration
+    from skinray.evaluation import Evaluator, evaluate_samples
+
+    torch.manual_seed(0)
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(model, str(tmp_path / "trained"), input_size=(64, 64), class_names=["a", "b", "c"])
+    spec = ReleaseSpec(
+        name="flipped", title="t", data="synthetic", licence="none", recipe="smoke",
+        training={"best": {}, "epochs_run": 1, "wall_time_s": 1.0}, test_time_flips=True,
+    )  # fmt: skip
+    samples = _labelled_by(str(tmp_path / "trained"), synthetic_samples(24, num_classes=3))
+    first = release_model(
+        str(tmp_path / "trained"), spec, samples, resamples=10, destination=str(tmp_path / "r1")
+    )
+    flipped = Predictor.load(str(tmp_path / "trained"))
+    flipped.test_time_flips = True
+    evaluator = Evaluator(["a", "b", "c"])
+    evaluate_samples(flipped, samples, evaluator=evaluator)
+    labels, probabilities = evaluator.labels_and_probabilities()
+    expected = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
+    assert first["calibration"]["temperature"] == pytest.approx(expected, rel=1e-6)
+    again = release_model(
+        str(tmp_path / "r1"), spec, samples, resamples=10, destination=str(tmp_path / "r2")
+    )
+    assert again["calibration"]["temperature"] == pytest.approx(expected, rel=2e-3)
+    assert load_model(str(tmp_path / "r2")).saved_config.test_time_flips
+
+
+def _labelled_by(model_uri: str, samples):
+    """``samples`` relabelled so that a random network is informative but not always right: its
+    own predicted class for two images in three, the next class for the third (a temperature
+    inside the fitting bounds)."""
+    import pyarrow as pa
+
+    from skinray.data.datasets import SampleTable
+
+    predicted = Predictor.load(model_uri)(_decoded(samples)).class_probabilities.argmax(1).numpy()
+    labels = [(int(c) + (i % 3 == 2)) % 3 for i, c in enumerate(predicted)]
+    rows = samples.rows.set_column(
+        samples.rows.schema.get_field_index("label"), "label", pa.array(labels, pa.int64())
+    )
+    return SampleTable(rows, samples.class_names)

@@ -135,10 +135,12 @@ def release_model(
 
 
 def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int):
-    """The NLL-minimising temperature on the validation split, and the calibration before it. The
-    logs of the softmax are the logits up to a per-image constant, which the softmax ignores."""
+    """The NLL-minimising temperature on the validation split, and the calibration before it,
+    fitted on the logits the release will ship (its test-time flips, no temperature yet, so that
+    a model released again gets its temperature anew). The logs of the softmax are the logits up
+    to a per-image constant, which the softmax ignores."""
     labels, probabilities = _evaluate(
-        model_uri, spec, samples, batch_size
+        model_uri, spec, samples, batch_size, temperature=1.0, test_time_flips=spec.test_time_flips
     ).labels_and_probabilities()
     temperature = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
     return temperature, {"temperature": temperature, "before": _calibration(labels, probabilities)}
@@ -152,14 +154,19 @@ def _write_card(destination: str, spec: ReleaseSpec, report: dict) -> None:
     io.write_bytes(io.join(destination, "MODEL_CARD.md"), card.encode())
 
 
-def _predictor(model_uri: str, spec: ReleaseSpec) -> Predictor:
-    return (
+def _predictor(model_uri: str, spec: ReleaseSpec, **settings) -> Predictor:
+    """The release's prediction path; ``settings`` (``temperature``, ``test_time_flips``) in
+    place of the saved ones."""
+    predictor = (
         Predictor.load(spec.segmenter, model_uri) if spec.segmenter else Predictor.load(model_uri)
     )
+    for name, value in settings.items():
+        setattr(predictor, name, value)
+    return predictor
 
 
-def _evaluate(model_uri: str, spec: ReleaseSpec, samples, batch_size: int) -> Evaluator:
-    predictor = _predictor(model_uri, spec)
+def _evaluate(model_uri: str, spec: ReleaseSpec, samples, batch_size: int, **settings) -> Evaluator:
+    predictor = _predictor(model_uri, spec, **settings)
     evaluator = Evaluator(predictor.class_names or samples.class_names)
     evaluate_samples(predictor, samples, batch_size=batch_size, evaluator=evaluator)
     return evaluator
