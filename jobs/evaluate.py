@@ -52,9 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "it (a manifest is evaluated whole)",
     )
     parser.add_argument(
-        "--holdout-fraction", type=float, default=0.15, help="HAM10000 hold-out (recipe default)"
+        "--holdout-fraction",
+        type=float,
+        help="HAM10000 hold-out fraction (default: the one the model's training drew, in its "
+        "config.json; the classifier's for a pair; else the recipes' 0.15)",
     )
-    parser.add_argument("--holdout-seed", type=int, default=0, help="HAM10000 hold-out seed")
+    parser.add_argument(
+        "--holdout-seed", type=int, help="HAM10000 hold-out seed (default: likewise, else 0)"
+    )
     parser.add_argument(
         "--at-source-size",
         action="store_true",
@@ -112,12 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         configs = check_models(args.model, args.classifier, segments=bool(args.classifier))
+        holdout = _holdout(args, configs[-1].holdout)
         samples = read_split(
             args.data,
             args.root,
             args.split,
-            fraction=args.holdout_fraction,
-            seed=args.holdout_seed,
+            fraction=holdout["fraction"],
+            seed=holdout["seed"],
             class_names=configs[-1].class_names,
         )
         if args.limit:
@@ -162,12 +168,24 @@ def main(argv: list[str] | None = None) -> int:
             "backend_versions": runtime_versions(used),
             "data": args.data,
             "root": args.root,
+            "holdout": holdout if args.data == "ham10000" else None,
             "metrics": results,
             "report": report,
             "subgroups": subgroups,
         }
         io.write_bytes(args.json_path, json.dumps(_json_safe(payload), indent=2).encode())
     return 0
+
+
+def _holdout(args: argparse.Namespace, trained: dict | None) -> dict:
+    """The HAM10000 hold-out to draw: the flags where given, else the one the model's training
+    drew from the same data (its ``config.json``), else the recipes' default."""
+    drawn = trained if trained and trained.get("source") == args.data else {}
+    holdout = {}
+    for key, default in (("fraction", 0.15), ("seed", 0)):
+        flag = getattr(args, f"holdout_{key}")
+        holdout[key] = flag if flag is not None else drawn.get(key, default)
+    return holdout
 
 
 def _cell(figure: dict, digits: int, intervals: bool) -> str:

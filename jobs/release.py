@@ -36,8 +36,8 @@ DATA = {
     ),
     "ham10000": (
         "HAM10000 (Tschandl et al., Sci. Data 2018; 85 % copy, 8,525 images, 200×150 px), 7 `dx` "
-        "classes: trained on 85 % of the lesions, measured on the other 15 % (split by `lesion_id`, "
-        "seed 0: no lesion on both sides).",
+        "classes: trained on {train_percent} % of the lesions, measured on the other {held_percent} % "
+        "(split by `lesion_id`, seed {seed}: no lesion on both sides).",
         "CC BY-NC 4.0 (as the ISIC challenge states it; the Harvard Dataverse release says CC BY-NC-SA "
         "4.0): non-commercial use only, attribution required. Models trained on it inherit the "
         "non-commercial term.",
@@ -79,6 +79,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def splits_as_drawn(data: str, root: str, config: TrainConfig):
+    """(validation, training) as the run drew them: for HAM10000, its hold-out at the run's
+    fraction and seed (``skinray.train.trainer``), not the recipes' default; the OOD bank is
+    drawn from the training side, so it holds no validation image either."""
+    holdout = {"fraction": config.data.validation_fraction, "seed": config.seed}
+    return tuple(read_split(data, root, split, **holdout) for split in ("validation", "training"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -86,16 +94,22 @@ def main(argv: list[str] | None = None) -> int:
             check_models(args.segmenter, args.model)
         else:
             check_models(args.model, segments=False)
-        samples = read_split(args.data, args.root, "validation")
-        training_samples = read_split(args.data, args.root, "training")
         run_dir = args.model.rstrip("/").rsplit("/", 1)[0]
         training_uri = args.training_metrics or io.join(run_dir, "metrics.json")
         training = json.loads(io.read_bytes(training_uri))
+        config = TrainConfig.model_validate(training["config"])
+        if config.data.source != args.data:
+            raise DatasetError(f"{training_uri}: trained on {config.data.source}, not {args.data}")
+        samples, training_samples = splits_as_drawn(args.data, args.root, config)
     except (ModelCheckError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    config = TrainConfig.model_validate(training["config"])
     data, licence = DATA[args.data]
+    data = data.format(
+        train_percent=round(100 * (1 - config.data.validation_fraction)),
+        held_percent=round(100 * config.data.validation_fraction),
+        seed=config.seed,
+    )
     spec = ReleaseSpec(
         name=args.name,
         title=args.title or f"{config.model} trained on {args.data}",

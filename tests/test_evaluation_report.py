@@ -208,6 +208,45 @@ def test_the_evaluate_job_measures_a_backend_beside_eager(tmp_path):
     assert 0.3 < figures["eager"] < 1.0
 
 
+def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
+    # A HAM10000 classifier trained with seed 5 and a 0.3 hold-out is measured on that hold-out,
+    # not on the recipes' default (0.15, seed 0), whose images it may have trained on.
+    import pyarrow.parquet as pq
+
+    from skinray.data.datasets import HAM10000_CLASSES, read_split
+    from skinray.models import create_model, get_model_spec, save_model
+
+    root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000")
+    kwargs = {**get_model_spec("classifier").smoke_kwargs, "num_classes": 7}
+    model = create_model("classifier", **kwargs)
+    uri = str(tmp_path / "model")
+    holdout = {"source": "ham10000", "fraction": 0.3, "seed": 5}
+    save_model(model, uri, input_size=(32, 32), class_names=HAM10000_CLASSES, holdout=holdout)
+    common = ["--data", "ham10000", "--root", root, "--limit", "3", "--bootstrap", "0"]
+    evaluated = {}
+    for flags, expected in (([], (0.3, 5)), (["--holdout-seed", "0"], (0.3, 0))):
+        out, predictions = tmp_path / "out.json", tmp_path / f"p{len(flags)}.parquet"
+        argv = [
+            uri,
+            *common,
+            "--no-subgroups",
+            "--json",
+            str(out),
+            "--predictions",
+            str(predictions),
+        ]
+        assert _evaluate_job().main(argv + flags) == 0
+        assert json.loads(out.read_text())["holdout"] == {
+            "fraction": expected[0],
+            "seed": expected[1],
+        }
+        drawn = read_split("ham10000", root, fraction=expected[0], seed=expected[1])
+        evaluated[expected] = pq.read_table(predictions).column("image_uri").to_pylist()
+        assert evaluated[expected] == drawn.rows.column("image_uri").to_pylist()[:3]
+    default = read_split("ham10000", root).rows.column("image_uri").to_pylist()[:3]
+    assert evaluated[(0.3, 5)] != default
+
+
 def test_subgroup_figures_are_the_figures_of_each_groups_images_alone():
     whole, groups = Evaluator(CLASSES), {"sex": [], "site": []}
     parts = {"female": Evaluator(CLASSES), "male": Evaluator(CLASSES)}

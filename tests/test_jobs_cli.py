@@ -198,3 +198,37 @@ def test_evaluate_job_reports_a_missing_model(tmp_path):
     assert result.returncode == 2
     assert "no-model: no saved model here (config.json not found)" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(capsys, tmp_path):
+    import json
+
+    from skinray.data.datasets import read_split
+    from skinray.train.config import smoke_test_config
+
+    root = str(SHARED_DATA / "ham10000")
+    config = smoke_test_config("classifier", str(tmp_path / "run"), ["seed=5"])
+    config = config.model_copy(
+        update={"data": config.data.model_copy(update={"source": "ham10000", "root": root})}
+    )
+    validation, training = _job("release.py").splits_as_drawn("ham10000", root, config)
+    drawn = read_split("ham10000", root, fraction=config.data.validation_fraction, seed=5)
+    assert validation.rows.equals(drawn.rows) and not validation.rows.equals(
+        read_split("ham10000", root).rows
+    )
+    held = set(validation.rows.column("image_uri").to_pylist())
+    assert held.isdisjoint(training.rows.column("image_uri").to_pylist())
+
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"config": config.model_dump(mode="json")}))
+    result = _main(
+        capsys,
+        "release.py",
+        "ham10000-classifier",
+        *("--name", "x", "--data", "isic2017", "--root", root),
+        *("--training-metrics", str(metrics)),
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {metrics}: trained on ham10000, not isic2017"
+    ]

@@ -169,3 +169,32 @@ def test_segmenters_use_the_hybrid_dice_rank_loss(name):
 
 def test_mask_cn_uses_cross_entropy():
     assert get_model_spec("mbdcnn_mask_cn").classification_loss == "cross_entropy"
+
+
+def test_the_chain_gives_each_stage_its_own_normalisation_as_the_staged_path_does(tmp_path):
+    # Coarse-SN and enhanced-SN on ImageNet statistics, mask-CN on 0.5/0.5 (EfficientNet-Lite0):
+    # the assembled chain must compute what training's guidance chain (Predictor) computes.
+    from skinray.data.synthetic import synthetic_sample
+    from skinray.predict import Predictor
+
+    torch.manual_seed(0)
+    coarse, enhanced = _stage("mbdcnn_coarse_sn"), _stage("mbdcnn_enhanced_sn")
+    mask_cn = create_model("mbdcnn_mask_cn", encoder="tf_efficientnet_lite0", num_classes=3).eval()
+    assert coarse.normalization != mask_cn.normalization
+    saved = {}
+    for name, stage in zip(STAGES, (coarse, mask_cn, enhanced), strict=True):
+        classes = ["a", "b", "c"] if name != "mbdcnn_coarse_sn" else None
+        save_model(stage, str(tmp_path / name), input_size=(SIZE, SIZE), class_names=classes)
+        saved[name] = load_model(str(tmp_path / name))
+    chain = MBDCNN.from_stages(*(load_model(str(tmp_path / name)) for name in STAGES))
+    save_model(chain, str(tmp_path / "chain"), input_size=(SIZE, SIZE), class_names=["a", "b", "c"])
+    images = [synthetic_sample(seed, (SIZE, SIZE)).image for seed in range(2)]
+
+    def staged(name, guidance):
+        return Predictor.from_saved(saved[name], guidance=[saved[g] for g in guidance])(images)
+
+    together = Predictor.load(str(tmp_path / "chain"))(images)
+    segmented = staged("mbdcnn_enhanced_sn", ["mbdcnn_coarse_sn", "mbdcnn_mask_cn"])
+    classified = staged("mbdcnn_mask_cn", ["mbdcnn_coarse_sn"])
+    torch.testing.assert_close(together.mask_probability, segmented.mask_probability)
+    torch.testing.assert_close(together.class_probabilities, classified.class_probabilities)

@@ -12,6 +12,7 @@ from skinray.data.datasets import read_manifest
 from skinray.data.synthetic import synthetic_sample
 from skinray.data.transforms import normalise
 from skinray.models import create_model, get_model_spec, load_model, save_model
+from skinray.models.serialization import write_model_config
 from skinray.models.two_step import predicted_lesion, segment_at
 from skinray.train.roi_masks import cache_predicted_masks
 
@@ -78,3 +79,8 @@ def test_cached_masks_are_the_segmenters_prediction_and_are_made_once(
 
     other = cache_predicted_masks(samples, segmenter, (64, 64), run)
     assert set(other.rows["mask_uri"].to_pylist()[:-1]).isdisjoint(uris)
+
+    # The same weights under another mask threshold predict other masks: not the cached ones.
+    write_model_config(segmenter, config.replace(mask_threshold=0.9))
+    stricter = cache_predicted_masks(samples, segmenter, SIZE, run)
+    assert set(stricter.rows["mask_uri"].to_pylist()[:-1]).isdisjoint(uris)

@@ -306,12 +306,31 @@ class MBDCNN(nn.Module):
         return self.mask_cn.cam_target_layer()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``x``: the image normalised with coarse-SN's statistics (the chain's ``normalization``);
+        each later stage gets it in its own, as it was trained and as ``Predictor``'s guidance
+        chain gives it."""
         coarse_probability = torch.sigmoid(self.coarse_sn(x)[MASK_LOGITS])
-        classified = self.mask_cn(torch.cat([x, coarse_probability], dim=1))
+        rgb = _renormalised(x, self.normalization, self.mask_cn.normalization)
+        classified = self.mask_cn(torch.cat([rgb, coarse_probability], dim=1))
         guidance = normalise_cam(classified[CAM], size=x.shape[-2:])
-        enhanced = self.enhanced_sn(torch.cat([x, guidance], dim=1))
+        rgb = _renormalised(x, self.normalization, self.enhanced_sn.normalization)
+        enhanced = self.enhanced_sn(torch.cat([rgb, guidance], dim=1))
         return {
             MASK_LOGITS: enhanced[MASK_LOGITS],
             CLASS_LOGITS: classified[CLASS_LOGITS],
             CAM: classified[CAM],
         }
+
+
+def _renormalised(x: torch.Tensor, source, target) -> torch.Tensor:
+    """``x`` standardised with ``source`` (mean, std) → the same pixels standardised with
+    ``target``: (x·σ_s + μ_s − μ_t) / σ_t; ``x`` itself where the two agree."""
+    if tuple(map(tuple, source)) == tuple(map(tuple, target)):
+        return x
+
+    def column(values):
+        return torch.tensor(values, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+
+    (source_mean, source_std), (target_mean, target_std) = source, target
+    pixels = x * column(source_std) + column(source_mean)
+    return (pixels - column(target_mean)) / column(target_std)

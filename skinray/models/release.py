@@ -186,6 +186,7 @@ def _save(model, destination: str, dtype, temperature: float, test_time_flips: b
         roi_source_size=config.roi_source_size,
         temperature=temperature,
         test_time_flips=test_time_flips,
+        holdout=config.holdout,
         weights_dtype=dtype,
     )
 

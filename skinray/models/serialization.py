@@ -62,6 +62,10 @@ class SavedModelConfig:
     test_time_flips: bool = False
     #: The out-of-distribution score's settings and bank hash (``skinray.ood``); None without one.
     ood: dict[str, Any] | None = None
+    #: The validation hold-out its training drew from its data (``source``, ``fraction``,
+    #: ``seed``: ``skinray.data.datasets.holdout_split``), for evaluation to draw the same one;
+    #: None where training validated on a split of its own.
+    holdout: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
@@ -90,7 +94,7 @@ class SavedModelConfig:
         skinray version that wrote it): a recalibrated temperature or test-time flips change it
         where the weights' hash stays."""
         settings = dataclasses.asdict(self)
-        del settings["skinray_version"]
+        del settings["skinray_version"], settings["holdout"]  # neither shapes a prediction
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> SavedModelConfig:
@@ -118,6 +122,7 @@ def save_model(
     roi_source_size: Sequence[int] | None = None,
     temperature: float = 1.0,
     test_time_flips: bool = False,
+    holdout: dict[str, Any] | None = None,
     weights_dtype: torch.dtype = torch.float32,
     filesystem=None,
 ) -> SavedModelConfig:
@@ -163,6 +168,7 @@ def save_model(
         roi_source_size=tuple(int(s) for s in roi_source_size) if roi_source_size else None,
         temperature=float(temperature),
         test_time_flips=bool(test_time_flips),
+        holdout=dict(holdout) if holdout is not None else None,
     )
     io.write_bytes(io.join(uri, WEIGHTS_FILE), weights, filesystem)
     io.write_bytes(io.join(uri, CONFIG_FILE), config.to_json().encode(), filesystem)

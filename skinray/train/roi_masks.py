@@ -33,10 +33,14 @@ __all__ = ["cache_predicted_masks", "mask_cache_folder"]
 logger = logging.getLogger(__name__)
 
 
-def mask_cache_folder(output: str, segmenter_sha256: str, image_size: tuple[int, int]) -> str:
-    """Where one segmenter's masks at one size live: a new segmenter or size gets a new folder."""
+def mask_cache_folder(
+    output: str, segmenter_config_sha256: str, image_size: tuple[int, int]
+) -> str:
+    """Where one segmenter's masks at one size live: a new segmenter or size gets a new folder, and
+    so does a segmenter whose weights stay but whose ``config.json`` changes what it predicts (its
+    mask threshold, input size or normalisation: ``SavedModelConfig.config_sha256``)."""
     height, width = image_size
-    return io.join(output, "roi-masks", f"{segmenter_sha256[:16]}-{height}x{width}")
+    return io.join(output, "roi-masks", f"{segmenter_config_sha256[:16]}-{height}x{width}")
 
 
 def _existing(folder: str) -> set[str]:
@@ -65,7 +69,7 @@ def cache_predicted_masks(
     (None where the image cannot be read: training skips it). Masks already in the cache folder are
     not predicted again, so a resumed or repeated run reuses them."""
     segmenter = load_model(segmenter_uri)
-    folder = mask_cache_folder(output, segmenter.saved_config.weights_sha256, image_size)
+    folder = mask_cache_folder(output, segmenter.saved_config.config_sha256, image_size)
     done = _existing(folder)
     ids = samples.rows["image_id"].to_pylist()
     uris = samples.rows["image_uri"].to_pylist()

@@ -20,7 +20,7 @@ from skinray import io
 from skinray.models import load_model, save_model
 from skinray.models.mbdcnn import MBDCNN
 from skinray.models.serialization import CONFIG_FILE
-from skinray.predict import assemble_two_step
+from skinray.predict import Predictor
 from skinray.train.config import TrainConfig, load_config, smoke_test_config
 
 __all__ = ["STAGED", "Stage", "run_staged"]
@@ -105,6 +105,7 @@ def _save_mbdcnn(model_uris: dict[str, str]) -> None:
         input_size=config.input_size,
         class_names=stages[1].saved_config.class_names,
         mask_threshold=config.mask_threshold,
+        holdout=stages[1].saved_config.holdout,
     )
 
 
@@ -113,14 +114,16 @@ def _save_two_step(model_uris: dict[str, str]) -> None:
         load_model(model_uris["segmenter"]),
         load_model(model_uris["classifier"]),
     )
-    composite, input_size = assemble_two_step(segmenter, classifier)
+    pair = Predictor.pair(segmenter, classifier)  # the composite's settings are the pair's
     save_model(
-        composite,
+        pair.model,
         model_uris["two_step"],
-        input_size=input_size,
-        mean=segmenter.saved_config.mean,
-        std=segmenter.saved_config.std,
-        class_names=classifier.saved_config.class_names,
-        mask_threshold=segmenter.saved_config.mask_threshold,
-        temperature=classifier.saved_config.temperature,
+        input_size=pair.input_size,
+        mean=pair.mean,
+        std=pair.std,
+        class_names=pair.class_names,
+        mask_threshold=pair.mask_threshold,
+        temperature=pair.temperature,
+        test_time_flips=pair.test_time_flips,
+        holdout=classifier.saved_config.holdout,
     )

@@ -269,6 +269,13 @@ def check_stage_inputs(config: TrainConfig) -> None:
 
 def _saved_settings(config: TrainConfig, class_names: list[str]) -> dict[str, Any]:
     settings: dict[str, Any] = {"input_size": config.data.image_size, "class_names": class_names}
+    if config.data.validation == "holdout":  # as _samples draws it, for evaluation to draw again
+        data = config.data
+        settings["holdout"] = {
+            "source": data.source,
+            "fraction": data.validation_fraction,
+            "seed": config.seed,
+        }
     if config.data.input == "roi":
         settings.update(
             input_size=config.data.roi_size or config.data.image_size,

@@ -86,6 +86,7 @@ def test_two_workers_train_from_s3_and_the_saved_model_scores_the_same(
     model = load_model(outcome.model_uri)
     assert model.saved_config.class_names == ("class_0", "class_1", "class_2")
     assert model.saved_config.input_size == (SIZE, SIZE)
+    assert model.saved_config.holdout is None  # validated on a split of its own
 
     report = tmp_path / "evaluation.json"
     result = subprocess.run(
@@ -135,7 +136,10 @@ def test_training_stops_early_when_the_checkpoint_metric_stops_improving(ray_clu
     overrides = ["epochs=6", "early_stopping_patience=1", "checkpoint.metric=val_images"]
     outcome = run_training(smoke_test_config("unet", str(tmp_path / "out"), overrides))
     assert [row["epoch"] for row in outcome.history] == [1, 2]
-    assert load_model(outcome.model_uri).saved_config.model == "unet"
+    saved = load_model(outcome.model_uri).saved_config
+    assert saved.model == "unet"
+    # its validation images were drawn from its data: the model says how, for evaluation
+    assert saved.holdout == {"source": "synthetic", "fraction": 0.15, "seed": 0}
 
 
 def test_a_killed_worker_resumes_from_the_last_checkpoint(
