@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=holdout["seed"],
             class_names=configs[-1].class_names,
         )
+        _check_classes(args, configs[-1].class_names, samples.class_names)
         if args.limit:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
@@ -175,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         io.write_bytes(args.json_path, json.dumps(_json_safe(payload), indent=2).encode())
     return 0
+
+
+def _check_classes(args: argparse.Namespace, model_classes, data_classes) -> None:
+    """A classifier's figures mean something only against labels in its own classes, in order."""
+    if model_classes and tuple(model_classes) != tuple(data_classes):
+        model = args.classifier or args.model
+        raise DatasetError(
+            f"{model}: its classes {list(model_classes)} are not {args.data}'s "
+            f"{list(data_classes)}; evaluate it on data labelled with its classes"
+        )
 
 
 def _holdout(args: argparse.Namespace, trained: dict | None) -> dict:

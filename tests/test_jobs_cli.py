@@ -232,3 +232,16 @@ def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(c
     assert result.stderr.strip().splitlines() == [
         f"error: {metrics}: trained on ham10000, not isic2017"
     ]
+
+
+def test_evaluate_job_refuses_a_classifier_on_data_of_other_classes(capsys):
+    result = _main(
+        capsys,
+        "evaluate.py",
+        "isic2017-classifier",
+        *("--data", "ham10000", "--root", str(SHARED_DATA / "ham10000"), "--limit", "2"),
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: isic2017-classifier: its classes [")
+    assert "are not ham10000's ['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc']" in lines[0]

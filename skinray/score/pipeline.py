@@ -100,6 +100,9 @@ class RunSummary:
     #: The model pool's bound and device (``skinray.score.plan.Placement``).
     max_actors: int = 0
     actor_device: str = ""
+    #: The run's settings as validated (``ScoreConfig``): the ones that change a result among them
+    #: (models, backend, int8 calibration, where JPEGs are decoded, pixel limit).
+    settings: dict = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         by_type = ", ".join(f"{k} {v}" for k, v in sorted(self.errors_by_type.items())) or "none"
@@ -248,6 +251,7 @@ def _summary(
             if placement.use_gpu
             else f"CPU, {placement.cpu_threads} torch threads each"
         ),
+        settings=config.model_dump(mode="json"),
     )
 
 

@@ -5,6 +5,7 @@ DuckDB reads what was written, a dying actor loses nothing, re-runs replace and 
 from __future__ import annotations
 
 import io as stdio
+import json
 import os
 import re
 import shutil
@@ -191,6 +192,10 @@ def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, 
         assert stages[timed].task_s > 0 and stages[timed].span_s > 0, (timed, summary.lines())
     assert all(stage.line() in summary.lines() for stage in summary.stages)
     assert summary.object_store_budget_mib > 0
+    # The run's settings are recorded with its figures: a reader can tell how its inputs decoded.
+    recorded = json.loads(_summary_json(s3_bucket, summary.run_id))["settings"]
+    assert (recorded["segmenter"], recorded["classifier"]) == tuple(models)
+    assert recorded["jpeg_decode_in_segmenter"] is False and recorded["backend"] is None
 
     # DuckDB reads the output as written, partition column included.
     local = _download(f"{s3_bucket}/scored", tmp_path / "scored")
@@ -304,6 +309,13 @@ def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, mo
     rotated = rows[f"{s3_bucket}/archive/odd/exif_rotated.jpg"]
     assert (rotated["height"], rotated["width"]) == (120, 160)
     assert summary.results + summary.errors == len(expected)
+    assert json.loads(_summary_json(s3_bucket, summary.run_id))["settings"][
+        "jpeg_decode_in_segmenter"
+    ]
+
+
+def _summary_json(bucket: str, run_id: str) -> bytes:
+    return io.read_bytes(f"{bucket}/scored/summaries/run_date=2026-11-24/summary-{run_id}.json")
 
 
 def test_a_manifest_naming_missing_files_ends_them_as_read_errors(ray_cluster, s3_bucket, models):
