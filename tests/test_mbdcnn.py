@@ -186,7 +186,7 @@ def test_the_chain_gives_each_stage_its_own_normalisation_as_the_staged_path_doe
         classes = ["a", "b", "c"] if name != "mbdcnn_coarse_sn" else None
         save_model(stage, str(tmp_path / name), input_size=(SIZE, SIZE), class_names=classes)
         saved[name] = load_model(str(tmp_path / name))
-    chain = MBDCNN.from_stages(*(load_model(str(tmp_path / name)) for name in STAGES))
+    chain = MBDCNN.from_stages(*saved.values())  # stages in eval mode: the chain too
     save_model(chain, str(tmp_path / "chain"), input_size=(SIZE, SIZE), class_names=["a", "b", "c"])
     images = [synthetic_sample(seed, (SIZE, SIZE)).image for seed in range(2)]
 

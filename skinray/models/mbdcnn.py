@@ -300,7 +300,7 @@ class MBDCNN(nn.Module):
             "num_classes": enhanced_sn.num_classes,
             "decoder_channels": coarse_sn.skinray_model_kwargs.get("decoder_channels", 256),
         }
-        return chain
+        return chain.train(coarse_sn.training)  # nn.Module starts in train mode; its stages may not
 
     def cam_target_layer(self) -> nn.Module:
         return self.mask_cn.cam_target_layer()
