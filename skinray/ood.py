@@ -29,8 +29,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from skinray import io
+from skinray.calibration import split_in_folds
 
-__all__ = ["OOD_FILE", "NearestNeighbourOOD", "fit_ood", "load_ood", "save_ood"]
+__all__ = [
+    "OOD_FILE",
+    "NearestNeighbourOOD",
+    "fit_ood",
+    "load_ood",
+    "out_of_fold_pass_rate",
+    "save_ood",
+]
 
 OOD_FILE = "ood.safetensors"
 METHOD = "knn_cosine"
@@ -72,8 +80,25 @@ def fit_ood(
     bank = F.normalize(training_features[chosen].float(), dim=1)
     unthresholded = NearestNeighbourOOD(bank, k, float("inf"), quantile)
     scores = unthresholded.score(validation_features).numpy()
-    threshold = float(np.quantile(scores, quantile, method="higher"))
-    return NearestNeighbourOOD(bank, k, threshold, quantile)
+    return NearestNeighbourOOD(bank, k, _threshold(scores, quantile), quantile)
+
+
+def _threshold(scores: np.ndarray, quantile: float) -> float:
+    return float(np.quantile(scores, quantile, method="higher"))
+
+
+def out_of_fold_pass_rate(
+    scores: np.ndarray, quantile: float, folds: int = 2, seed: int = 0
+) -> float:
+    """The share of validation images that pass a threshold set on the other folds' scores: the
+    threshold's pass rate on images it was not set on (on its own images it passes ``quantile``
+    by construction)."""
+    scores = np.asarray(scores)
+    passed = np.empty(len(scores), bool)
+    for held in split_in_folds(len(scores), folds, seed):
+        threshold = _threshold(np.delete(scores, held), quantile)
+        passed[held] = scores[held] <= threshold
+    return float(passed.mean())
 
 
 def save_ood(ood: NearestNeighbourOOD, uri: str) -> dict:

@@ -8,7 +8,12 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from skinray.calibration import fit_temperature, negative_log_likelihood
+from skinray.calibration import (
+    fit_temperature,
+    negative_log_likelihood,
+    out_of_fold_probabilities,
+    split_in_folds,
+)
 from skinray.models import create_model, get_model_spec, load_model, read_model_config, save_model
 from skinray.models.serialization import write_model_config
 from skinray.predict import Predictor
@@ -33,6 +38,24 @@ def test_fit_recovers_the_temperature_that_made_the_labels(true_temperature):
     nll = negative_log_likelihood(over, labels, fitted)
     assert nll < negative_log_likelihood(over, labels, fitted * 1.2)
     assert nll < negative_log_likelihood(over, labels, fitted / 1.2)
+
+
+def test_out_of_fold_calibration_uses_each_folds_temperature_from_the_other_folds():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(300, 3)) * 4  # overconfident: labels drawn at T = 2
+    labels = _labels_drawn_from(logits / 2)
+    folds = split_in_folds(300, 3, seed=0)
+    assert sorted(np.concatenate(folds)) == list(range(300)) and {len(f) for f in folds} == {100}
+    calibrated = out_of_fold_probabilities(logits, labels, folds=3, seed=0)
+    for held in folds:
+        others = np.setdiff1d(np.arange(300), held)
+        temperature = fit_temperature(logits[others], labels[others])
+        np.testing.assert_allclose(calibrated[held], softmax(logits[held] / temperature, axis=1))
+    # Measured on images it never saw, the scaling does worse than on the images it was fitted on.
+    in_sample = negative_log_likelihood(logits, labels, fit_temperature(logits, labels))
+    assert negative_log_likelihood(np.log(calibrated), labels) > in_sample
+    with pytest.raises(ValueError, match="folds"):
+        split_in_folds(3, 4)
 
 
 def test_fit_refuses_logits_and_labels_that_do_not_pair():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from skinray.calibration import split_in_folds
 from skinray.models import CLASS_LOGITS, FEATURES, create_model, load_model, save_model
 from skinray.models.serialization import CONFIG_FILE
-from skinray.ood import OOD_FILE, NearestNeighbourOOD, fit_ood, save_ood
+from skinray.ood import OOD_FILE, NearestNeighbourOOD, fit_ood, out_of_fold_pass_rate, save_ood
 from skinray.predict import Predictor
 
 
@@ -34,6 +36,19 @@ def test_the_threshold_passes_the_quantile_of_validation_and_flags_far_inputs():
     # the score is a distance: with k = 1 the bank's own rows are at 0
     nearest = NearestNeighbourOOD(ood.bank, 1, ood.threshold, ood.quantile)
     assert nearest.score(ood.bank[:3] * 7).abs().max() < 1e-5
+
+
+def test_the_out_of_fold_pass_rate_sets_each_folds_threshold_on_the_other_folds():
+    scores = np.arange(40, dtype=float)  # fold of the odd-placed scores against the rest
+    rate = out_of_fold_pass_rate(scores, 0.5, folds=2, seed=0)
+    folds = split_in_folds(40, 2, seed=0)
+    expected = [
+        (scores[held] <= np.quantile(np.delete(scores, held), 0.5, method="higher")).sum()
+        for held in folds
+    ]
+    assert rate == sum(expected) / 40
+    # On its own images the threshold passes the quantile by construction; here it need not.
+    assert 0 < rate < 1
 
 
 def test_an_untrained_quantile_is_refused():

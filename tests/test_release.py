@@ -46,6 +46,7 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
     # Temperature scaling minimises the validation NLL: never above the uncalibrated one.
     calibration = report["calibration"]
     assert calibration["after"]["nll"] <= calibration["before"]["nll"] + 1e-6
+    assert calibration["folds"] == 2 and set(calibration["after_out_of_fold"]) == {"ece", "nll"}
     assert report["weights_dtype"] == "float16" and report["fp16_change"] <= 0.005
     assert (destination / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     card = (destination / "MODEL_CARD.md").read_text()
@@ -59,6 +60,10 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
     scores = Predictor.load(str(destination))(_decoded(samples)).ood_score
     assert (scores <= released.ood.threshold).float().mean().item() >= 0.975
     assert report["ood"]["bank_sha256"] in card and "Out-of-distribution flag" in card
+    held = calibration["after_out_of_fold"]
+    assert "| after, out of fold (2 folds" in card and f"{held['ece']:.4f}" in card
+    assert 0 <= report["ood"]["validation_pass_out_of_fold"] <= 1
+    assert f"{report['ood']['validation_pass_out_of_fold']:.1%} did of each fold" in card
 
 
 def _decoded(samples):

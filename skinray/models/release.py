@@ -34,7 +34,7 @@ from skinray.models.serialization import (
     write_model_config,
 )
 from skinray.models.zoo import zoo_root
-from skinray.ood import fit_ood, save_ood
+from skinray.ood import fit_ood, out_of_fold_pass_rate, save_ood
 from skinray.predict import Predictor
 
 __all__ = [
@@ -53,6 +53,9 @@ REGRESSION_IMAGES = 10
 #: share of validation images its threshold lets pass.
 OOD_BANK_SIZE = 1000
 OOD_QUANTILE = 0.975
+#: The validation split is cut in this many folds to measure the temperature and the OOD threshold
+#: on images they were not fitted on (each fitted on the other folds; the shipped ones on all).
+CALIBRATION_FOLDS = 2
 _HEADLINES = (
     "jaccard",
     "threshold_jaccard",
@@ -142,8 +145,15 @@ def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int
     labels, probabilities = _evaluate(
         model_uri, spec, samples, batch_size, temperature=1.0, test_time_flips=spec.test_time_flips
     ).labels_and_probabilities()
-    temperature = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
-    return temperature, {"temperature": temperature, "before": _calibration(labels, probabilities)}
+    logits = np.log(np.clip(probabilities, 1e-12, 1))
+    temperature = calibration.fit_temperature(logits, labels)
+    out_of_fold = calibration.out_of_fold_probabilities(logits, labels, CALIBRATION_FOLDS)
+    return temperature, {
+        "temperature": temperature,
+        "before": _calibration(labels, probabilities),
+        "after_out_of_fold": _calibration(labels, out_of_fold),
+        "folds": CALIBRATION_FOLDS,
+    }
 
 
 def _write_card(destination: str, spec: ReleaseSpec, report: dict) -> None:
@@ -203,8 +213,14 @@ def _fit_ood(destination: str, spec: ReleaseSpec, training, validation, batch_si
     )
     entry = save_ood(ood, destination)
     write_model_config(destination, load_model(destination).saved_config.replace(ood=entry))
-    passed = ~ood.flags(ood.score(validation_features))
-    return {**entry, "validation_pass": passed.float().mean().item()}
+    scores = ood.score(validation_features)
+    return {
+        **entry,
+        "validation_pass": (~ood.flags(scores)).float().mean().item(),
+        "validation_pass_out_of_fold": out_of_fold_pass_rate(
+            scores.numpy(), OOD_QUANTILE, CALIBRATION_FOLDS
+        ),
+    }
 
 
 def _features(predictor: Predictor, samples, batch_size: int) -> torch.Tensor:
