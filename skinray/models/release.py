@@ -171,6 +171,8 @@ def _predictor(model_uri: str, spec: ReleaseSpec, **settings) -> Predictor:
         Predictor.load(spec.segmenter, model_uri) if spec.segmenter else Predictor.load(model_uri)
     )
     for name, value in settings.items():
+        if not hasattr(predictor, name):
+            raise AttributeError(f"Predictor has no setting {name!r}")
         setattr(predictor, name, value)
     return predictor
 
