@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=str.lower,
         choices=("training", "validation"),
         help="ISIC 2017: its own folders; HAM10000: the lesion-grouped hold-out as training draws "
-        "it (a manifest is evaluated whole)",
+        "it; a manifest whole, or, where the model's training drew its validation images from "
+        "this same manifest, that hold-out (or the rest, for training)",
     )
     parser.add_argument(
         "--holdout-fraction",
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         configs = check_models(args.model, args.classifier, segments=bool(args.classifier))
-        holdout = _holdout(args, configs[-1].holdout)
+        trained = _trained_holdout(args, configs[-1].holdout)
+        holdout = _holdout(args, trained)
         samples = read_split(
             args.data,
             args.root,
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             fraction=holdout["fraction"],
             seed=holdout["seed"],
             class_names=configs[-1].class_names,
+            manifest_holdout=args.data == "manifest" and bool(trained),
         )
         _check_classes(args, configs[-1].class_names, samples.class_names)
         if args.limit:
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             "backend_versions": runtime_versions(used),
             "data": args.data,
             "root": args.root,
-            "holdout": holdout if args.data == "ham10000" else None,
+            "holdout": holdout if args.data == "ham10000" or trained else None,
             "metrics": results,
             "report": report,
             "subgroups": subgroups,
@@ -188,14 +191,23 @@ def _check_classes(args: argparse.Namespace, model_classes, data_classes) -> Non
         )
 
 
-def _holdout(args: argparse.Namespace, trained: dict | None) -> dict:
-    """The HAM10000 hold-out to draw: the flags where given, else the one the model's training
-    drew from the same data (its ``config.json``), else the recipes' default."""
-    drawn = trained if trained and trained.get("source") == args.data else {}
+def _trained_holdout(args: argparse.Namespace, recorded: dict | None) -> dict:
+    """The hold-out the model's training drew (its ``config.json``) where it drew it from the data
+    asked for: the same source, and for a manifest the same manifest; else empty."""
+    if not recorded or recorded.get("source") != args.data:
+        return {}
+    if args.data == "manifest" and recorded.get("root") != io.absolute(args.root):
+        return {}  # another manifest than the one it trained on: evaluated whole
+    return recorded
+
+
+def _holdout(args: argparse.Namespace, trained: dict) -> dict:
+    """The hold-out to draw: the flags where given, else the one the model's training drew,
+    else the recipes' default."""
     holdout = {}
     for key, default in (("fraction", 0.15), ("seed", 0)):
         flag = getattr(args, f"holdout_{key}")
-        holdout[key] = flag if flag is not None else drawn.get(key, default)
+        holdout[key] = flag if flag is not None else trained.get(key, default)
     return holdout
 
 

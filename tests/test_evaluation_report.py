@@ -247,6 +247,45 @@ def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
     assert evaluated[(0.3, 5)] != default
 
 
+def test_a_manifest_the_model_drew_its_validation_from_is_evaluated_on_that_hold_out(tmp_path):
+    # Trained with validation: holdout on a manifest, a model is measured on the manifest's
+    # hold-out, not on the whole manifest (its training images included); another manifest is
+    # evaluated whole.
+    import shutil
+
+    import cv2
+    import pyarrow.parquet as pq
+
+    from skinray import io
+    from skinray.data.datasets import read_split
+    from skinray.data.synthetic import synthetic_sample
+    from skinray.models import create_model, get_model_spec, save_model
+
+    lines = ["image,label"]
+    for seed in range(12):
+        sample = synthetic_sample(seed, (40, 40), label=seed % 3)
+        cv2.imwrite(str(tmp_path / f"{seed}.png"), cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR))
+        lines.append(f"{seed}.png,{CLASSES[seed % 3]}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    shutil.copy(manifest, tmp_path / "other.csv")
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    holdout = {"source": "manifest", "root": io.absolute(manifest), "fraction": 0.25, "seed": 3}
+    uri = str(tmp_path / "model")
+    save_model(model, uri, input_size=(32, 32), class_names=CLASSES, holdout=holdout)
+
+    def evaluated(root):
+        out = tmp_path / "p.parquet"
+        argv = [uri, "--data", "manifest", "--root", str(root), "--bootstrap", "0"]
+        assert _evaluate_job().main([*argv, "--no-subgroups", "--predictions", str(out)]) == 0
+        return pq.read_table(out).column("image_uri").to_pylist()
+
+    drawn = read_split("manifest", str(manifest), fraction=0.25, seed=3, manifest_holdout=True)
+    assert evaluated(manifest) == drawn.rows.column("image_uri").to_pylist()
+    assert len(drawn) == 3  # 12 images, each its own group: a quarter held out
+    assert len(evaluated(tmp_path / "other.csv")) == 12
+
+
 def test_subgroup_figures_are_the_figures_of_each_groups_images_alone():
     whole, groups = Evaluator(CLASSES), {"sex": [], "site": []}
     parts = {"female": Evaluator(CLASSES), "male": Evaluator(CLASSES)}

@@ -138,10 +138,13 @@ def read_split(
     fraction: float = 0.15,
     seed: int = 0,
     class_names: Sequence[str] | None = None,
+    manifest_holdout: bool = False,
 ) -> SampleTable:
     """One split of a labelled data set, drawn as training draws it: ISIC 2017's own ``training``
     or ``validation`` folders; HAM10000's lesion-grouped hold-out (``fraction`` and ``seed`` as in
-    the recipe: 0.15 and 0 by default); a manifest (``source="manifest"``) whole."""
+    the recipe: 0.15 and 0 by default); a manifest (``source="manifest"``) whole, or with
+    ``manifest_holdout`` its hold-out at ``fraction`` and ``seed`` (for a model whose training
+    drew its validation images from this manifest)."""
     split = split.lower()
     if split not in ("training", "validation"):
         raise DatasetError(f"unknown split {split!r}: training or validation")
@@ -151,7 +154,11 @@ def read_split(
         training, validation = holdout_split(read_ham10000(root), fraction, seed)
         return validation if split == "validation" else training
     if source == "manifest":
-        return read_manifest(root, tuple(class_names) if class_names else None)
+        samples = read_manifest(root, tuple(class_names) if class_names else None)
+        if not manifest_holdout:
+            return samples
+        training, validation = holdout_split(samples, fraction, seed)
+        return validation if split == "validation" else training
     raise DatasetError(f"unknown data source {source!r}: isic2017, ham10000 or manifest")
 
 

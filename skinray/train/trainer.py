@@ -273,6 +273,7 @@ def _saved_settings(config: TrainConfig, class_names: list[str]) -> dict[str, An
         data = config.data
         settings["holdout"] = {
             "source": data.source,
+            "root": data.root,  # absolute (with_absolute_paths): a manifest's is its URI
             "fraction": data.validation_fraction,
             "seed": config.seed,
         }
