@@ -25,6 +25,7 @@ from skinray.data.datasets import DatasetError, read_split
 from skinray.models.release import ReleaseSpec, release_model
 from skinray.predict import ModelCheckError, check_models
 from skinray.train.config import TrainConfig, recipe_summary
+from skinray.train.trainer import holdout_record
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "released"
 
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=LIMITS,
         segmenter=args.segmenter,
         test_time_flips=args.test_time_flips,
+        holdout=holdout_record(config),
         shared_root=str(Path(args.root).resolve().parent),
     )
     report = release_model(

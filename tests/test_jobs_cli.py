@@ -218,6 +218,18 @@ def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(c
     )
     held = set(validation.rows.column("image_uri").to_pylist())
     assert held.isdisjoint(training.rows.column("image_uri").to_pylist())
+    from skinray.train.trainer import holdout_record
+
+    assert holdout_record(config) == {
+        "source": "ham10000",
+        "root": root,
+        "fraction": 0.15,
+        "seed": 5,
+    }
+    split = config.model_copy(
+        update={"data": config.data.model_copy(update={"validation": "split"})}
+    )
+    assert holdout_record(split) is None
 
     metrics = tmp_path / "metrics.json"
     metrics.write_text(json.dumps({"config": config.model_dump(mode="json")}))

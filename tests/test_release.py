@@ -101,6 +101,7 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
     spec = ReleaseSpec(
         name="flipped", title="t", data="synthetic", licence="none", recipe="smoke",
         training={"best": {}, "epochs_run": 1, "wall_time_s": 1.0}, test_time_flips=True,
+        holdout={"source": "synthetic", "root": None, "fraction": 0.2, "seed": 4},
     )  # fmt: skip
     samples = _labelled_by(str(tmp_path / "trained"), synthetic_samples(24, num_classes=3))
     first = release_model(
@@ -117,7 +118,8 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
         str(tmp_path / "r1"), spec, samples, resamples=10, destination=str(tmp_path / "r2")
     )
     assert again["calibration"]["temperature"] == pytest.approx(expected, rel=2e-3)
-    assert load_model(str(tmp_path / "r2")).saved_config.test_time_flips
+    released = load_model(str(tmp_path / "r2")).saved_config
+    assert released.test_time_flips and released.holdout == spec.holdout  # the run's, recorded
 
 
 def _labelled_by(model_uri: str, samples):

@@ -82,6 +82,7 @@ class ReleaseSpec:
     limits: Sequence[str] = ()
     segmenter: str | None = None  # for a ROI classifier: the segmenter that cuts its ROIs
     test_time_flips: bool = False  # ship with Predictor's flip averaging on
+    holdout: dict | None = None  # the run's validation hold-out, for config.json (else the model's)
     shared_root: str = "../shared/data"  # regression image paths are stored relative to it
 
 
@@ -106,7 +107,7 @@ def release_model(
         temperature, calibration_report = _fit_temperature(model_uri, spec, samples, batch_size)
 
     def save_and_measure(dtype: torch.dtype) -> dict:
-        _save(model, destination, dtype, temperature, spec.test_time_flips)
+        _save(model, destination, dtype, temperature, spec)
         evaluator = _evaluate(destination, spec, samples, batch_size)
         return {
             "metrics": evaluator.result(),
@@ -184,7 +185,7 @@ def _evaluate(model_uri: str, spec: ReleaseSpec, samples, batch_size: int, **set
     return evaluator
 
 
-def _save(model, destination: str, dtype, temperature: float, test_time_flips: bool) -> None:
+def _save(model, destination: str, dtype, temperature: float, spec: ReleaseSpec) -> None:
     config = model.saved_config
     save_model(
         model,
@@ -197,8 +198,8 @@ def _save(model, destination: str, dtype, temperature: float, test_time_flips: b
         roi_margin=config.roi_margin,
         roi_source_size=config.roi_source_size,
         temperature=temperature,
-        test_time_flips=test_time_flips,
-        holdout=config.holdout,
+        test_time_flips=spec.test_time_flips,
+        holdout=spec.holdout or config.holdout,
         weights_dtype=dtype,
     )
 

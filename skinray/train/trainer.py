@@ -267,16 +267,26 @@ def check_stage_inputs(config: TrainConfig) -> None:
         )
 
 
+def holdout_record(config: TrainConfig) -> dict[str, Any] | None:
+    """The validation hold-out ``_samples`` draws from the run's data (``source``, ``root``,
+    ``fraction``, ``seed``), as a saved model records it for evaluation to draw again; None where
+    the run validates on a split of its own."""
+    data = config.data
+    if data.validation != "holdout":
+        return None
+    return {
+        "source": data.source,
+        "root": data.root,  # absolute in a run (with_absolute_paths): a manifest's is its URI
+        "fraction": data.validation_fraction,
+        "seed": config.seed,
+    }
+
+
 def _saved_settings(config: TrainConfig, class_names: list[str]) -> dict[str, Any]:
     settings: dict[str, Any] = {"input_size": config.data.image_size, "class_names": class_names}
-    if config.data.validation == "holdout":  # as _samples draws it, for evaluation to draw again
-        data = config.data
-        settings["holdout"] = {
-            "source": data.source,
-            "root": data.root,  # absolute (with_absolute_paths): a manifest's is its URI
-            "fraction": data.validation_fraction,
-            "seed": config.seed,
-        }
+    holdout = holdout_record(config)
+    if holdout is not None:
+        settings["holdout"] = holdout
     if config.data.input == "roi":
         settings.update(
             input_size=config.data.roi_size or config.data.image_size,
