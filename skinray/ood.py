@@ -29,14 +29,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from skinray import io
-from skinray.calibration import split_in_folds
 
 __all__ = [
     "OOD_FILE",
     "NearestNeighbourOOD",
     "fit_ood",
     "load_ood",
-    "out_of_fold_pass_rate",
+    "quantile_threshold",
     "save_ood",
 ]
 
@@ -80,25 +79,12 @@ def fit_ood(
     bank = F.normalize(training_features[chosen].float(), dim=1)
     unthresholded = NearestNeighbourOOD(bank, k, float("inf"), quantile)
     scores = unthresholded.score(validation_features).numpy()
-    return NearestNeighbourOOD(bank, k, _threshold(scores, quantile), quantile)
+    return NearestNeighbourOOD(bank, k, quantile_threshold(scores, quantile), quantile)
 
 
-def _threshold(scores: np.ndarray, quantile: float) -> float:
+def quantile_threshold(scores: np.ndarray, quantile: float) -> float:
+    """The score that ``quantile`` of ``scores`` are at or below: the flag's threshold."""
     return float(np.quantile(scores, quantile, method="higher"))
-
-
-def out_of_fold_pass_rate(
-    scores: np.ndarray, quantile: float, folds: int = 2, seed: int = 0
-) -> float:
-    """The share of validation images that pass a threshold set on the other folds' scores: the
-    threshold's pass rate on images it was not set on (on its own images it passes ``quantile``
-    by construction)."""
-    scores = np.asarray(scores)
-    passed = np.empty(len(scores), bool)
-    for held in split_in_folds(len(scores), folds, seed):
-        threshold = _threshold(np.delete(scores, held), quantile)
-        passed[held] = scores[held] <= threshold
-    return float(passed.mean())
 
 
 def save_ood(ood: NearestNeighbourOOD, uri: str) -> dict:

@@ -4,6 +4,8 @@ the classifier's features it reads."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +13,9 @@ import torch
 
 from skinray.calibration import split_in_folds
 from skinray.models import CLASS_LOGITS, FEATURES, create_model, load_model, save_model
+from skinray.models.release import out_of_fold_pass_rate
 from skinray.models.serialization import CONFIG_FILE
-from skinray.ood import OOD_FILE, NearestNeighbourOOD, fit_ood, out_of_fold_pass_rate, save_ood
+from skinray.ood import OOD_FILE, NearestNeighbourOOD, fit_ood, save_ood
 from skinray.predict import Predictor
 
 
@@ -49,6 +52,14 @@ def test_the_out_of_fold_pass_rate_sets_each_folds_threshold_on_the_other_folds(
     assert rate == sum(expected) / 40
     # On its own images the threshold passes the quantile by construction; here it need not.
     assert 0 < rate < 1
+
+
+def test_loading_the_ood_score_does_not_import_scipys_optimiser():
+    # Every scoring actor imports skinray.ood to load a classifier's bank; scipy.optimize (what
+    # release-time temperature fitting uses) would add 0.4–0.75 s to each actor's start.
+    probe = "import sys, skinray.ood; print('scipy.optimize' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_an_untrained_quantile_is_refused():
