@@ -21,7 +21,6 @@ HAM10000 = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
 
 @pytest.fixture(scope="module")
 def classifier() -> Predictor:
-    torch.set_num_threads(2)
     return Predictor.load("ham10000-classifier")
 
 
