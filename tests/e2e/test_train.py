@@ -130,13 +130,26 @@ def test_two_workers_stay_in_step_over_a_batch_with_no_readable_image(
     assert 0 < epoch["train_images"] <= 16 and epoch["global_step"] < 24 / 4
 
 
-def test_training_stops_early_when_the_checkpoint_metric_stops_improving(ray_cluster, tmp_path):
-    # val_images never changes, so no epoch after the first is better: with a patience of 1 the
-    # run stops after epoch 2 of 6 and saves its model as any run does.
-    overrides = ["epochs=6", "early_stopping_patience=1", "checkpoint.metric=val_images"]
-    outcome = run_training(smoke_test_config("unet", str(tmp_path / "out"), overrides))
-    assert [row["epoch"] for row in outcome.history] == [1, 2]
-    saved = load_model(outcome.model_uri).saved_config
+def test_runs_with_one_seed_train_on_the_same_batches_and_stop_early_alike(ray_cluster, tmp_path):
+    # Two behaviours, one pair of runs (each Ray Train run costs half a minute of start-up here).
+    # Decode tasks finish in any order; the ingest preserves the shuffled order, so two runs with
+    # one seed train on the same batches and print the same losses. val_images never changes, so
+    # no epoch after the first is better: with a patience of 1 each run stops after epoch 2 of 6
+    # and saves its model as any run does.
+    overrides = [
+        *("epochs=6", "early_stopping_patience=1", "checkpoint.metric=val_images"),
+        *("data.synthetic_count=32", "max_steps_per_epoch=3"),
+    ]
+    runs = [
+        run_training(smoke_test_config("unet", str(tmp_path / name), overrides))
+        for name in ("first", "second")
+    ]
+    assert [[row["epoch"] for row in run.history] for run in runs] == [[1, 2], [1, 2]]
+    losses = [[row["train_loss"] for row in run.history] for run in runs]
+    assert losses[0] == losses[1]
+    assert losses[0][0] != losses[0][1]
+
+    saved = load_model(runs[0].model_uri).saved_config
     assert saved.model == "unet"
     # its validation images were drawn from its data: the model says how, for evaluation
     drawn = {key: saved.holdout[key] for key in ("source", "fraction", "seed")}
