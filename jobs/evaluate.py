@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=holdout["seed"],
             class_names=configs[-1].class_names,
             manifest_holdout=args.data == "manifest" and bool(trained),
+            groups_sha256=_recorded_groups(args, trained),
         )
         _check_classes(args, configs[-1].class_names, samples.class_names)
         if args.limit:
@@ -172,13 +173,34 @@ def main(argv: list[str] | None = None) -> int:
             "backend_versions": runtime_versions(used),
             "data": args.data,
             "root": args.root,
-            "holdout": holdout if args.data == "ham10000" or trained else None,
+            "split": args.split,
+            # ISIC 2017's splits are its own folders: a hold-out is drawn only from the others
+            "holdout": holdout
+            if args.data == "ham10000" or (trained and args.data == "manifest")
+            else None,
+            "settings": _settings(args, predictor, configs),
             "metrics": results,
             "report": report,
             "subgroups": subgroups,
         }
         io.write_bytes(args.json_path, json.dumps(_json_safe(payload), indent=2).encode())
     return 0
+
+
+def _settings(args: argparse.Namespace, predictor, configs) -> dict:
+    """What else shapes the figures: the classifier of a pair, the prediction settings that ran
+    (flips, temperature), the models' identities, and the flags that choose or limit images."""
+    return {
+        "classifier": args.classifier,
+        "config_sha256": [config.config_sha256 for config in configs],
+        "test_time_flips": predictor.test_time_flips,
+        "temperature": predictor.temperature,
+        "at_source_size": args.at_source_size,
+        "limit": args.limit,
+        "int8_calibration": args.int8_calibration,
+        "bootstrap": args.bootstrap,
+        "bootstrap_seed": args.seed,
+    }
 
 
 def _check_classes(args: argparse.Namespace, model_classes, data_classes) -> None:
@@ -199,6 +221,14 @@ def _trained_holdout(args: argparse.Namespace, recorded: dict | None) -> dict:
     if args.data == "manifest" and recorded.get("root") != io.absolute(args.root):
         return {}  # another manifest than the one it trained on: evaluated whole
     return recorded
+
+
+def _recorded_groups(args: argparse.Namespace, trained: dict) -> str | None:
+    """The digest of the lesions the model's hold-out was drawn from, to draw it again only from
+    those; None where the flags ask for another draw."""
+    if args.holdout_fraction is not None or args.holdout_seed is not None:
+        return None
+    return trained.get("groups_sha256")
 
 
 def _holdout(args: argparse.Namespace, trained: dict) -> dict:

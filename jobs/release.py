@@ -80,28 +80,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def splits_as_drawn(data: str, root: str, config: TrainConfig):
+def splits_as_drawn(data: str, root: str, config: TrainConfig, holdout: dict | None = None):
     """(validation, training) as the run drew them: for HAM10000, its hold-out at the run's
-    fraction and seed (``skinray.train.trainer``), not the recipes' default; the OOD bank is
-    drawn from the training side, so it holds no validation image either."""
-    holdout = {"fraction": config.data.validation_fraction, "seed": config.seed}
-    return tuple(read_split(data, root, split, **holdout) for split in ("validation", "training"))
+    fraction and seed (``skinray.train.trainer``), not the recipes' default, and only from the
+    lesions the model's ``holdout`` record names; the OOD bank is drawn from the training side,
+    so it holds no validation image either."""
+    drawn = {
+        "fraction": config.data.validation_fraction,
+        "seed": config.seed,
+        "groups_sha256": (holdout or {}).get("groups_sha256"),
+    }
+    return tuple(read_split(data, root, split, **drawn) for split in ("validation", "training"))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.segmenter:
-            check_models(args.segmenter, args.model)
+            recorded = check_models(args.segmenter, args.model)[-1].holdout
         else:
-            check_models(args.model, segments=False)
+            (recorded,) = (c.holdout for c in check_models(args.model, segments=False))
         run_dir = args.model.rstrip("/").rsplit("/", 1)[0]
         training_uri = args.training_metrics or io.join(run_dir, "metrics.json")
         training = json.loads(io.read_bytes(training_uri))
         config = TrainConfig.model_validate(training["config"])
         if config.data.source != args.data:
             raise DatasetError(f"{training_uri}: trained on {config.data.source}, not {args.data}")
-        samples, training_samples = splits_as_drawn(args.data, args.root, config)
+        samples, training_samples = splits_as_drawn(args.data, args.root, config, recorded)
     except (ModelCheckError, DatasetError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         limits=LIMITS,
         segmenter=args.segmenter,
         test_time_flips=args.test_time_flips,
-        holdout=holdout_record(config),
+        holdout=recorded or holdout_record(config),  # the model's own, where it has one
         shared_root=str(Path(args.root).resolve().parent),
     )
     report = release_model(

@@ -13,10 +13,12 @@ from skinray.data.datasets import (
     ISIC2017_CLASSES,
     DatasetError,
     age_band,
+    group_digest,
     holdout_split,
     read_ham10000,
     read_isic2017,
     read_manifest,
+    read_split,
     synthetic_samples,
 )
 from skinray.data.synthetic import synthetic_sample
@@ -104,6 +106,25 @@ def test_holdout_split_keeps_each_group_on_one_side():
     assert not train_groups & validation_groups
     assert len(train) + len(validation) == 40
     assert round(0.25 * 14) == len(validation_groups)
+
+
+def test_a_hold_out_is_drawn_again_only_from_the_groups_it_was_drawn_from(tmp_path):
+    # The draw permutes the distinct groups: from a manifest with one lesion more, the same
+    # fraction and seed would draw another hold-out, of images a model trained on.
+    rows = [f"{i}.png,lesion_{i // 2},class_{i % 3}" for i in range(20)]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(["image,group,label", *rows]) + "\n")
+    grown = tmp_path / "grown.csv"
+    grown.write_text(manifest.read_text() + "20.png,lesion_99,class_0\n")
+    recorded = group_digest(read_manifest(str(manifest)))
+    draw = dict(fraction=0.3, seed=2, manifest_holdout=True)
+
+    same = read_split("manifest", str(manifest), **draw, groups_sha256=recorded)
+    assert same.rows.equals(read_split("manifest", str(manifest), **draw).rows)
+    other = read_split("manifest", str(grown), **draw).rows["image_uri"].to_pylist()
+    assert other != same.rows["image_uri"].to_pylist()  # what the check stands between
+    with pytest.raises(DatasetError, match=r"grown\.csv: its lesions are not those .* drawn from"):
+        read_split("manifest", str(grown), **draw, groups_sha256=recorded)
 
 
 @pytest.mark.skipif(

@@ -213,14 +213,15 @@ def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
     # not on the recipes' default (0.15, seed 0), whose images it may have trained on.
     import pyarrow.parquet as pq
 
-    from skinray.data.datasets import HAM10000_CLASSES, read_split
-    from skinray.models import create_model, get_model_spec, save_model
+    from skinray.data.datasets import HAM10000_CLASSES, group_digest, read_ham10000, read_split
+    from skinray.models import create_model, get_model_spec, load_model, save_model
 
     root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000")
     kwargs = {**get_model_spec("classifier").smoke_kwargs, "num_classes": 7}
     model = create_model("classifier", **kwargs)
     uri = str(tmp_path / "model")
-    holdout = {"source": "ham10000", "fraction": 0.3, "seed": 5}
+    lesions = group_digest(read_ham10000(root))
+    holdout = {"source": "ham10000", "fraction": 0.3, "seed": 5, "groups_sha256": lesions}
     save_model(model, uri, input_size=(32, 32), class_names=HAM10000_CLASSES, holdout=holdout)
     common = ["--data", "ham10000", "--root", root, "--limit", "3", "--bootstrap", "0"]
     evaluated = {}
@@ -245,6 +246,36 @@ def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
         assert evaluated[expected] == drawn.rows.column("image_uri").to_pylist()[:3]
     default = read_split("ham10000", root).rows.column("image_uri").to_pylist()[:3]
     assert evaluated[(0.3, 5)] != default
+    # What else shaped the figures is in the JSON beside them.
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["classifier"] is None and settings["limit"] == 3
+    assert settings["config_sha256"] == [load_model(uri).saved_config.config_sha256]
+    assert (settings["test_time_flips"], settings["temperature"]) == (False, 1.0)
+
+
+def test_the_evaluate_job_refuses_to_draw_a_models_hold_out_from_other_lesions(tmp_path, capsys):
+    # Its hold-out was drawn from other lesions (a copy with more or fewer images): the same
+    # fraction and seed would draw another hold-out here, mostly of images it trained on.
+    from skinray.data.datasets import HAM10000_CLASSES
+    from skinray.models import create_model, get_model_spec, save_model
+
+    root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000")
+    kwargs = {**get_model_spec("classifier").smoke_kwargs, "num_classes": 7}
+    uri = str(tmp_path / "model")
+    holdout = {"source": "ham10000", "fraction": 0.15, "seed": 0, "groups_sha256": "0" * 64}
+    save_model(
+        create_model("classifier", **kwargs),
+        uri,
+        input_size=(32, 32),
+        class_names=HAM10000_CLASSES,
+        holdout=holdout,
+    )
+    argv = [uri, "--data", "ham10000", "--root", root, "--limit", "2", "--bootstrap", "0"]
+    assert _evaluate_job().main([*argv, "--no-subgroups"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "its lesions are not those the model's hold-out was drawn from" in line
+    # Asked for another draw by name, it draws it: the choice is the user's, and on record.
+    assert _evaluate_job().main([*argv, "--no-subgroups", "--holdout-seed", "0"]) == 0
 
 
 def test_a_manifest_the_model_drew_its_validation_from_is_evaluated_on_that_hold_out(tmp_path):

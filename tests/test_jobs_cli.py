@@ -218,6 +218,7 @@ def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(c
     )
     held = set(validation.rows.column("image_uri").to_pylist())
     assert held.isdisjoint(training.rows.column("image_uri").to_pylist())
+    from skinray.data.datasets import group_digest, read_ham10000
     from skinray.train.trainer import holdout_record
 
     assert holdout_record(config) == {
@@ -225,6 +226,7 @@ def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(c
         "root": root,
         "fraction": 0.15,
         "seed": 5,
+        "groups_sha256": group_digest(read_ham10000(root)),
     }
     split = config.model_copy(
         update={"data": config.data.model_copy(update={"validation": "split"})}
@@ -244,6 +246,31 @@ def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(c
     assert result.stderr.strip().splitlines() == [
         f"error: {metrics}: trained on ham10000, not isic2017"
     ]
+
+
+def test_release_job_refuses_a_model_whose_hold_out_was_drawn_from_other_lesions(tmp_path, capsys):
+    import json
+    import shutil
+
+    from skinray.train.config import smoke_test_config
+
+    model = tmp_path / "run" / "model"
+    shutil.copytree(ROOT / "models" / "ham10000-classifier", model)
+    config = json.loads((model / "config.json").read_text())
+    config["holdout"]["groups_sha256"] = "0" * 64  # drawn from another copy of HAM10000
+    (model / "config.json").write_text(json.dumps(config))
+    root = str(SHARED_DATA / "ham10000")
+    run = smoke_test_config("classifier", str(tmp_path / "run"))
+    run = run.model_copy(
+        update={"data": run.data.model_copy(update={"source": "ham10000", "root": root})}
+    )
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"config": run.model_dump()}))
+    result = _main(
+        capsys, "release.py", str(model), *("--name", "x", "--data", "ham10000", "--root", root)
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{root}: its lesions are not those the model's hold-out was drawn from" in line
 
 
 def test_evaluate_job_refuses_a_classifier_on_data_of_other_classes(capsys):

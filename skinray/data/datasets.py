@@ -19,6 +19,7 @@ Layouts:
 
 from __future__ import annotations
 
+import hashlib
 import io as stdio
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ __all__ = [
     "ISIC2017_CLASSES",
     "DatasetError",
     "SampleTable",
+    "group_digest",
     "holdout_split",
     "read_ham10000",
     "read_isic2017",
@@ -139,27 +141,44 @@ def read_split(
     seed: int = 0,
     class_names: Sequence[str] | None = None,
     manifest_holdout: bool = False,
+    groups_sha256: str | None = None,
 ) -> SampleTable:
     """One split of a labelled data set, drawn as training draws it: ISIC 2017's own ``training``
     or ``validation`` folders; HAM10000's lesion-grouped hold-out (``fraction`` and ``seed`` as in
     the recipe: 0.15 and 0 by default); a manifest (``source="manifest"``) whole, or with
     ``manifest_holdout`` its hold-out at ``fraction`` and ``seed`` (for a model whose training
-    drew its validation images from this manifest)."""
+    drew its validation images from this manifest). With ``groups_sha256`` (a model's hold-out
+    record), a hold-out is drawn only from the groups the model's was drawn from."""
     split = split.lower()
     if split not in ("training", "validation"):
         raise DatasetError(f"unknown split {split!r}: training or validation")
     if source == "isic2017":
         return read_isic2017(root, split)
     if source == "ham10000":
-        training, validation = holdout_split(read_ham10000(root), fraction, seed)
-        return validation if split == "validation" else training
-    if source == "manifest":
+        samples = read_ham10000(root)
+    elif source == "manifest":
         samples = read_manifest(root, tuple(class_names) if class_names else None)
         if not manifest_holdout:
             return samples
-        training, validation = holdout_split(samples, fraction, seed)
-        return validation if split == "validation" else training
-    raise DatasetError(f"unknown data source {source!r}: isic2017, ham10000 or manifest")
+    else:
+        raise DatasetError(f"unknown data source {source!r}: isic2017, ham10000 or manifest")
+    if groups_sha256 is not None and group_digest(samples) != groups_sha256:
+        raise DatasetError(
+            f"{root}: its lesions are not those the model's hold-out was drawn from (SHA-256 "
+            f"{group_digest(samples)[:12]}, recorded {groups_sha256[:12]}): drawn from them, "
+            "the hold-out would hold images the model trained on"
+        )
+    training, validation = holdout_split(samples, fraction, seed)
+    return validation if split == "validation" else training
+
+
+def group_digest(samples: SampleTable) -> str:
+    """SHA-256 of the distinct groups (lesions) of ``samples``, sorted. ``holdout_split`` permutes
+    them, so from other groups the same fraction and seed draw another hold-out: with one lesion
+    fewer in HAM10000, 960 of the 1,266 images drawn would have been in the first draw's training
+    side."""
+    groups = sorted({str(g) for g in samples.rows["group"].to_pylist()})
+    return hashlib.sha256("\n".join(groups).encode()).hexdigest()
 
 
 def _require_columns(table: pa.Table, columns: tuple[str, ...], uri: str) -> None:

@@ -22,6 +22,7 @@ from skinray import io
 from skinray.data.datasets import (
     DatasetError,
     SampleTable,
+    group_digest,
     holdout_split,
     read_ham10000,
     read_isic2017,
@@ -268,18 +269,24 @@ def check_stage_inputs(config: TrainConfig) -> None:
 
 
 def holdout_record(config: TrainConfig) -> dict[str, Any] | None:
-    """The validation hold-out ``_samples`` draws from the run's data (``source``, ``root``,
-    ``fraction``, ``seed``), as a saved model records it for evaluation to draw again; None where
-    the run validates on a split of its own."""
+    """The validation hold-out ``load_samples`` draws from the run's data (``source``, ``root``,
+    ``fraction``, ``seed``, and for HAM10000 or a manifest ``groups_sha256``, the digest of the
+    lesions it is drawn from), as a saved model records it for evaluation to draw again; None
+    where the run validates on a split of its own."""
     data = config.data
     if data.validation != "holdout":
         return None
-    return {
+    record = {
         "source": data.source,
         "root": data.root,  # absolute in a run (with_absolute_paths): a manifest's is its URI
         "fraction": data.validation_fraction,
         "seed": config.seed,
     }
+    if data.source == "ham10000":
+        record["groups_sha256"] = group_digest(read_ham10000(data.root))
+    elif data.source == "manifest":
+        record["groups_sha256"] = group_digest(read_manifest(data.root, data.class_names))
+    return record
 
 
 def _saved_settings(config: TrainConfig, class_names: list[str]) -> dict[str, Any]:
