@@ -168,6 +168,27 @@ def test_a_dataset_source_needs_a_root():
         load_config("asnet", ["data.root=null"])
 
 
+def test_a_checkpoint_metric_the_model_does_not_report_is_refused():
+    # A classifier reports no Jaccard: every epoch would score alike, and the "best" checkpoint
+    # would be whichever Ray kept first (epoch N-1 of N).
+    with pytest.raises(
+        ConfigError, match=r"checkpoint.metric 'val_jaccard': classifier does not report it"
+    ):
+        load_config("classifier_cpu", ["checkpoint.metric=val_jaccard"])
+    with pytest.raises(ConfigError, match=r"'val_auc_mean': unet does not report it"):
+        load_config("unet_two_step", ["checkpoint.metric=val_auc_mean"])
+    assert load_config("classifier_cpu", ["checkpoint.metric=val_loss"]).checkpoint.mode
+
+
+def test_class_names_of_a_fixed_data_set_must_be_its_own_in_its_order():
+    # HAM10000's reader labels by its own list; other names would be saved against its labels.
+    reordered = "[nv, akiec, bcc, bkl, df, mel, vasc]"
+    with pytest.raises(ConfigError, match=r"ham10000's labels are \['akiec', 'bcc'"):
+        load_config("classifier_cpu", [f"data.class_names={reordered}"])
+    own = "[akiec, bcc, bkl, df, mel, nv, vasc]"
+    assert load_config("classifier_cpu", [f"data.class_names={own}"]).data.class_names[0] == "akiec"
+
+
 def test_missing_file_and_unknown_recipe_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
         load_config(str(tmp_path / "nope.yaml"))

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from skinray.data.datasets import HAM10000_CLASSES, ISIC2017_CLASSES
+
 __all__ = [
     "CheckpointConfig",
     "ConfigError",
@@ -91,6 +93,12 @@ class DataConfig(_Strict):
             and not self.validation_manifest
         ):
             raise ValueError("data.validation=split with a manifest needs data.validation_manifest")
+        fixed = {"isic2017": ISIC2017_CLASSES, "ham10000": HAM10000_CLASSES}.get(self.source)
+        if fixed and self.class_names and tuple(self.class_names) != tuple(fixed):
+            # The reader labels by its own list: other names would be saved against its labels.
+            raise ValueError(
+                f"data.class_names: {self.source}'s labels are {list(fixed)}, in this order"
+            )
         return self
 
 
@@ -200,6 +208,32 @@ class TrainConfig(_Strict):
         if "encoder_weights" in self.model_kwargs:
             raise ValueError("set encoder_weights at the top level, not in model_kwargs")
         return self
+
+    @model_validator(mode="after")
+    def _checkpoint_metric_reported(self) -> TrainConfig:
+        # A metric the model does not report scores every epoch alike (-inf, or the frozen
+        # segmenter's Jaccard under an ROI classifier): the "best" checkpoint is then whichever
+        # Ray kept first, and early stopping stops after exactly its patience.
+        from skinray.models import get_model_spec
+
+        spec, metric = get_model_spec(self.model), self.checkpoint.metric
+        figure = metric.removeprefix("val_")
+        wrong = (figure in _MASK_FIGURES and not spec.segments) or (
+            figure in _CLASS_FIGURES and not spec.classifies
+        )
+        if wrong:
+            raise ValueError(
+                f"checkpoint.metric {metric!r}: {self.model} does not report it (it has no "
+                f"{'mask' if figure in _MASK_FIGURES else 'class'} output); pick one it reports, "
+                + ("val_balanced_accuracy or val_auc_mean" if spec.classifies else "val_jaccard")
+                + ", or val_loss"
+            )
+        return self
+
+
+# Validation figures only a model with that output reports ("accuracy" is both: not checked).
+_MASK_FIGURES = frozenset({"jaccard", "threshold_jaccard", "dice", "sensitivity", "specificity"})
+_CLASS_FIGURES = frozenset({"balanced_accuracy", "auc_mean", "ece"})
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
