@@ -31,7 +31,9 @@ from skinray.evaluation import (
     SEGMENTATION_FIGURES,
     Evaluator,
     evaluate_samples,
+    has_truth_masks,
 )
+from skinray.models import CLASS_LOGITS
 from skinray.predict import ModelCheckError, Predictor, check_models
 
 
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
             groups_sha256=_recorded_groups(args, trained),
         )
         _check_classes(args, configs[-1].class_names, samples.class_names)
+        segmentation = has_truth_masks(samples, args.root)
+        if not segmentation and CLASS_LOGITS not in configs[-1].outputs:
+            raise DatasetError(f"{args.root}: no truth masks, and {args.model} has no class output")
         if args.limit:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
@@ -152,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
             predictions_uri=args.predictions,
             at_source_size=args.at_source_size,
             subgroups=args.subgroups,
+            segmentation=segmentation,
         )
         report = evaluator.report(resamples=args.bootstrap, seed=args.seed)
         subgroups = (

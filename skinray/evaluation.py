@@ -11,6 +11,7 @@ calibration for ``jobs/evaluate.py``; ``result()`` stays cheap for training's pe
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import cv2
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from skinray import io, metrics
-from skinray.data.datasets import SUBGROUP_COLUMNS
+from skinray.data.datasets import SUBGROUP_COLUMNS, DatasetError
 from skinray.data.decode import encode_png
 from skinray.predict import Prediction, Predictor
 from skinray.skin_tone import individual_typology_angle, ita_category
@@ -241,6 +242,20 @@ def mask_at_size(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     return cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
 
 
+def has_truth_masks(samples, root: str) -> bool:
+    """Whether ``samples`` name a truth mask for every image (True) or for none (False). Some
+    but not all is refused: the reader gives an image without one an empty mask, and its
+    predicted lesion would be scored against nothing."""
+    missing = samples.rows["mask_uri"].is_null().to_numpy(zero_copy_only=False)
+    if missing.any() and not missing.all():
+        first = samples.rows["image_uri"][int(np.flatnonzero(missing)[0])].as_py()
+        raise DatasetError(
+            f"{root}: {int(missing.sum())} of {len(missing)} images have no truth mask "
+            f"(the first: {first}); segmentation figures need one for every image"
+        )
+    return not missing.any()
+
+
 def read_truth_mask(uri: str) -> np.ndarray:
     """A 0/255 mask file → bool (H, W) at its own resolution, read as training reads masks."""
     from skinray.data.loading import read_mask
@@ -268,6 +283,7 @@ def evaluate_samples(
     predictions_uri: str | None = None,
     at_source_size: bool = False,
     subgroups: bool = False,
+    segmentation: bool = True,
 ) -> dict[str, float]:
     """Metrics of ``predictor`` on a labelled ``SampleTable``, decoded at the predictor's input size
     with the training pipeline's own reader; unreadable images are skipped and counted in
@@ -275,7 +291,8 @@ def evaluate_samples(
     (``PREDICTION_SCHEMA``), a batch at a time. ``at_source_size``: segmentation figures at each
     truth mask's own resolution (the predicted mask resized to it, as a scored mask is), not at
     the model's input size. ``subgroups``: also place each image in its subgroups (metadata, and
-    skin tone from the image) for ``Evaluator.subgroup_report``."""
+    skin tone from the image) for ``Evaluator.subgroup_report``. Without ``segmentation`` (data
+    without truth masks) only the class figures are measured."""
     from skinray.data.loading import decode_samples
 
     evaluator = evaluator or Evaluator(predictor.class_names or samples.class_names)
@@ -299,7 +316,9 @@ def evaluate_samples(
                 else torch.from_numpy(batch["mask"][ok])
             )
             groups = _subgroups(chunk, ok, batch, prediction) if subgroups else None
-            evaluator.update(prediction, masks, labels, groups)
+            # Without truth masks the predicted ones are written, not scored against nothing.
+            scored = prediction if segmentation else dataclasses.replace(prediction, mask=None)
+            evaluator.update(scored, masks, labels, groups)
             if writer:
                 writer.write(batch["image_uri"][ok], labels.numpy(), prediction)
     finally:

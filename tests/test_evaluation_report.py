@@ -317,6 +317,49 @@ def test_a_manifest_the_model_drew_its_validation_from_is_evaluated_on_that_hold
     assert len(evaluated(tmp_path / "other.csv")) == 12
 
 
+def test_data_without_truth_masks_gets_class_figures_only_and_a_partial_set_is_refused(
+    tmp_path, capsys
+):
+    # The reader gives an image without a mask an empty one: scored against it, a predicted
+    # lesion would count as a Jaccard of 0.
+    import cv2
+
+    from skinray.data.synthetic import synthetic_sample
+    from skinray.models import create_model, get_model_spec, save_model
+
+    lines = ["image,mask,label"]
+    for seed in range(6):
+        sample = synthetic_sample(seed, (40, 40), label=seed % 3)
+        cv2.imwrite(str(tmp_path / f"{seed}.png"), cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(tmp_path / f"{seed}_mask.png"), sample.mask * 255)
+        lines.append(f"{seed}.png,,{CLASSES[seed % 3]}")
+    unmasked = tmp_path / "unmasked.csv"
+    unmasked.write_text("\n".join(lines) + "\n")
+    partial = tmp_path / "partial.csv"
+    partial.write_text("\n".join([*lines[:-1], f"5.png,5_mask.png,{CLASSES[2]}"]) + "\n")
+    joint, segmenter = str(tmp_path / "clnet"), str(tmp_path / "unet")
+    for name, uri in (("clnet", joint), ("unet", segmenter)):
+        model = create_model(name, **get_model_spec(name).smoke_kwargs)
+        classes = CLASSES if get_model_spec(name).classifies else None
+        save_model(model, uri, input_size=(32, 32), class_names=classes)
+
+    def evaluate(model, manifest):
+        out = tmp_path / "out.json"
+        argv = [model, "--data", "manifest", "--root", str(manifest), "--bootstrap", "0"]
+        code = _evaluate_job().main([*argv, "--no-subgroups", "--json", str(out)])
+        return code, json.loads(out.read_text())["metrics"] if code == 0 else None
+
+    code, figures = evaluate(joint, unmasked)
+    assert code == 0 and figures["images"] == 6 and "accuracy" in figures
+    assert "jaccard" not in figures and "dice" not in figures
+    capsys.readouterr()
+    assert evaluate(segmenter, unmasked)[0] == 2
+    assert "no truth masks, and" in capsys.readouterr().err
+    assert evaluate(joint, partial)[0] == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "5 of 6 images have no truth mask (the first: " in line
+
+
 def test_subgroup_figures_are_the_figures_of_each_groups_images_alone():
     whole, groups = Evaluator(CLASSES), {"sex": [], "site": []}
     parts = {"female": Evaluator(CLASSES), "male": Evaluator(CLASSES)}
