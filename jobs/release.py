@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_time_s": training["wall_time_s"],
             "commit": args.training_commit or training.get("commit", "not recorded"),
             "machine": f"{platform.machine()} CPU, see docs/benchmarks.md",
+            "config": training["config"],
         },
         limits=LIMITS,
         segmenter=args.segmenter,

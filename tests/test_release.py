@@ -100,7 +100,8 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
     save_model(model, str(tmp_path / "trained"), input_size=(64, 64), class_names=["a", "b", "c"])
     spec = ReleaseSpec(
         name="flipped", title="t", data="synthetic", licence="none", recipe="smoke",
-        training={"best": {}, "epochs_run": 1, "wall_time_s": 1.0}, test_time_flips=True,
+        training={"best": {}, "epochs_run": 1, "wall_time_s": 1.0, "config": {"model": "x"}},
+        test_time_flips=True,
         holdout={"source": "synthetic", "root": None, "fraction": 0.2, "seed": 4},
     )  # fmt: skip
     samples = _labelled_by(str(tmp_path / "trained"), synthetic_samples(24, num_classes=3))
@@ -120,6 +121,10 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
     assert again["calibration"]["temperature"] == pytest.approx(expected, rel=2e-3)
     released = load_model(str(tmp_path / "r2")).saved_config
     assert released.test_time_flips and released.holdout == spec.holdout  # the run's, recorded
+    # every training setting travels with the release, beyond the card's one-line recipe
+    assert again["training_config"] == {"model": "x"}
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["training_config"]
+    assert "`training_config` in `metrics.json`" in (tmp_path / "r2" / "MODEL_CARD.md").read_text()
 
 
 def _labelled_by(model_uri: str, samples):

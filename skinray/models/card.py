@@ -154,7 +154,12 @@ def render_model_card(spec, config, report: dict) -> str:
         f"released with `{report['commit']}`.",
         "",
         "## Training",
-        f"- Recipe: {spec.recipe}.",
+        f"- Recipe: {spec.recipe}."
+        + (
+            " Every setting of the run: `training_config` in `metrics.json`."
+            if "training_config" in report
+            else ""
+        ),
         f"- Reproduce: `{spec.reproduce}`." if spec.reproduce else "",
         f"- Best epoch {best.get('epoch', 'n/a')} of {training.get('epochs_run', 'n/a')}; "
         f"wall time {training.get('wall_time_s', float('nan')) / 60:.1f} min on "

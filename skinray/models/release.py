@@ -133,6 +133,8 @@ def release_model(
         io.write_bytes(io.join(destination, "reliability.png"), png)
     if training_samples is not None and FEATURES in load_model(destination).saved_config.outputs:
         report["ood"] = _fit_ood(destination, spec, training_samples, samples, batch_size)
+    if "config" in spec.training:  # every setting of the run; the card's recipe line is a summary
+        report["training_config"] = spec.training["config"]
     _write_card(destination, spec, report)
     if fixture_dir is not None:
         write_regression_fixture(destination, spec, samples, fixture_dir)
