@@ -33,7 +33,7 @@ from skinray.evaluation import (
     evaluate_samples,
     has_truth_masks,
 )
-from skinray.models import CLASS_LOGITS
+from skinray.models import CLASS_LOGITS, MASK_LOGITS
 from skinray.predict import ModelCheckError, Predictor, check_models
 
 
@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             groups_sha256=_recorded_groups(args, trained),
         )
         _check_classes(args, configs[-1].class_names, samples.class_names)
-        segmentation = has_truth_masks(samples, args.root)
+        # Masks are truth only for a model that segments: a classifier needs none.
+        segmentation = MASK_LOGITS in configs[0].outputs and has_truth_masks(samples, args.root)
         if not segmentation and CLASS_LOGITS not in configs[-1].outputs:
             raise DatasetError(f"{args.root}: no truth masks, and {args.model} has no class output")
         if args.limit:

@@ -338,7 +338,8 @@ def test_data_without_truth_masks_gets_class_figures_only_and_a_partial_set_is_r
     partial = tmp_path / "partial.csv"
     partial.write_text("\n".join([*lines[:-1], f"5.png,5_mask.png,{CLASSES[2]}"]) + "\n")
     joint, segmenter = str(tmp_path / "clnet"), str(tmp_path / "unet")
-    for name, uri in (("clnet", joint), ("unet", segmenter)):
+    classifier = str(tmp_path / "classifier")
+    for name, uri in (("clnet", joint), ("unet", segmenter), ("classifier", classifier)):
         model = create_model(name, **get_model_spec(name).smoke_kwargs)
         classes = CLASSES if get_model_spec(name).classifies else None
         save_model(model, uri, input_size=(32, 32), class_names=classes)
@@ -358,6 +359,9 @@ def test_data_without_truth_masks_gets_class_figures_only_and_a_partial_set_is_r
     assert evaluate(joint, partial)[0] == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "5 of 6 images have no truth mask (the first: " in line
+    # A classifier alone takes no mask: the same data is its to measure.
+    code, figures = evaluate(classifier, partial)
+    assert code == 0 and figures["images"] == 6 and "jaccard" not in figures
 
 
 def test_subgroup_figures_are_the_figures_of_each_groups_images_alone():
