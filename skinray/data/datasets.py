@@ -162,10 +162,11 @@ def read_split(
             return samples
     else:
         raise DatasetError(f"unknown data source {source!r}: isic2017, ham10000 or manifest")
-    if groups_sha256 is not None and group_digest(samples) != groups_sha256:
+    found = group_digest(samples) if groups_sha256 is not None else None
+    if found != groups_sha256:
         raise DatasetError(
             f"{root}: its lesions are not those the model's hold-out was drawn from (SHA-256 "
-            f"{group_digest(samples)[:12]}, recorded {groups_sha256[:12]}): drawn from them, "
+            f"{found[:12]}, recorded {groups_sha256[:12]}): drawn from them, "
             "the hold-out would hold images the model trained on"
         )
     training, validation = holdout_split(samples, fraction, seed)
