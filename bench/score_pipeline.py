@@ -402,7 +402,7 @@ def decode_only(images: str, config, segment_size: tuple[int, int]) -> dict:
     started = time.perf_counter()
     staging = io.join(config.output, "_staging", "decode-only")
     config = config.model_copy(update={"input": images})  # a warm-up set, or the N set
-    listing = stage_listing(config, staging, {}, config.decode_batch_size)
+    listing = stage_listing(config, staging, {}, config.decode_batch_size, use_gpu=False)
     dataset = decoded_images(listing, config, segment_size)
     count = errors = 0
     for batch in dataset.iter_batches(batch_size=None):

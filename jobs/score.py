@@ -54,7 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         help="rows per output Parquet file (10000: tens of MB; they wait in the object store)",
     )
-    parser.add_argument("--incremental", action="store_true", help="skip images already scored")
+    parser.add_argument(
+        "--incremental",
+        action="store_true",
+        help="skip images already scored by the same models from input decoded as this run would",
+    )
     parser.add_argument("--cam", dest="include_cam", action="store_true", help="store CAMs as PNG")
     parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")
     parser.add_argument("--batch-size", type=int, help="images per model call on an actor (16)")

@@ -22,7 +22,7 @@ from skinray.score.plan import OUTPUT_ROW_BYTES, ClusterShape, plan_placement
 from skinray.score.plan import Placement as _Placement
 from skinray.score.plan import object_store_budget as _object_store_budget
 from skinray.score.schema import error_schema, result_schema
-from skinray.score.sources import listing_rows_per_file, stage_listing
+from skinray.score.sources import list_inputs, listing_rows_per_file, stage_listing
 
 
 def _config(**extra):
@@ -302,12 +302,63 @@ def test_the_listing_is_staged_in_order_without_duplicates_or_what_a_dead_driver
     _stage(staging, _staged_rows(already, set()))  # a dead driver staged these
 
     config = _config(input=str(manifest), output=str(output))
-    listing = stage_listing(config, str(staging), {}, decode_batch_size=2)
+    listing = stage_listing(config, str(staging), {}, decode_batch_size=2, use_gpu=False)
     assert (listing.listed, listing.resumed_from_staging, listing.to_score) == (5, 2, 3)
     assert listing.files == 2  # 2 rows a file: ceil(3 / 64) rows raised to the decode batch
     rows = pads.dataset(tmp_path / "out" / "_staging" / "r" / "listing").to_table()
     assert [Path(u).name for u in rows["source_uri"].to_pylist()] == ["3.jpg", "0.jpg", "2.jpg"]
     assert listing.mean_source_bytes == (4 + 1 + 3) / 3
+
+
+def _scored_before(folder, listing: pa.Table, decodes: dict[str, str | None], classifier="c"):
+    """A results file of an earlier run: rows for the listed images named in ``decodes``, made
+    by segmenter config ``s`` and ``classifier``, from input made by the decoder named (None:
+    a file written before results recorded their decoder)."""
+    rows = [
+        {**row, "segmenter_config_sha256": "s", "classifier_config_sha256": classifier}
+        | ({"decode": decodes[Path(row["source_uri"]).name]} if decodes.get("_schema") else {})
+        for row in listing.to_pylist()
+        if Path(row["source_uri"]).name in decodes
+    ]
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-old-00000.parquet")
+
+
+@pytest.mark.parametrize(
+    ("jpeg_decode_in_segmenter", "use_gpu", "skipped"),
+    [(False, False, {"1.jpg"}), (True, False, {"1.jpg", "2.jpg"}), (True, True, {"1.jpg"})],
+)
+def test_an_incremental_run_keeps_rows_of_its_models_decoded_as_it_would_decode(
+    tmp_path, jpeg_decode_in_segmenter, use_gpu, skipped
+):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for i in range(5):
+        (archive / f"{i}.jpg").write_bytes(b"x" * (i + 1))
+    listing = list_inputs(str(archive))
+    results = tmp_path / "out" / "results"
+    # The first file found is from before the decode column: it must not hide the column.
+    _scored_before(results / "run_date=2026-11-20", listing, {"0.jpg": None})
+    decodes = {"_schema": True, "1.jpg": "opencv", "2.jpg": "torchvision-cpu"}
+    _scored_before(results / "run_date=2026-11-23", listing, decodes)
+    _scored_before(
+        results / "run_date=2026-11-24", listing, {"_schema": True, "3.jpg": "opencv"}, "other"
+    )
+
+    config = _config(
+        input=str(archive),
+        output=str(tmp_path / "out"),
+        incremental=True,
+        jpeg_decode_in_segmenter=jpeg_decode_in_segmenter,
+    )
+    models = {"segmenter_config_sha256": "s", "classifier_config_sha256": "c"}
+    staging = str(tmp_path / "out" / "_staging" / "r")
+    staged = stage_listing(config, staging, models, decode_batch_size=8, use_gpu=use_gpu)
+    assert staged.skipped_already_scored == len(skipped)
+    rows = pads.dataset(Path(staging) / "listing").to_table()
+    assert {Path(u).name for u in rows["source_uri"].to_pylist()} == {
+        f"{i}.jpg" for i in range(5)
+    } - skipped
 
 
 @pytest.mark.parametrize(

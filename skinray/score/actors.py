@@ -25,7 +25,13 @@ from skinray.backends import (
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
 from skinray.predict import Predictor
-from skinray.score.stages import KILL_ACTOR_MARKER_ENV, healthy_rows, mark_failed
+from skinray.score.stages import (
+    CPU_DECODER,
+    KILL_ACTOR_MARKER_ENV,
+    device_decoder,
+    healthy_rows,
+    mark_failed,
+)
 from skinray.uncertainty import normalised_entropy
 
 __all__ = ["PredictActor"]
@@ -51,8 +57,8 @@ class PredictActor:
     calibrated on ``calibration_images`` (N×H×W×3 uint8 at the decode size, or their object
     reference: the run reads them once, at the door). The first batch runs both ways and the
     backend is dropped for its ``GUARD_FALLBACK`` or eager, with a logged reason, where it fails
-    the accuracy guard. Each row records the backend that ran and, for int8, its calibration
-    images' SHA-256."""
+    the accuracy guard. Each row records which decoder made its input, the backend that ran and,
+    for int8, its calibration images' SHA-256."""
 
     def __init__(
         self,
@@ -91,9 +97,10 @@ class PredictActor:
     def __call__(self, batch: dict) -> dict:
         _kill_once_if_asked()
         time.sleep(self.test_delay_s)
+        count = len(batch["source_uri"])
+        batch["decode"] = np.array([CPU_DECODER] * count, dtype=object)
         if "jpeg" in batch:
             self._decode_jpegs(batch)
-        count = len(batch["source_uri"])
         batch["mask"] = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
         batch["backend"] = np.array([None] * count, dtype=object)
         batch["int8_calibration_sha256"] = np.array([None] * count, dtype=object)
@@ -182,4 +189,6 @@ class PredictActor:
                 except ImageDecodeError as error:
                     mark_failed(batch, i, "decode", error)
                     continue
+            else:
+                batch["decode"][i] = device_decoder(self.predictor.device.type)
             batch["image"][i] = pixels

@@ -142,7 +142,7 @@ def run_scoring(config: ScoreConfig) -> RunSummary:
     use = calibration is not None and not placement.use_gpu  # GPUs run no int8
     calibration_ref = ray.put(calibration) if use else None
     staging = io.join(config.output, "_staging", config.run_id)
-    listing = _stage_listing_on_a_worker(config, staging, models)
+    listing = _stage_listing_on_a_worker(config, staging, models, placement.use_gpu)
     operator_times, budget = {}, 0
     if listing.to_score:
         rows = build_graph(listing, config, models, placement, calibration_ref)
@@ -196,7 +196,7 @@ def _init_ray() -> None:
 
 
 def _stage_listing_on_a_worker(
-    config: ScoreConfig, staging: str, models: ScoringModels
+    config: ScoreConfig, staging: str, models: ScoringModels, use_gpu: bool
 ) -> StagedListing:
     """``stage_listing`` as a Ray task: the listing is per-image state, kept off the driver (a
     run id given again leaves out what its dead driver staged). A listing the config cannot
@@ -205,7 +205,9 @@ def _stage_listing_on_a_worker(
 
     task = ray.remote(stage_listing).options(num_cpus=1, max_retries=3)
     try:
-        return ray.get(task.remote(config, staging, models.identity, config.decode_batch_size))
+        return ray.get(
+            task.remote(config, staging, models.identity, config.decode_batch_size, use_gpu)
+        )
     except ray.exceptions.RayTaskError as error:
         if isinstance(error.cause, ScoreConfigError):
             raise error.cause from None

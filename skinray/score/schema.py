@@ -64,6 +64,7 @@ _RESULT_TAIL = [
     pa.field("classifier", pa.string()),
     pa.field("classifier_sha256", pa.string()),
     pa.field("classifier_config_sha256", pa.string()),
+    pa.field("decode", pa.string()),
     pa.field("backend", pa.string()),
     pa.field("int8_calibration_sha256", pa.string()),
     pa.field("backend_versions", pa.string()),

@@ -4,7 +4,8 @@ run's Ray Data graph reads back (``stage_listing``).
 An input is an ``s3://`` prefix, a local folder, or a manifest file (``.csv``, ``.txt``,
 ``.parquet``) of URIs. Each image is one row of :data:`LISTING_SCHEMA` with its size and ETag (a
 modification-time/size tag where storage has no ETag). With ``incremental``, images an earlier run
-scored with the same models (same URI and ETag) are dropped from the listing.
+scored with the same models (same URI and ETag) from input decoded the way this run would decode it
+are dropped from the listing.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pyarrow.parquet as pq
 
 from skinray import io
 from skinray.score.config import ScoreConfig, ScoreConfigError
-from skinray.score.stages import listing_file
+from skinray.score.stages import CPU_DECODER, device_decoder, listing_file
 
 __all__ = [
     "LISTING_SCHEMA",
@@ -33,6 +34,7 @@ __all__ = [
     "check_input",
     "list_inputs",
     "listing_rows_per_file",
+    "reusable_decoders",
     "stage_listing",
 ]
 
@@ -44,6 +46,13 @@ LISTING_SCHEMA = pa.schema(
     ]
 )
 MANIFEST_SUFFIXES = (".csv", ".txt", ".parquet")
+_EARLIER_RESULT_COLUMNS = (
+    "source_uri",
+    "source_etag",
+    "segmenter_config_sha256",
+    "classifier_config_sha256",
+    "decode",
+)
 
 
 def _pseudo_etag(info: pafs.FileInfo) -> str:
@@ -142,22 +151,36 @@ def list_inputs(uri: str) -> pa.Table:
 _ORDER = "__listing_order"
 
 
-def _earlier_results(config: ScoreConfig, models: dict[str, str]) -> pa.Table | None:
+def reusable_decoders(config: ScoreConfig, use_gpu: bool) -> tuple[str, ...]:
+    """The ``decode`` values of earlier rows that an incremental run keeps: the decoder this run
+    gives JPEGs, and ``CPU_DECODER``, the path training and evaluation take, which every run gives
+    other formats. A row decoded in a segmenter actor differs from the CPU path's by up to 0.1 in
+    a class probability, so a run that decodes on CPU scores its image again."""
+    if not config.jpeg_decode_in_segmenter:
+        return (CPU_DECODER,)
+    return (CPU_DECODER, device_decoder("cuda" if use_gpu else "cpu"))
+
+
+def _earlier_results(
+    config: ScoreConfig, models: dict[str, str], decoders: tuple[str, ...]
+) -> pa.Table | None:
     """(source_uri, source_etag) of what earlier runs under ``config.output`` scored with the same
-    models: the same config hashes (weights, temperature, test-time flips and every other setting).
-    Rows written before the config hashes were recorded never match, so their images are scored
-    again. None where nothing was scored before."""
+    models (the same config hashes: weights, temperature, test-time flips and every other setting)
+    from input made by one of ``decoders``. Rows written before a key column was recorded read it
+    as null and never match, so their images are scored again. None where nothing was scored."""
     fs, path = io.resolve(io.join(config.output, "results"))
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
+    # The key columns named, not inferred: inferred from the first file found, a schema from
+    # before a column was added would have left it out of every file's rows.
+    schema = pa.schema([pa.field(name, pa.string()) for name in _EARLIER_RESULT_COLUMNS])
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=schema)
     keys = ["segmenter_config_sha256", "classifier_config_sha256"]
-    if not set(keys) <= set(dataset.schema.names):
-        return None
     same_models = (pc.field(keys[0]) == models[keys[0]]) & (
         pc.coalesce(pc.field(keys[1]), pc.scalar("")) == (models[keys[1]] or "")
     )
-    return dataset.to_table(columns=["source_uri", "source_etag"], filter=same_models)
+    same_input = pc.field("decode").isin(list(decoders))
+    return dataset.to_table(columns=["source_uri", "source_etag"], filter=same_models & same_input)
 
 
 def _without(listing: pa.Table, done: pa.Table | None, keys: list[str]) -> pa.Table:
@@ -192,9 +215,14 @@ def listing_rows_per_file(count: int, decode_batch_size: int) -> int:
 
 
 def stage_listing(
-    config: ScoreConfig, staging: str, models: dict[str, str], decode_batch_size: int
+    config: ScoreConfig,
+    staging: str,
+    models: dict[str, str],
+    decode_batch_size: int,
+    use_gpu: bool,
 ) -> StagedListing:
-    """List the inputs; with ``incremental``, drop those already scored with the same models; drop
+    """List the inputs; with ``incremental``, drop those already scored with the same models from
+    input decoded as this run's model actors (on GPUs or not) would (``reusable_decoders``); drop
     those a dead driver of this run id already staged (``skinray.score.commit.staged_uris``);
     write the rest to ``<staging>/listing/``. Run on a worker (``ray.remote``) so that no
     per-image state lives on the driver, however large the archive."""
@@ -204,7 +232,8 @@ def stage_listing(
     listed = listing.num_rows
     listing = listing.append_column(_ORDER, pa.array(np.arange(listed)))
     if config.incremental:
-        listing = _without(listing, _earlier_results(config, models), ["source_uri", "source_etag"])
+        earlier = _earlier_results(config, models, reusable_decoders(config, use_gpu))
+        listing = _without(listing, earlier, ["source_uri", "source_etag"])
     skipped = listed - listing.num_rows
     staged = pa.table({"source_uri": staged_uris(staging)})
     remaining = _without(listing, staged, ["source_uri"]).drop_columns([_ORDER])

@@ -28,7 +28,9 @@ from skinray.score.schema import ROI_BOX_COLUMNS, UNCERTAINTY_COLUMNS, probabili
 from skinray.skin_tone import individual_typology_angle, ita_category
 
 __all__ = [
+    "CPU_DECODER",
     "describe_lesions",
+    "device_decoder",
     "finish_rows",
     "listing_file",
     "read_and_decode",
@@ -41,6 +43,16 @@ KILL_ACTOR_MARKER_ENV = "SKINRAY_TEST_KILL_ACTOR_MARKER"
 #: Test hook for the resume test: seconds every model call waits, so that a driver can be killed
 #: while a run is surely mid-way.
 PREDICT_DELAY_ENV = "SKINRAY_TEST_PREDICT_DELAY_S"
+#: Which decoder made a row's model input (the results' ``decode`` column). This one is
+#: ``skinray.data.decode`` in the read tasks: the path training and ``jobs/evaluate.py`` take.
+CPU_DECODER = "opencv"
+
+
+def device_decoder(device_type: str) -> str:
+    """The segmenter actor's JPEG decoder (``--jpeg-decode-in-segmenter``) on a device of this
+    type: its outputs differ from ``CPU_DECODER``'s by up to 0.1 in a class probability
+    (docs/benchmarks.md, "Where JPEGs are decoded")."""
+    return f"torchvision-{device_type}"
 
 
 def _errors(count: int) -> dict[str, np.ndarray]:
@@ -252,6 +264,7 @@ def finish_rows(
             dtype=object,
         ),
         **{key: np.array([value] * count, dtype=object) for key, value in models.items()},
+        "decode": batch.get("decode", np.array([None] * count, dtype=object)),
         "backend": batch.get("backend", np.array([None] * count, dtype=object)),
         "int8_calibration_sha256": batch.get(
             "int8_calibration_sha256", np.array([None] * count, dtype=object)

@@ -267,6 +267,7 @@ def test_rerun_replaces_and_incremental_scores_only_new_images(
     assert results.num_rows == first.results + 5
     assert len(set(results["source_uri"].to_pylist())) == results.num_rows
     assert set(results["backend"].to_pylist()) == {default_backend("cpu")}
+    assert set(results["decode"].to_pylist()) == {"opencv"}
     assert set(results["int8_calibration_sha256"].to_pylist()) == {None}  # not int8: no images
     assert set(results["backend_versions"].to_pylist()) == {
         runtime_versions(default_backend("cpu"))
@@ -309,6 +310,9 @@ def test_jpegs_decoded_in_the_segmenter_end_as_on_cpu(ray_cluster, s3_bucket, mo
     rotated = rows[f"{s3_bucket}/archive/odd/exif_rotated.jpg"]
     assert (rotated["height"], rotated["width"]) == (120, 160)
     assert summary.results + summary.errors == len(expected)
+    good = {row["decode"] for uri, row in rows.items() if "/good/" in uri}
+    assert good == {"torchvision-cpu"}  # each row names its decoder
+    assert {rows[f"{s3_bucket}/archive/odd/alpha.png"]["decode"]} == {"opencv"}
     assert json.loads(_summary_json(s3_bucket, summary.run_id))["settings"][
         "jpeg_decode_in_segmenter"
     ]
