@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         configs = check_models(args.model, args.classifier, segments=bool(args.classifier))
+        # A model without a class output is not judged by labels, whatever names it carries.
+        classes = configs[-1].class_names if CLASS_LOGITS in configs[-1].outputs else None
         trained = _trained_holdout(args, configs[-1].holdout)
         holdout = _holdout(args, trained)
         samples = read_split(
@@ -128,11 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             args.split,
             fraction=holdout["fraction"],
             seed=holdout["seed"],
-            class_names=configs[-1].class_names,
+            class_names=classes,
             manifest_holdout=args.data == "manifest" and bool(trained),
             groups_sha256=_recorded_groups(args, trained),
         )
-        _check_classes(args, configs[-1].class_names, samples.class_names)
+        _check_classes(args, classes, samples.class_names)
         # Masks are truth only for a model that segments: a classifier needs none.
         segmentation = MASK_LOGITS in configs[0].outputs and has_truth_masks(samples, args.root)
         if not segmentation and CLASS_LOGITS not in configs[-1].outputs:
@@ -149,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if reason:
             print(f"backend {args.backend} fell back to {used}: {reason}", file=sys.stderr)
-        evaluator = Evaluator(predictor.class_names or samples.class_names)
+        evaluator = Evaluator(classes or samples.class_names)
         results = evaluate_samples(
             predictor,
             samples,

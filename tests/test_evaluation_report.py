@@ -208,6 +208,19 @@ def test_the_evaluate_job_measures_a_backend_beside_eager(tmp_path):
     assert 0.3 < figures["eager"] < 1.0
 
 
+def test_a_segmenter_is_measured_on_masks_whatever_class_names_it_carries(tmp_path):
+    # The released segmenter was saved with ISIC 2017's class names but has no class output:
+    # HAM10000's masks measure it, and no class figure is made up.
+    job = _evaluate_job()
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
+    out = tmp_path / "figures.json"
+    argv = ["lesion-segmenter", "--data", "ham10000", "--root", str(root), "--limit", "8"]
+    assert job.main([*argv, "--bootstrap", "0", "--no-subgroups", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert 0.3 < payload["metrics"]["jaccard"] < 1.0
+    assert not set(CLASSIFICATION_FIGURES) & set(payload["metrics"])
+
+
 def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
     # A HAM10000 classifier trained with seed 5 and a 0.3 hold-out is measured on that hold-out,
     # not on the recipes' default (0.15, seed 0), whose images it may have trained on.
