@@ -9,7 +9,7 @@ The metrics are the training job's (``skinray.evaluation``): per-image ISIC Jacc
 sensitivity, specificity, accuracy and thresholded Jaccard; accuracy, balanced accuracy, mean AUC and
 the expected calibration error; per class, ISIC's sensitivity, specificity, PPV, NPV, AUC,
 ``auc_sens_80`` and average precision. Each comes with a 95 % percentile bootstrap interval over
-images (``--bootstrap N`` resamples, 0 for none). ``--json`` writes training's flat figures
+lesions, each drawn with all its images (``--bootstrap N`` resamples, 0 for none). ``--json`` writes training's flat figures
 (``metrics``) and the full report with intervals and reliability bins (``report``).
 The model runs through ``skinray.predict.Predictor``, the path training's validation and the scoring
 job take: a two-step model classifies the ROIs its own segmenter finds, never ground-truth masks.
@@ -276,7 +276,8 @@ def format_report(report: dict, skipped: int = 0) -> str:
     lines = [f"images {report['images']}, skipped {skipped}"]
     if intervals:
         lines[0] += (
-            f"; [low, high]: {bootstrap['confidence']:.0%} percentile bootstrap interval over images"
+            f"; [low, high]: {bootstrap['confidence']:.0%} percentile bootstrap interval over"
+            f" {bootstrap['lesions']} lesions, each drawn with all its images"
             f" ({bootstrap['resamples']} resamples, seed {bootstrap['seed']})"
         )
     headline = "value [low, high]" if intervals else "value"

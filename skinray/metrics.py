@@ -297,13 +297,19 @@ def bootstrap_interval(
     resamples: int = 1000,
     confidence: float = 0.95,
     seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
     """Percentile bootstrap interval of ``statistic(*arrays)``: the statistic of ``resamples`` sets
     of rows drawn with replacement (the same rows of every array, so an image's figures stay
     together), drawn by one ``numpy.random.Generator`` seeded with ``seed``; ``(low, high)`` are the
     (1 ± confidence) / 2 quantiles. Resamples where the statistic is NaN (a class missing from the
     draw) are left out; with none left the interval is (NaN, NaN). A statistic that returns an array
-    gets an interval for each element (arrays ``low``, ``high``) from the same resamples."""
+    gets an interval for each element (arrays ``low``, ``high``) from the same resamples.
+
+    ``groups`` (one label a row): rows that are not independent, such as images of one lesion,
+    are drawn together. A resample draws as many groups as there are, with replacement, and takes
+    every row of each (the cluster bootstrap; Field & Welsh 2007). Rows drawn alone where it is
+    None, or where every row is its own group, which draws the same resamples."""
     if not arrays:
         raise ValueError("bootstrap_interval needs at least one array")
     arrays = tuple(np.asarray(a) for a in arrays)
@@ -312,11 +318,15 @@ def bootstrap_interval(
         raise ValueError(f"arrays of {[len(a) for a in arrays]} rows: need equal, non-zero lengths")
     if resamples < 1 or not 0 < confidence < 1:
         raise ValueError(f"resamples {resamples} must be >= 1, confidence {confidence} in (0, 1)")
+    members = _group_members(groups, rows)
     rng = np.random.default_rng(seed)
     values = np.array(
         [
             np.asarray(statistic(*(a[draw] for a in arrays)), dtype=float)
-            for draw in (rng.integers(0, rows, rows) for _ in range(resamples))
+            for draw in (
+                np.concatenate([members[g] for g in rng.integers(0, len(members), len(members))])
+                for _ in range(resamples)
+            )
         ]
     )
     tail = (1 - confidence) / 2
@@ -324,3 +334,19 @@ def bootstrap_interval(
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(values, [tail, 1 - tail], axis=0)
     return (float(low), float(high)) if values.ndim == 1 else (low, high)
+
+
+def _group_members(groups: np.ndarray | None, rows: int) -> list[np.ndarray]:
+    """Each group's row indices, groups in the order they first appear (every row alone: None)."""
+    if groups is None:
+        return [np.array([i]) for i in range(rows)]
+    groups = np.asarray(groups)
+    if len(groups) != rows:
+        raise ValueError(f"{len(groups)} group labels for {rows} rows")
+    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)
+    order = np.argsort(first)  # codes sorted by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    codes = rank[codes.reshape(-1)]
+    by_code = np.argsort(codes, kind="stable")
+    return np.split(by_code, np.cumsum(np.bincount(codes))[:-1])

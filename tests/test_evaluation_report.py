@@ -56,7 +56,7 @@ def test_report_values_are_the_result_figures_with_intervals_around_them():
     evaluator = _evaluator()
     result, report = evaluator.result(), evaluator.report(resamples=300)
     assert report["images"] == 100
-    assert report["bootstrap"] == {"resamples": 300, "confidence": 0.95, "seed": 0}
+    assert report["bootstrap"] == {"resamples": 300, "confidence": 0.95, "seed": 0, "lesions": 100}
     assert list(report["segmentation"]) == list(SEGMENTATION_FIGURES)
     for name in ("jaccard", "threshold_jaccard", "dice", "sensitivity", "specificity"):
         figure = report["segmentation"][name]
@@ -124,6 +124,35 @@ def test_report_is_seeded_and_without_resamples_has_no_intervals():
     assert not math.isnan(figure["value"])
 
 
+def test_the_bootstrap_draws_each_lesion_with_all_its_images():
+    # Four images of each of 25 lesions, predicted alike: as independent images the interval
+    # would be about half as wide as it is over the 25 lesions.
+    prediction, truth, labels = _batch(0, 25)
+    by_image, by_lesion = Evaluator(CLASSES), Evaluator(CLASSES)
+    for _ in range(4):
+        by_image.update(prediction, truth, labels)
+        by_lesion.update(prediction, truth, labels, lesions=[f"L{i}" for i in range(25)])
+    image, lesion = by_image.report(resamples=400), by_lesion.report(resamples=400)
+    assert (image["bootstrap"]["lesions"], lesion["bootstrap"]["lesions"]) == (100, 25)
+    for section, name in (("segmentation", "jaccard"), ("classification", "accuracy")):
+        narrow, wide = image[section][name], lesion[section][name]
+        assert narrow["value"] == wide["value"]
+        ratio = (wide["high"] - wide["low"]) / (narrow["high"] - narrow["low"])
+        assert 1.6 < ratio < 2.5, (section, ratio)
+    tone = ["a"] * 50 + ["b"] * 50  # subgroups draw their own images' lesions
+    subgroups = Evaluator(CLASSES)
+    for half in range(2):
+        subgroups.update(
+            prediction,
+            truth,
+            labels,
+            subgroups={"tone": tone[50 * half : 50 * half + 25]},
+            lesions=[f"L{i % 5}" for i in range(25)],
+        )
+    by_tone = subgroups.subgroup_report(resamples=10)["tone"]
+    assert {value: r["bootstrap"]["lesions"] for value, r in by_tone.items()} == {"a": 5, "b": 5}
+
+
 def test_report_sections_follow_what_the_model_predicts():
     segmenter = _evaluator(classify=False).report(resamples=20)
     assert "segmentation" in segmenter and "per_class" not in segmenter
@@ -132,7 +161,7 @@ def test_report_sections_follow_what_the_model_predicts():
     assert "segmentation" not in classifier and set(classifier["per_class"]) == set(CLASSES)
     assert Evaluator(CLASSES).report() == {
         "images": 0,
-        "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": 0},
+        "bootstrap": {"resamples": 1000, "confidence": 0.95, "seed": 0, "lesions": 0},
     }
 
 
@@ -214,11 +243,18 @@ def test_a_segmenter_is_measured_on_masks_whatever_class_names_it_carries(tmp_pa
     job = _evaluate_job()
     root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
     out = tmp_path / "figures.json"
-    argv = ["lesion-segmenter", "--data", "ham10000", "--root", str(root), "--limit", "8"]
+    # The first 65 images of the hold-out are of 64 lesions.
+    argv = ["lesion-segmenter", "--data", "ham10000", "--root", str(root), "--limit", "65"]
     assert job.main([*argv, "--bootstrap", "0", "--no-subgroups", "--json", str(out)]) == 0
     payload = json.loads(out.read_text())
     assert 0.3 < payload["metrics"]["jaccard"] < 1.0
     assert not set(CLASSIFICATION_FIGURES) & set(payload["metrics"])
+    # The job hands the data's lesions to the bootstrap.
+    from skinray.data.datasets import read_split
+
+    lesions = read_split("ham10000", str(root)).rows["group"].to_pylist()[:65]
+    assert payload["report"]["images"] == 65
+    assert payload["report"]["bootstrap"]["lesions"] == len(set(lesions)) == 64
 
 
 def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):

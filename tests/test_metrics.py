@@ -302,6 +302,25 @@ def test_bootstrap_interval_is_reproducible_and_resamples_rows_together():
     assert (low[0], high[0]) == bootstrap_interval(np.mean, x, resamples=200, seed=3)
 
 
+def test_a_grouped_bootstrap_draws_whole_groups():
+    rng = np.random.default_rng(2)
+    groups = np.repeat(np.arange(40), 3)
+    values = np.repeat(rng.normal(size=40), 3)  # each group's rows alike
+
+    def mean_of_whole_groups(v, g):
+        assert (np.bincount(g) % 3 == 0).all()  # a group's rows come all together
+        return np.mean(v)
+
+    low, high = bootstrap_interval(mean_of_whole_groups, values, groups, groups=groups, seed=1)
+    rows_low, rows_high = bootstrap_interval(np.mean, values, seed=1)
+    assert 1.4 < (high - low) / (rows_high - rows_low) < 2.2  # about sqrt(3) wider
+    # Every row its own group (any labels) draws exactly what no groups draws.
+    names = np.array([f"image {i}" for i in range(120)])
+    assert bootstrap_interval(np.mean, values, seed=1, groups=names) == (rows_low, rows_high)
+    with pytest.raises(ValueError, match="119 group labels for 120 rows"):
+        bootstrap_interval(np.mean, values, groups=names[:-1])
+
+
 def test_bootstrap_interval_drops_nan_resamples():
     labels = np.zeros(10, int)
     labels[0] = 1  # the one positive is missing from about a third of the draws

@@ -56,6 +56,13 @@ def _outside_its_interval(entry) -> bool:
     return not any(map(math.isnan, (value, low, high))) and not low <= value <= high
 
 
+def _lesions(report: dict) -> str:
+    """What the card's bootstrap drew: lesions with all their images, or (a report from before
+    lesions were recorded) images."""
+    lesions = report.get("report", {}).get("bootstrap", {}).get("lesions")
+    return f"{lesions} lesions, each drawn with all its images" if lesions else "images"
+
+
 def _headline_table(report: dict) -> list[str]:
     rows, outside = ["| metric | value [95 % CI] |", "|---|---|"], False
     for section, names in _FIGURE_NAMES.items():
@@ -172,7 +179,7 @@ def render_model_card(spec, config, report: dict) -> str:
         "## Results",
         f"On {int(report['metrics'].get('images', 0))} validation images, through "
         "`skinray.predict.Predictor` (the path `jobs/score.py` runs); 95 % percentile bootstrap "
-        "intervals over images. This split also chose the checkpoint (and fitted the temperature); "
+        f"intervals over {_lesions(report)}. This split also chose the checkpoint (and fitted the temperature); "
         "nothing was tuned on it by hand.",
         "",
         *_headline_table(report),
