@@ -135,7 +135,10 @@ class Predictor:
         """The saved model at ``uri``; with ``classifier``, the two-step pair ``uri`` → ROI →
         ``classifier``, exactly as the ``two_step`` composite saved from the same two networks."""
         if classifier is None:
-            return cls.from_saved(load_model(uri, device=device), source=uri)
+            model = load_model(uri, device=device)
+            if model.saved_config.roi_source_size is not None:  # fed whole images, it is wrong
+                raise ModelCheckError(_needs_its_segmenter(uri, model.saved_config))
+            return cls.from_saved(model, source=uri)
         segmenter, roi_classifier = (
             load_model(uri, device=device),
             load_model(classifier, device=device),
@@ -299,8 +302,9 @@ def check_models(
     segmenter: str, classifier: str | None = None, *, segments: bool = True
 ) -> list[SavedModelConfig]:
     """Read the saved configs (no weights) and refuse, with one line naming the directory, what
-    cannot be scored or evaluated: a segmenter (``segments``) without a mask output, a classifier without one
-    class name per class, a model that needs guidance channels, a pair whose classifier does not
+    cannot be scored or evaluated: a segmenter (``segments``) without a mask output, a classifier
+    of lesion ROIs without the segmenter that cuts them, a classifier without one class name per
+    class, a model that needs guidance channels, a pair whose classifier does not
     take RGB ROIs, and input sizes that are not positive (height, width) pairs."""
     configs = [_read(segmenter)] + ([_read(classifier)] if classifier else [])
     for uri, config in zip([segmenter, classifier], configs, strict=False):
@@ -316,11 +320,21 @@ def check_models(
                 "from upstream models); use the assembled chain (e.g. mbdcnn)"
             )
     first = configs[0]
+    if not classifier and first.roi_source_size is not None:
+        raise ModelCheckError(_needs_its_segmenter(segmenter, first))
     if segments and MASK_LOGITS not in first.outputs:
         raise ModelCheckError(f"{segmenter}: {first.model} has no mask output; it cannot segment")
     if classifier and CLASS_LOGITS not in configs[1].outputs:
         raise ModelCheckError(f"{classifier}: {configs[1].model} has no class output")
     return configs
+
+
+def _needs_its_segmenter(uri: str, config: SavedModelConfig) -> str:
+    return (
+        f"{uri}: {config.model} was trained on lesion ROIs cut from "
+        f"{config.roi_source_size[0]}×{config.roi_source_size[1]} images; it runs only behind "
+        "the segmenter that cuts them (give the segmenter and this model as the classifier)"
+    )
 
 
 def _read(uri: str) -> SavedModelConfig:

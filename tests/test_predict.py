@@ -130,6 +130,22 @@ def test_check_models_refuses_what_cannot_serve_with_the_directory_named(tmp_pat
         check_models(segmenter, classifier)
 
 
+def test_a_classifier_of_lesion_rois_is_refused_without_its_segmenter(tmp_path):
+    # Fed the whole image, it would be measured on a path scoring never runs.
+    torch.manual_seed(0)
+    classifier = create_model("classifier", encoder="resnet18", num_classes=3)
+    uri = str(tmp_path / "roi")
+    save_model(
+        classifier, uri, input_size=(48, 48), class_names=["a", "b", "c"], roi_source_size=(64, 64)
+    )
+    for refused in (lambda: check_models(uri, segments=False), lambda: Predictor.load(uri)):
+        with pytest.raises(ModelCheckError, match=f"{uri}: classifier was trained on lesion ROIs"):
+            refused()
+    segmenter = _saved("unet", tmp_path)
+    assert check_models(segmenter, uri)[1].roi_source_size == (64, 64)
+    assert Predictor.load(segmenter, uri).input_size == (64, 64)
+
+
 def test_test_time_flips_average_the_logits_over_the_image_and_its_flips(tmp_path):
     uri = _saved("clnet", tmp_path)
     images = _images(2)
