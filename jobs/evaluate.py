@@ -24,7 +24,7 @@ import sys
 
 from skinray import io
 from skinray.backends import BACKENDS, accelerated, read_calibration_images, runtime_versions
-from skinray.data.datasets import DatasetError, read_split
+from skinray.data.datasets import DatasetError, common_holdout, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
     PER_CLASS_FIGURES,
@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         configs = check_models(args.model, args.classifier, segments=bool(args.classifier))
         # A model without a class output is not judged by labels, whatever names it carries.
         classes = configs[-1].class_names if CLASS_LOGITS in configs[-1].outputs else None
-        trained = _trained_holdout(args, configs[-1].holdout)
+        models = [args.model, args.classifier] if args.classifier else [args.model]
+        records = {uri: c.holdout for uri, c in zip(models, configs, strict=True)}
+        trained = common_holdout(records, args.data, args.root)
         holdout = _holdout(args, trained)
         samples = read_split(
             args.data,
@@ -220,16 +222,6 @@ def _check_classes(args: argparse.Namespace, model_classes, data_classes) -> Non
             f"{model}: its classes {list(model_classes)} are not {args.data}'s "
             f"{list(data_classes)}; evaluate it on data labelled with its classes"
         )
-
-
-def _trained_holdout(args: argparse.Namespace, recorded: dict | None) -> dict:
-    """The hold-out the model's training drew (its ``config.json``) where it drew it from the data
-    asked for: the same source, and for a manifest the same manifest; else empty."""
-    if not recorded or recorded.get("source") != args.data:
-        return {}
-    if args.data == "manifest" and recorded.get("root") != io.absolute(args.root):
-        return {}  # another manifest than the one it trained on: evaluated whole
-    return recorded
 
 
 def _recorded_groups(args: argparse.Namespace, trained: dict) -> str | None:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from skinray import io
-from skinray.data.datasets import DatasetError, read_split
+from skinray.data.datasets import DatasetError, common_holdout, read_split
 from skinray.models.release import ReleaseSpec, release_model
 from skinray.predict import ModelCheckError, check_models
 from skinray.train.config import TrainConfig, recipe_summary
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.segmenter:
-            recorded = check_models(args.segmenter, args.model)[-1].holdout
+            configs = check_models(args.segmenter, args.model)
+            records = {args.segmenter: configs[0].holdout, args.model: configs[1].holdout}
+            common_holdout(records, args.data, args.root)  # the pair's figures on both's hold-out
+            recorded = configs[1].holdout
         else:
             (recorded,) = (c.holdout for c in check_models(args.model, segments=False))
         run_dir = args.model.rstrip("/").rsplit("/", 1)[0]

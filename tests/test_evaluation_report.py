@@ -302,6 +302,43 @@ def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
     assert (settings["test_time_flips"], settings["temperature"]) == (False, 1.0)
 
 
+def test_a_pair_whose_models_drew_other_hold_outs_is_refused_and_one_drawn_by_either_is_used(
+    tmp_path, capsys
+):
+    from skinray.data.datasets import HAM10000_CLASSES
+    from skinray.models import create_model, get_model_spec, save_model
+
+    root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000")
+    segmenter, classifier = str(tmp_path / "segmenter"), str(tmp_path / "classifier")
+
+    def save(seed: int | None) -> None:
+        drawn = {"source": "ham10000", "fraction": 0.15, "seed": seed} if seed is not None else None
+        torch.manual_seed(0)
+        unet = create_model("unet", **get_model_spec("unet").smoke_kwargs)
+        save_model(unet, segmenter, input_size=(32, 32), holdout=drawn)
+        kwargs = {**get_model_spec("classifier").smoke_kwargs, "num_classes": 7}
+        model = create_model("classifier", **kwargs)
+        save_model(
+            model,
+            classifier,
+            input_size=(32, 32),
+            class_names=HAM10000_CLASSES,
+            holdout={"source": "ham10000", "fraction": 0.15, "seed": 0},
+        )
+
+    out = tmp_path / "out.json"
+    argv = [segmenter, "--classifier", classifier, "--data", "ham10000", "--root", root]
+    argv += ["--limit", "2", "--bootstrap", "0", "--no-subgroups", "--json", str(out)]
+    save(seed=1)  # the segmenter trained on most of the classifier's hold-out
+    assert _evaluate_job().main(argv) == 2
+    error = capsys.readouterr().err
+    assert "drew different hold-outs from ham10000" in error and "seed 1" in error
+    for seed in (0, None):  # the same hold-out, or the segmenter drew none from this data
+        save(seed=seed)
+        assert _evaluate_job().main(argv) == 0
+        assert json.loads(out.read_text())["holdout"] == {"fraction": 0.15, "seed": 0}
+
+
 def test_the_evaluate_job_refuses_to_draw_a_models_hold_out_from_other_lesions(tmp_path, capsys):
     # Its hold-out was drawn from other lesions (a copy with more or fewer images): the same
     # fraction and seed would draw another hold-out here, mostly of images it trained on.

@@ -273,6 +273,27 @@ def test_release_job_refuses_a_model_whose_hold_out_was_drawn_from_other_lesions
     assert f"{root}: its lesions are not those the model's hold-out was drawn from" in line
 
 
+def test_release_job_refuses_a_pair_whose_models_drew_other_hold_outs(tmp_path, capsys):
+    import json
+    import shutil
+
+    segmenter = tmp_path / "segmenter"
+    shutil.copytree(ROOT / "models" / "lesion-segmenter", segmenter)
+    config = json.loads((segmenter / "config.json").read_text())
+    config["holdout"] = {"source": "ham10000", "fraction": 0.15, "seed": 1}
+    (segmenter / "config.json").write_text(json.dumps(config))
+    root = str(SHARED_DATA / "ham10000")
+    result = _main(
+        capsys,
+        "release.py",
+        "ham10000-classifier",
+        *("--segmenter", str(segmenter), "--name", "x", "--data", "ham10000", "--root", root),
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert f"{segmenter} and ham10000-classifier drew different hold-outs from ham10000" in line
+
+
 def test_evaluate_job_refuses_a_classifier_on_data_of_other_classes(capsys):
     result = _main(
         capsys,

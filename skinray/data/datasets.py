@@ -38,6 +38,7 @@ __all__ = [
     "ISIC2017_CLASSES",
     "DatasetError",
     "SampleTable",
+    "common_holdout",
     "group_digest",
     "holdout_split",
     "read_ham10000",
@@ -171,6 +172,41 @@ def read_split(
         )
     training, validation = holdout_split(samples, fraction, seed)
     return validation if split == "validation" else training
+
+
+def common_holdout(records: dict[str, dict | None], source: str, root: str) -> dict:
+    """The hold-out that models evaluated together drew from ``source`` at ``root``: the one
+    record (``config.json``'s ``holdout``, by model) drawn from it (for a manifest, from the same
+    manifest), or {} where none was. Models whose records differ are refused: no split is then
+    held out from both, and each one's validation images are the other's training images
+    (HAM10000 at 0.15: of seed 0's 1,276, 1,071 are on seed 1's training side)."""
+    drawn = {model: r for model, r in records.items() if _drawn_from(r, source, root)}
+    if len(drawn) > 1:
+        (first, a), (second, b) = list(drawn.items())[:2]
+        if not _same_draw(a, b):
+            raise DatasetError(
+                f"{first} and {second} drew different hold-outs from {source} ({_drawn(a)}; "
+                f"{_drawn(b)}): each one's validation images are the other's training images"
+            )
+    return next(reversed(drawn.values()), {})
+
+
+def _same_draw(a: dict, b: dict) -> bool:
+    """The same fraction and seed, from the same lesions where both records name them."""
+    lesions = a.get("groups_sha256"), b.get("groups_sha256")
+    same_lesions = None in lesions or lesions[0] == lesions[1]
+    return same_lesions and (a.get("fraction"), a.get("seed")) == (b.get("fraction"), b.get("seed"))
+
+
+def _drawn_from(record: dict | None, source: str, root: str) -> bool:
+    if not record or record.get("source") != source:
+        return False
+    return source != "manifest" or record.get("root") == io.absolute(root)
+
+
+def _drawn(record: dict) -> str:
+    lesions = (record.get("groups_sha256") or "not recorded")[:12]
+    return f"fraction {record.get('fraction')}, seed {record.get('seed')}, lesions {lesions}"
 
 
 def group_digest(samples: SampleTable) -> str:
