@@ -402,13 +402,19 @@ def test_the_cli_says_error_in_one_line_and_exits_2_without_results(tmp_path, ma
 
 
 def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_path):
+    from skinray.models import read_model_config
+
     images = tmp_path / "archive"
     images.mkdir()
     tones = ["very_light"] * 6 + ["light", "intermediate", "tan", None]
+    released = read_model_config("ham10000-classifier").config_sha256
     rows = [
         _result_row(images, *spec)
         | {
-            "classifier": "ham10000-classifier",  # released: its reliability diagram is shown
+            # As the pipeline writes it: the architecture, and the released model's config hash,
+            # by which its reliability diagram is found.
+            "classifier": "classifier",
+            "classifier_config_sha256": released,
             "class_entropy": 0.1 * i,
             "ood_score": 0.3 + 0.03 * i,
             "ood": i >= 8,
@@ -425,8 +431,19 @@ def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_p
     assert len(plots) == 4
     assert "Calibration" in plots[0] and "2 of 10 images flagged (20.0%)" in plots[2]
     assert "Skin tone" in plots[3]
-    released = (zoo_root() / "ham10000-classifier" / "reliability.png").read_bytes()
-    assert base64.b64encode(released).decode() in plots[0]
+    diagram = (zoo_root() / "ham10000-classifier" / "reliability.png").read_bytes()
+    assert base64.b64encode(diagram).decode() in plots[0]
+    # Recalibrated (another config hash): the released diagram does not describe it.
+    other = [row | {"classifier_config_sha256": "0" * 64} for row in rows]
+    _write_partition(
+        tmp_path / "other" / "results",
+        RUN_DATE,
+        pa.Table.from_pylist(other, result_schema(CLASSES)),
+    )
+    section = re.search(
+        r'<section id="trust">.*?</section>', build_report(str(tmp_path / "other")), re.S
+    )
+    assert "Calibration" not in section.group(0)
 
 
 def test_rows_without_uncertainty_or_skin_tone_give_no_trust_section(page):

@@ -74,7 +74,7 @@ _OVERVIEW_COLUMNS = [
     "run_id",
 ]
 #: Read when the partition has them (rows written before issue #14 do not).
-_TRUST_COLUMNS = ["class_entropy", "ood_score", "ood", "skin_tone"]
+_TRUST_COLUMNS = ["class_entropy", "ood_score", "ood", "skin_tone", "classifier_config_sha256"]
 _MODEL_COLUMNS = ["segmenter", "segmenter_sha256", "classifier", "classifier_sha256"]
 _TILE_COLUMNS = [
     "image_id",
@@ -632,14 +632,22 @@ def _plots_section(section_id: str, title: str, plots: list[tuple[str, bytes | N
 
 
 def _reliability(overview: pa.Table) -> bytes | None:
-    from skinray.models.zoo import resolve_model
+    """The reliability diagram a released classifier of the run shipped with. Rows name the
+    classifier's architecture, not its release, so it is found by its config hash (weights,
+    temperature and every other setting the diagram depends on)."""
+    from skinray.models import read_model_config
+    from skinray.models.zoo import released_models, resolve_model
 
-    names = {c for c in overview["classifier"].to_pylist() if c} if overview.num_rows else set()
-    for name in sorted(names):
-        try:
-            return io.read_bytes(io.join(resolve_model(name), "reliability.png"))
-        except (FileNotFoundError, OSError, ValueError):
-            continue
+    column = "classifier_config_sha256"
+    if not overview.num_rows or column not in overview.column_names:
+        return None
+    hashes = set(overview[column].drop_null().to_pylist())
+    for name in released_models():
+        if read_model_config(name).config_sha256 in hashes:
+            try:
+                return io.read_bytes(io.join(resolve_model(name), "reliability.png"))
+            except (FileNotFoundError, OSError):
+                continue
     return None
 
 
