@@ -96,7 +96,7 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
     from skinray.evaluation import Evaluator, evaluate_samples
 
     torch.manual_seed(0)
-    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    model = _decisive_classifier()
     save_model(model, str(tmp_path / "trained"), input_size=(64, 64), class_names=["a", "b", "c"])
     spec = ReleaseSpec(
         name="flipped", title="t", data="synthetic", licence="none", recipe="smoke",
@@ -125,6 +125,47 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
     assert again["training_config"] == {"model": "x"}
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["training_config"]
     assert "`training_config` in `metrics.json`" in (tmp_path / "r2" / "MODEL_CARD.md").read_text()
+
+
+def test_behind_a_flipping_segmenter_the_temperature_is_fitted_on_flipped_logits(tmp_path):
+    # The pair flips as a whole when either model was saved with flips: the classifier's class
+    # logits are flip-averaged, so its temperature must be fitted on those.
+    from skinray import calibration
+    from skinray.evaluation import Evaluator, evaluate_samples
+
+    torch.manual_seed(0)
+    segmenter, trained = str(tmp_path / "segmenter"), str(tmp_path / "trained")
+    unet = create_model("unet", **get_model_spec("unet").smoke_kwargs)
+    save_model(unet, segmenter, input_size=(64, 64), test_time_flips=True)
+    model = _decisive_classifier()
+    save_model(model, trained, input_size=(64, 64), class_names=["a", "b", "c"])
+    spec = ReleaseSpec(
+        name="paired", title="t", data="synthetic", licence="none", recipe="smoke",
+        segmenter=segmenter, holdout={"source": "synthetic", "root": None, "fraction": 0.2, "seed": 4},
+    )  # fmt: skip
+    samples = _labelled_by(trained, synthetic_samples(24, num_classes=3))
+    report = release_model(trained, spec, samples, resamples=10, destination=str(tmp_path / "r"))
+    pair = Predictor.load(segmenter, trained)
+    assert pair.test_time_flips
+    evaluator = Evaluator(["a", "b", "c"])
+    evaluate_samples(pair, samples, evaluator=evaluator)
+    labels, probabilities = evaluator.labels_and_probabilities()
+    expected = calibration.fit_temperature(np.log(np.clip(probabilities, 1e-12, 1)), labels)
+    assert report["calibration"]["temperature"] == pytest.approx(expected, rel=1e-6)
+    card = (tmp_path / "r" / "MODEL_CARD.md").read_text()
+    assert "- Test-time flips: on (" in card and "the segmenter's setting" in card
+
+
+def _decisive_classifier():
+    """The smoke classifier with its last layer's weights ×30: at initialisation its logits are
+    so flat that the fitted temperature sits at its lower bound with flips on or off (0.05 either
+    way), and a test of what it was fitted on could not fail. ×30 gives 1.41 with flips and 3.29
+    without on the tests' images."""
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(30)
+    return model
 
 
 def _labelled_by(model_uri: str, samples):

@@ -153,8 +153,10 @@ def render_model_card(spec, config, report: dict) -> str:
         f"SHA-256 `{report['weights_sha256']}`.",
         "- Test-time flips: "
         + (
-            "on (`Predictor` averages the logits over the image and its two flips)."
-            if config.test_time_flips
+            "on (`Predictor` averages the logits over the image and its two flips"
+            + ("" if config.test_time_flips else "; the segmenter's setting, for the pair")
+            + ")."
+            if report.get("test_time_flips", config.test_time_flips)
             else "off."
         ),
         f"- Code: trained with skinray commit `{training.get('commit', 'not recorded')}`, "

@@ -30,6 +30,7 @@ from skinray.models.registry import CLASS_LOGITS, FEATURES
 from skinray.models.serialization import (
     WEIGHTS_FILE,
     load_model,
+    read_model_config,
     save_model,
     write_model_config,
 )
@@ -122,7 +123,9 @@ def release_model(
     if moved > FP16_TOLERANCE:
         report = save_and_measure(torch.float32)
     report.update(
-        fp16_change=moved, weights_dtype="float16" if moved <= FP16_TOLERANCE else "float32"
+        fp16_change=moved,
+        weights_dtype="float16" if moved <= FP16_TOLERANCE else "float32",
+        test_time_flips=shipped_flips(spec),
     )
     evaluator = report.pop("_evaluator")
     if calibration_report is not None:
@@ -147,7 +150,7 @@ def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int
     a model released again gets its temperature anew). The logs of the softmax are the logits up
     to a per-image constant, which the softmax ignores."""
     labels, probabilities = _evaluate(
-        model_uri, spec, samples, batch_size, temperature=1.0, test_time_flips=spec.test_time_flips
+        model_uri, spec, samples, batch_size, temperature=1.0, test_time_flips=shipped_flips(spec)
     ).labels_and_probabilities()
     logits = np.log(np.clip(probabilities, 1e-12, 1))
     temperature = calibration.fit_temperature(logits, labels)
@@ -158,6 +161,13 @@ def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int
         "after_out_of_fold": _calibration(labels, out_of_fold),
         "folds": CALIBRATION_FOLDS,
     }
+
+
+def shipped_flips(spec: ReleaseSpec) -> bool:
+    """Whether the released model runs test-time flips: its own setting, or, behind a segmenter,
+    the pair's (``Predictor.pair`` flips when either model was saved with them)."""
+    segmenter_flips = bool(spec.segmenter) and read_model_config(spec.segmenter).test_time_flips
+    return spec.test_time_flips or segmenter_flips
 
 
 def _write_card(destination: str, spec: ReleaseSpec, report: dict) -> None:
