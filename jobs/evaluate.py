@@ -24,7 +24,7 @@ import sys
 
 from skinray import io
 from skinray.backends import BACKENDS, accelerated, read_calibration_images, runtime_versions
-from skinray.data.datasets import DatasetError, common_holdout, read_split
+from skinray.data.datasets import DatasetError, common_holdout, image_set_digest, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
     PER_CLASS_FIGURES,
@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         segmentation = MASK_LOGITS in configs[0].outputs and has_truth_masks(samples, args.root)
         if not segmentation and CLASS_LOGITS not in configs[-1].outputs:
             raise DatasetError(f"{args.root}: no truth masks, and {args.model} has no class output")
+        # The classifier's temperature fitted on these images: its calibration is in-sample.
+        fitted_on = configs[-1].temperature_fitted_on or {}
+        in_sample = fitted_on.get("image_ids_sha256") == image_set_digest(samples)
         if args.limit:
             samples = samples.take(range(min(args.limit, len(samples))))
         predictor = Predictor.load(args.model, args.classifier)
@@ -174,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_report(report, skipped=results["skipped"]))
+    if in_sample and "classification" in report:
+        print(
+            "ece is in-sample: the classifier's temperature was fitted on these images "
+            "(a released model's card gives it out of fold)"
+        )
     if subgroups:
         print("\n" + format_subgroups(subgroups))
     if args.json_path:
@@ -189,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "holdout": holdout
             if args.data == "ham10000" or (trained and args.data == "manifest")
             else None,
-            "settings": _settings(args, predictor, configs),
+            "settings": {**_settings(args, predictor, configs), "calibration_in_sample": in_sample},
             "metrics": results,
             "report": report,
             "subgroups": subgroups,

@@ -257,6 +257,20 @@ def test_a_segmenter_is_measured_on_masks_whatever_class_names_it_carries(tmp_pa
     assert payload["report"]["bootstrap"]["lesions"] == len(set(lesions)) == 64
 
 
+def test_the_evaluate_job_says_when_calibration_is_measured_where_it_was_fitted(tmp_path, capsys):
+    # The released HAM10000 classifier's temperature was fitted on its hold-out: an ECE measured
+    # there is in-sample, and one measured on other images is not.
+    job = _evaluate_job()
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
+    out = tmp_path / "figures.json"
+    argv = ["ham10000-classifier", "--data", "ham10000", "--root", str(root), "--limit", "4"]
+    argv += ["--bootstrap", "0", "--no-subgroups", "--json", str(out)]
+    for split, in_sample in (("validation", True), ("training", False)):
+        assert job.main([*argv, "--split", split]) == 0
+        assert json.loads(out.read_text())["settings"]["calibration_in_sample"] is in_sample
+        assert ("ece is in-sample" in capsys.readouterr().out) is in_sample
+
+
 def test_the_evaluate_job_draws_the_hold_out_the_models_training_drew(tmp_path):
     # A HAM10000 classifier trained with seed 5 and a 0.3 hold-out is measured on that hold-out,
     # not on the recipes' default (0.15, seed 0), whose images it may have trained on.

@@ -121,6 +121,13 @@ def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):
     assert again["calibration"]["temperature"] == pytest.approx(expected, rel=2e-3)
     released = load_model(str(tmp_path / "r2")).saved_config
     assert released.test_time_flips and released.holdout == spec.holdout  # the run's, recorded
+    from skinray.data.datasets import image_set_digest
+
+    # Where the temperature was fitted, for evaluation to say its calibration is in-sample there;
+    # a record, not a setting: the config hash does not change with it.
+    fitted = {"images": 24, "image_ids_sha256": image_set_digest(samples)}
+    assert released.temperature_fitted_on == fitted
+    assert released.replace(temperature_fitted_on=None).config_sha256 == released.config_sha256
     # every training setting travels with the release, beyond the card's one-line recipe
     assert again["training_config"] == {"model": "x"}
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["training_config"]

@@ -41,6 +41,7 @@ __all__ = [
     "common_holdout",
     "group_digest",
     "holdout_split",
+    "image_set_digest",
     "read_ham10000",
     "read_isic2017",
     "read_manifest",
@@ -207,6 +208,12 @@ def _drawn_from(record: dict | None, source: str, root: str) -> bool:
 def _drawn(record: dict) -> str:
     lesions = (record.get("groups_sha256") or "not recorded")[:12]
     return f"fraction {record.get('fraction')}, seed {record.get('seed')}, lesions {lesions}"
+
+
+def image_set_digest(samples: SampleTable) -> str:
+    """SHA-256 of the distinct image ids of ``samples``, sorted: the same images under any root."""
+    ids = sorted({str(i) for i in samples.rows["image_id"].to_pylist()})
+    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
 def group_digest(samples: SampleTable) -> str:

@@ -24,6 +24,7 @@ import torch
 
 import skinray
 from skinray import calibration, io, metrics
+from skinray.data.datasets import image_set_digest
 from skinray.evaluation import Evaluator, evaluate_samples
 from skinray.models.card import reliability_png, render_model_card
 from skinray.models.registry import CLASS_LOGITS, FEATURES
@@ -104,12 +105,13 @@ def release_model(
     release; returns the released model's report."""
     destination = destination or str(zoo_root() / spec.name)
     model = load_model(model_uri)
-    temperature, calibration_report = 1.0, None
+    temperature, calibration_report, fitted_on = 1.0, None, None
     if calibrate and CLASS_LOGITS in model.saved_config.outputs:
         temperature, calibration_report = _fit_temperature(model_uri, spec, samples, batch_size)
+        fitted_on = {"images": len(samples), "image_ids_sha256": image_set_digest(samples)}
 
     def save_and_measure(dtype: torch.dtype) -> dict:
-        _save(model, destination, dtype, temperature, spec)
+        _save(model, destination, dtype, temperature, spec, fitted_on)
         evaluator = _evaluate(destination, spec, samples, batch_size)
         return {
             "metrics": evaluator.result(),
@@ -198,7 +200,10 @@ def _evaluate(model_uri: str, spec: ReleaseSpec, samples, batch_size: int, **set
     return evaluator
 
 
-def _save(model, destination: str, dtype, temperature: float, spec: ReleaseSpec) -> None:
+def _save(
+    model, destination: str, dtype, temperature: float, spec: ReleaseSpec, fitted_on: dict | None
+) -> None:
+    """``fitted_on``: the images ``temperature`` was fitted on (None: not fitted)."""
     config = model.saved_config
     save_model(
         model,
@@ -213,6 +218,7 @@ def _save(model, destination: str, dtype, temperature: float, spec: ReleaseSpec)
         temperature=temperature,
         test_time_flips=spec.test_time_flips,
         holdout=spec.holdout or config.holdout,
+        temperature_fitted_on=fitted_on,
         weights_dtype=dtype,
     )
 

@@ -66,6 +66,10 @@ class SavedModelConfig:
     #: ``seed``: ``skinray.data.datasets.holdout_split``), for evaluation to draw the same one;
     #: None where training validated on a split of its own.
     holdout: dict[str, Any] | None = None
+    #: The images the temperature was fitted on (``images``, and ``image_ids_sha256``:
+    #: ``skinray.data.datasets.image_set_digest``), so that an evaluation on them can say its
+    #: calibration figures are in-sample; None where it was not fitted.
+    temperature_fitted_on: dict[str, Any] | None = None
 
     @classmethod
     def from_json(cls, text: str, source: str = "config.json") -> SavedModelConfig:
@@ -94,7 +98,8 @@ class SavedModelConfig:
         skinray version that wrote it): a recalibrated temperature or test-time flips change it
         where the weights' hash stays."""
         settings = dataclasses.asdict(self)
-        del settings["skinray_version"], settings["holdout"]  # neither shapes a prediction
+        for record in ("skinray_version", "holdout", "temperature_fitted_on"):
+            del settings[record]  # none shapes a prediction
         return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> SavedModelConfig:
@@ -123,6 +128,7 @@ def save_model(
     temperature: float = 1.0,
     test_time_flips: bool = False,
     holdout: dict[str, Any] | None = None,
+    temperature_fitted_on: dict[str, Any] | None = None,
     weights_dtype: torch.dtype = torch.float32,
     filesystem=None,
 ) -> SavedModelConfig:
@@ -169,6 +175,7 @@ def save_model(
         temperature=float(temperature),
         test_time_flips=bool(test_time_flips),
         holdout=dict(holdout) if holdout is not None else None,
+        temperature_fitted_on=dict(temperature_fitted_on) if temperature_fitted_on else None,
     )
     io.write_bytes(io.join(uri, WEIGHTS_FILE), weights, filesystem)
     io.write_bytes(io.join(uri, CONFIG_FILE), config.to_json().encode(), filesystem)
