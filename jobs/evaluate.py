@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if in_sample and "classification" in report:
         print(
             "ece is in-sample: the classifier's temperature was fitted on these images "
-            "(a released model's card gives it out of fold)"
+            "(out of fold: docs/benchmarks.md for the shipped classifiers, the card's "
+            "out-of-fold row for later releases)"
         )
     if subgroups:
         print("\n" + format_subgroups(subgroups))

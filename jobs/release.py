@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.segmenter:
             configs = check_models(args.segmenter, args.model)
             records = {args.segmenter: configs[0].holdout, args.model: configs[1].holdout}
-            common_holdout(records, args.data, args.root)  # the pair's figures on both's hold-out
-            recorded = configs[1].holdout
+            # The pair's figures on the hold-out either model drew from this data.
+            recorded = common_holdout(records, args.data, args.root) or configs[1].holdout
         else:
             (recorded,) = (c.holdout for c in check_models(args.model, segments=False))
         run_dir = args.model.rstrip("/").rsplit("/", 1)[0]

@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--incremental",
         action="store_true",
-        help="skip images already scored by the same models from input decoded as this run would",
+        help="skip images already scored by the same models, from input decoded on CPU or by "
+        "this run's segmenter decoder (docs/output-schema.md)",
     )
     parser.add_argument("--cam", dest="include_cam", action="store_true", help="store CAMs as PNG")
     parser.add_argument("--max-pixels", type=int, help="decompression-bomb limit per image")

@@ -10,7 +10,8 @@ Classification: per-class one-vs-rest ROC AUC (scikit-learn), accuracy, and bala
 accuracy (mean per-class recall); ``per_class_report`` adds ISIC's per-category figures
 (sensitivity, specificity, PPV, NPV, AUC, ``auc_sens_80``, average precision). Calibration: top-label
 expected calibration error and its reliability bins (Guo et al., ICML 2017). ``bootstrap_interval``
-gives a percentile bootstrap confidence interval of any of these over images.
+gives a percentile bootstrap confidence interval of any of these over images, or over groups of
+images (lesions) drawn whole.
 """
 
 from __future__ import annotations

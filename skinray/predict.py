@@ -133,7 +133,8 @@ class Predictor:
         cls, uri: str, classifier: str | None = None, device: str | torch.device = "cpu"
     ) -> Predictor:
         """The saved model at ``uri``; with ``classifier``, the two-step pair ``uri`` → ROI →
-        ``classifier``, exactly as the ``two_step`` composite saved from the same two networks."""
+        ``classifier``, exactly as the ``two_step`` composite saved from the same two networks. A
+        classifier of lesion ROIs is refused alone (``ModelCheckError``): it needs its segmenter."""
         if classifier is None:
             model = load_model(uri, device=device)
             if model.saved_config.roi_source_size is not None:  # fed whole images, it is wrong

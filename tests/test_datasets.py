@@ -13,6 +13,7 @@ from skinray.data.datasets import (
     ISIC2017_CLASSES,
     DatasetError,
     age_band,
+    common_holdout,
     group_digest,
     holdout_split,
     read_ham10000,
@@ -106,6 +107,29 @@ def test_holdout_split_keeps_each_group_on_one_side():
     assert not train_groups & validation_groups
     assert len(train) + len(validation) == 40
     assert round(0.25 * 14) == len(validation_groups)
+
+
+def test_a_manifest_image_without_a_group_is_a_lesion_of_its_own(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,group,label\na.png,L1,x\nb.png,L1,x\nc.png,,y\nd.png,,y\n")
+    groups = read_manifest(str(manifest)).rows["group"].to_pylist()
+    assert groups == ["L1", "L1", "c", "d"]  # not one lesion "None" of every ungrouped image
+
+
+def test_models_evaluated_together_share_the_hold_out_one_of_them_drew(tmp_path):
+    root = str(tmp_path / "m.csv")
+    drawn = {"source": "manifest", "root": root, "fraction": 0.2, "seed": 1}
+    named = {**drawn, "groups_sha256": "a" * 64}
+    other_data = {**drawn, "source": "ham10000"}
+    assert common_holdout({"s": None, "c": drawn}, "manifest", root) == drawn
+    assert common_holdout({"s": other_data, "c": None}, "manifest", root) == {}
+    assert common_holdout({"s": {**drawn, "root": "/else.csv"}}, "manifest", root) == {}
+    # Where one record names the lesions, that one, whose draw is then checked against them.
+    assert common_holdout({"s": named, "c": drawn}, "manifest", root) == named
+    assert common_holdout({"s": drawn, "c": named}, "manifest", root) == named
+    for other in ({**drawn, "seed": 2}, {**named, "groups_sha256": "b" * 64}):
+        with pytest.raises(DatasetError, match="s and c drew different hold-outs from manifest"):
+            common_holdout({"s": other, "c": named}, "manifest", root)
 
 
 def test_a_hold_out_is_drawn_again_only_from_the_groups_it_was_drawn_from(tmp_path):

@@ -325,11 +325,15 @@ def test_a_pair_whose_models_drew_other_hold_outs_is_refused_and_one_drawn_by_ei
     root = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000")
     segmenter, classifier = str(tmp_path / "segmenter"), str(tmp_path / "classifier")
 
-    def save(seed: int | None) -> None:
-        drawn = {"source": "ham10000", "fraction": 0.15, "seed": seed} if seed is not None else None
+    def save(seed: int | None, classifier_seed: int | None = 5) -> None:
+        def drawn(seed):
+            return (
+                {"source": "ham10000", "fraction": 0.3, "seed": seed} if seed is not None else None
+            )
+
         torch.manual_seed(0)
         unet = create_model("unet", **get_model_spec("unet").smoke_kwargs)
-        save_model(unet, segmenter, input_size=(32, 32), holdout=drawn)
+        save_model(unet, segmenter, input_size=(32, 32), holdout=drawn(seed))
         kwargs = {**get_model_spec("classifier").smoke_kwargs, "num_classes": 7}
         model = create_model("classifier", **kwargs)
         save_model(
@@ -337,7 +341,7 @@ def test_a_pair_whose_models_drew_other_hold_outs_is_refused_and_one_drawn_by_ei
             classifier,
             input_size=(32, 32),
             class_names=HAM10000_CLASSES,
-            holdout={"source": "ham10000", "fraction": 0.15, "seed": 0},
+            holdout=drawn(classifier_seed),
         )
 
     out = tmp_path / "out.json"
@@ -347,10 +351,11 @@ def test_a_pair_whose_models_drew_other_hold_outs_is_refused_and_one_drawn_by_ei
     assert _evaluate_job().main(argv) == 2
     error = capsys.readouterr().err
     assert "drew different hold-outs from ham10000" in error and "seed 1" in error
-    for seed in (0, None):  # the same hold-out, or the segmenter drew none from this data
-        save(seed=seed)
+    # The same hold-out; the segmenter drew none from this data; only the segmenter drew one.
+    for seed, classifier_seed in ((5, 5), (None, 5), (5, None)):
+        save(seed=seed, classifier_seed=classifier_seed)
         assert _evaluate_job().main(argv) == 0
-        assert json.loads(out.read_text())["holdout"] == {"fraction": 0.15, "seed": 0}
+        assert json.loads(out.read_text())["holdout"] == {"fraction": 0.3, "seed": 5}
 
 
 def test_the_evaluate_job_refuses_to_draw_a_models_hold_out_from_other_lesions(tmp_path, capsys):

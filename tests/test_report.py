@@ -401,6 +401,9 @@ def test_the_cli_says_error_in_one_line_and_exits_2_without_results(tmp_path, ma
     assert "Traceback" not in done.stderr
 
 
+_TRUST_COLUMNS = ("class_entropy", "ood_score", "ood", "skin_tone")
+
+
 def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_path):
     from skinray.models import read_model_config
 
@@ -444,6 +447,18 @@ def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_p
         r'<section id="trust">.*?</section>', build_report(str(tmp_path / "other")), re.S
     )
     assert "Calibration" not in section.group(0)
+    # An incremental run added to a date scored before the trust columns: its first file lacks
+    # them, and they are still read from the files that have them.
+    later = {*_TRUST_COLUMNS, "classifier_config_sha256"}
+    before = pa.schema([f for f in result_schema(CLASSES) if f.name not in later])
+    folder = tmp_path / "mixed" / "results" / f"run_date={RUN_DATE}"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:1], before), folder / "part-a-old-00000.parquet")
+    newer = pa.Table.from_pylist(rows[1:], result_schema(CLASSES))
+    pq.write_table(newer, folder / "part-b-new-00000.parquet")
+    page = build_report(str(tmp_path / "mixed"))
+    section = re.search(r'<section id="trust">.*?</section>', page, re.S).group(0)
+    assert len(re.findall(r'<figure class="plot">', section)) == 4
 
 
 def test_rows_without_uncertainty_or_skin_tone_give_no_trust_section(page):

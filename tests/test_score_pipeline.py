@@ -326,20 +326,29 @@ def _scored_before(folder, listing: pa.Table, decodes: dict[str, str | None], cl
 
 @pytest.mark.parametrize(
     ("jpeg_decode_in_segmenter", "use_gpu", "skipped"),
-    [(False, False, {"1.jpg"}), (True, False, {"1.jpg", "2.jpg"}), (True, True, {"1.jpg"})],
+    [
+        (False, False, {"1.jpg"}),
+        (True, False, {"1.jpg", "2.jpg"}),
+        (True, True, {"1.jpg", "4.jpg"}),
+    ],
 )
 def test_an_incremental_run_keeps_rows_of_its_models_decoded_as_it_would_decode(
     tmp_path, jpeg_decode_in_segmenter, use_gpu, skipped
 ):
     archive = tmp_path / "archive"
     archive.mkdir()
-    for i in range(5):
+    for i in range(6):
         (archive / f"{i}.jpg").write_bytes(b"x" * (i + 1))
     listing = list_inputs(str(archive))
     results = tmp_path / "out" / "results"
     # The first file found is from before the decode column: it must not hide the column.
     _scored_before(results / "run_date=2026-11-20", listing, {"0.jpg": None})
-    decodes = {"_schema": True, "1.jpg": "opencv", "2.jpg": "torchvision-cpu"}
+    decodes = {
+        "_schema": True,
+        "1.jpg": "opencv",
+        "2.jpg": "torchvision-cpu",
+        "4.jpg": "torchvision-cuda",
+    }
     _scored_before(results / "run_date=2026-11-23", listing, decodes)
     _scored_before(
         results / "run_date=2026-11-24", listing, {"_schema": True, "3.jpg": "opencv"}, "other"
@@ -357,7 +366,7 @@ def test_an_incremental_run_keeps_rows_of_its_models_decoded_as_it_would_decode(
     assert staged.skipped_already_scored == len(skipped)
     rows = pads.dataset(Path(staging) / "listing").to_table()
     assert {Path(u).name for u in rows["source_uri"].to_pylist()} == {
-        f"{i}.jpg" for i in range(5)
+        f"{i}.jpg" for i in range(6)
     } - skipped
 
 

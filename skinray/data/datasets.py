@@ -189,7 +189,8 @@ def common_holdout(records: dict[str, dict | None], source: str, root: str) -> d
                 f"{first} and {second} drew different hold-outs from {source} ({_drawn(a)}; "
                 f"{_drawn(b)}): each one's validation images are the other's training images"
             )
-    return next(reversed(drawn.values()), {})
+    # Where only one record names the lesions, that one: its draw is checked against them.
+    return max(drawn.values(), key=lambda r: r.get("groups_sha256") is not None, default={})
 
 
 def _same_draw(a: dict, b: dict) -> bool:
@@ -212,8 +213,7 @@ def _drawn(record: dict) -> str:
 
 def image_set_digest(samples: SampleTable) -> str:
     """SHA-256 of the distinct image ids of ``samples``, sorted: the same images under any root."""
-    ids = sorted({str(i) for i in samples.rows["image_id"].to_pylist()})
-    return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    return _sorted_digest(samples.rows["image_id"].to_pylist())
 
 
 def group_digest(samples: SampleTable) -> str:
@@ -221,8 +221,11 @@ def group_digest(samples: SampleTable) -> str:
     them, so from other groups the same fraction and seed draw another hold-out: with one lesion
     fewer in HAM10000, 960 of the 1,266 images drawn would have been in the first draw's training
     side."""
-    groups = sorted({str(g) for g in samples.rows["group"].to_pylist()})
-    return hashlib.sha256("\n".join(groups).encode()).hexdigest()
+    return _sorted_digest(samples.rows["group"].to_pylist())
+
+
+def _sorted_digest(values) -> str:
+    return hashlib.sha256("\n".join(sorted({str(v) for v in values})).encode()).hexdigest()
 
 
 def _require_columns(table: pa.Table, columns: tuple[str, ...], uri: str) -> None:
@@ -397,8 +400,13 @@ def read_manifest(
         if "image_id" in table.column_names
         else [p.rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in images]
     )
-    groups = (
-        [str(v) for v in table["group"].to_pylist()] if "group" in table.column_names else image_ids
+    groups = (  # an image with no group is a lesion of its own
+        [
+            str(g) if g not in (None, "") else i
+            for g, i in zip(table["group"].to_pylist(), image_ids, strict=True)
+        ]
+        if "group" in table.column_names
+        else image_ids
     )
     return _table(images, masks, labels, image_ids, groups, class_names, _manifest_metadata(table))
 

@@ -46,6 +46,7 @@ __all__ = [
     "out_of_fold_pass_rate",
     "regression_outputs",
     "release_model",
+    "shipped_flips",
 ]
 
 #: fp16 weights are shipped when no headline figure moves by more than this.

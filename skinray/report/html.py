@@ -232,14 +232,15 @@ def _partition_dataset(output_uri: str, table: str, run_date: str) -> pads.Datas
     _, path = io.resolve(io.join(root, f"run_date={run_date}"), fs)
     if fs.get_file_info(path).type != pafs.FileType.Directory:
         return None
-    dataset = pads.dataset(
-        path,
-        filesystem=fs,
-        format="parquet",
-        partitioning=_PARTITIONING,
-        partition_base_dir=root_path,
-    )
-    return dataset if dataset.files else None
+    options = {"filesystem": fs, "format": "parquet", "partitioning": _PARTITIONING}
+    dataset = pads.dataset(path, partition_base_dir=root_path, **options)
+    if not dataset.files:
+        return None
+    # Every file's columns: a date an incremental run added to holds files from before a column
+    # was added, and the first file's schema alone would hide the column in all of them.
+    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
+    schema = pa.unify_schemas([schema, dataset.schema])  # with the run_date partition field
+    return pads.dataset(path, partition_base_dir=root_path, schema=schema, **options)
 
 
 def _read_errors(output_uri: str, run_date: str) -> pa.Table:
@@ -636,18 +637,19 @@ def _reliability(overview: pa.Table) -> bytes | None:
     classifier's architecture, not its release, so it is found by its config hash (weights,
     temperature and every other setting the diagram depends on)."""
     from skinray.models import read_model_config
-    from skinray.models.zoo import released_models, resolve_model
+    from skinray.models.zoo import released_models, zoo_root
 
     column = "classifier_config_sha256"
     if not overview.num_rows or column not in overview.column_names:
         return None
     hashes = set(overview[column].drop_null().to_pylist())
     for name in released_models():
-        if read_model_config(name).config_sha256 in hashes:
-            try:
-                return io.read_bytes(io.join(resolve_model(name), "reliability.png"))
-            except (FileNotFoundError, OSError):
-                continue
+        folder = str(zoo_root() / name)
+        try:
+            if read_model_config(folder).config_sha256 in hashes:
+                return io.read_bytes(io.join(folder, "reliability.png"))
+        except (FileNotFoundError, OSError, ValueError):  # a report, never a reason to fail
+            continue
     return None
 
 
