@@ -43,6 +43,21 @@ def test_weights_match_config_and_card(name):
 
 
 @pytest.mark.parametrize("name", released_models())
+def test_every_training_setting_is_beside_the_card(name):
+    # The card's recipe line is a summary; metrics.json holds every setting of the run, which
+    # must be the run the summary describes.
+    import json
+
+    from skinray.train.config import TrainConfig, recipe_summary
+
+    folder = zoo_root() / name
+    config = TrainConfig.model_validate(
+        json.loads((folder / "metrics.json").read_text())["training_config"]
+    )
+    assert f"- Recipe: {recipe_summary(config)}." in (folder / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize("name", released_models())
 def test_outputs_on_fixed_real_images_are_unchanged(name):
     fixture = np.load(FIXTURES / f"{name}.npz")
     segmenter = str(fixture["segmenter"])
