@@ -252,6 +252,26 @@ def test_ece_is_zero_when_every_bin_is_calibrated():
     assert expected_calibration_error(labels, probabilities) == pytest.approx(0.0, abs=1e-12)
 
 
+def test_ece_adds_each_bins_gap_whatever_its_sign():
+    # One bin over-confident by .3, one under-confident by .3: their signed gaps cancel, their
+    # absolute ones do not. And .61 and .69 share a bin of ten but not one of fifteen.
+    over = _probabilities_with_confidence(0.9, 6, 10)
+    under = _probabilities_with_confidence(0.4, 7, 10)
+    labels = np.concatenate([over[0], under[0]])
+    probabilities = np.concatenate([over[1], under[1]])
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.3)
+    low, high = (
+        _probabilities_with_confidence(0.61, 8, 10),
+        _probabilities_with_confidence(0.69, 5, 10),
+    )
+    labels = np.concatenate([low[0], high[0]])
+    probabilities = np.concatenate([low[1], high[1]])
+    assert expected_calibration_error(labels, probabilities) == pytest.approx(0.19)
+    assert expected_calibration_error(labels, probabilities, bins=10) == pytest.approx(
+        0.0, abs=1e-12
+    )
+
+
 def test_ece_and_reliability_bins_on_a_constructed_case():
     over = _probabilities_with_confidence(0.9, 6, 10)  # confidence .9, accuracy .6: gap .3
     fair = _probabilities_with_confidence(0.62, 6, 10)  # confidence .62, accuracy .6: gap .02

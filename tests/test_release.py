@@ -17,7 +17,7 @@ from skinray.predict import Predictor
 
 def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
     torch.manual_seed(0)
-    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    model = _decisive_classifier()  # a random one's temperature would sit at a bound
     save_model(model, str(tmp_path / "trained"), input_size=(64, 64), class_names=["a", "b", "c"])
     spec = ReleaseSpec(
         name="tiny-classifier",
@@ -28,7 +28,7 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
         training={"best": {"epoch": 1}, "epochs_run": 1, "wall_time_s": 1.0},
         limits=["a test model"],
     )
-    samples = synthetic_samples(24, num_classes=3)
+    samples = _labelled_by(str(tmp_path / "trained"), synthetic_samples(24, num_classes=3))
     destination = tmp_path / "released"
     training = synthetic_samples(40, num_classes=3, seed=100)
     report = release_model(
@@ -42,10 +42,10 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
 
     released = load_model(str(destination))
     assert released.saved_config.temperature == report["calibration"]["temperature"]
-    assert released.saved_config.temperature != 1.0
-    # Temperature scaling minimises the validation NLL: never above the uncalibrated one.
     calibration = report["calibration"]
-    assert calibration["after"]["nll"] <= calibration["before"]["nll"] + 1e-6
+    assert 0.2 < released.saved_config.temperature < 10  # fitted, not stopped at a bound
+    # Temperature scaling minimises the validation NLL, and the released model applies it.
+    assert calibration["after"]["nll"] < calibration["before"]["nll"] - 0.01
     assert calibration["folds"] == 2 and set(calibration["after_out_of_fold"]) == {"ece", "nll"}
     assert report["weights_dtype"] == "float16" and report["fp16_change"] <= 0.005
     assert (destination / "reliability.png").read_bytes()[:4] == b"\x89PNG"
@@ -58,7 +58,11 @@ def test_a_released_classifier_is_calibrated_carded_and_halved(tmp_path):
     # 97.5 % of the validation images, the card saying so
     assert released.ood.bank.shape[0] == 40 and report["ood"]["bank_size"] == 40
     scores = Predictor.load(str(destination))(_decoded(samples)).ood_score
-    assert (scores <= released.ood.threshold).float().mean().item() >= 0.975
+    # On 24 images the threshold is their highest score. Scored again in batches of another size
+    # (other convolution kernels), a score moved by 1.4e-4 of itself.
+    threshold = released.ood.threshold * (1 + 1e-3)
+    assert (scores <= threshold).float().mean().item() >= 0.975
+    assert scores.max().item() == pytest.approx(released.ood.threshold, rel=1e-3)
     assert report["ood"]["bank_sha256"] in card and "Out-of-distribution flag" in card
     held = calibration["after_out_of_fold"]
     assert "| after, out of fold (2 folds" in card and f"{held['ece']:.4f}" in card
