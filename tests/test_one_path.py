@@ -35,6 +35,7 @@ from skinray.models import (
     load_model,
     save_model,
 )
+from skinray.models.two_step import lesion_boxes
 from skinray.predict import Predictor
 from skinray.score.actors import PredictActor
 from skinray.score.schema import probability_column
@@ -80,14 +81,14 @@ def _save(model, folder: Path, **settings) -> str:
     return str(folder)
 
 
-def _unit(name: str, folder: Path):
+def _unit(name: str, folder: Path, segmenter: str | None = None):
     """(training config, the in-memory model training validates, what evaluate and score load:
-    (model URI, classifier URI or None))."""
+    (model URI, classifier URI or None)); ``segmenter``: the pair's (a random one by default)."""
     if name != "two_step_pair":
         config = smoke_test_config(name, overrides=[f"data.image_size={list(SIZE)}"])
         model = _smoke_model(name)
         return config, model, (_save(model, folder / name), None)
-    segmenter_uri = _save(_smoke_model("unet"), folder / "segmenter")
+    segmenter_uri = segmenter or _save(_smoke_model("unet"), folder / "segmenter")
     config = smoke_test_config(
         "classifier",
         overrides=[
@@ -203,7 +204,10 @@ def test_the_saved_two_step_composite_is_the_pair(labelled, tmp_path):
 def test_the_roi_fed_to_the_classifier_is_the_same_in_training_and_scoring(
     labelled, tmp_path, roi_masks
 ):
-    config, model, (segmenter, classifier) = _unit("two_step_pair", tmp_path)
+    # A segmenter that finds the lesions: a random one marks nearly every pixel, and a box of the
+    # whole frame hides where and with what margin the ROI is cut.
+    fitted = _fitted_segmenter(tmp_path / "fitted")
+    config, model, (segmenter, classifier) = _unit("two_step_pair", tmp_path, fitted)
     config = config.model_copy(
         update={"data": config.data.model_copy(update={"roi_masks": roi_masks})}
     )
@@ -233,10 +237,17 @@ def test_the_roi_fed_to_the_classifier_is_the_same_in_training_and_scoring(
         "source_size_bytes": np.array([None] * len(uris), dtype=object),
         "source_etag": np.array(["e"] * len(uris), dtype=object),
     }
-    actor(read_and_decode(listing, (80, 80), 10**8))
+    scored = actor(read_and_decode(listing, (80, 80), 10**8))
 
     assert trained.shape == (len(uris), 3, 48, 48)
     torch.testing.assert_close(seen[0], trained, atol=1e-5, rtol=0)
+    # The boxes are lesion crops, cut with the classifier's saved margin (0.2; the default 0.1).
+    boxes = torch.from_numpy(scored["roi_box"]).float()
+    lesion = torch.from_numpy(scored["mask"]).bool()
+    torch.testing.assert_close(boxes, lesion_boxes(lesion, 0.2))
+    assert not torch.equal(boxes, lesion_boxes(lesion, 0.1))
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    assert (areas < 0.5 * 80 * 80).sum() >= 4, areas  # measured: 4 of 6 under 45 %
 
 
 def _no_lesion_segmenter(folder: Path) -> str:
