@@ -167,6 +167,29 @@ def test_behind_a_flipping_segmenter_the_temperature_is_fitted_on_flipped_logits
     assert "- Test-time flips: on (" in card and "the segmenter's setting" in card
 
 
+def test_weights_stay_float32_where_halving_them_moves_a_figure(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from skinray.models import release
+
+    torch.manual_seed(0)
+    model = create_model("unet", **get_model_spec("unet").smoke_kwargs)
+    save_model(model, str(tmp_path / "trained"), input_size=(64, 64))
+    spec = ReleaseSpec(name="s", title="t", data="synthetic", licence="none", recipe="smoke")
+    monkeypatch.setattr(release, "_largest_change", lambda fp32, fp16: 0.02)  # > FP16_TOLERANCE
+    samples = synthetic_samples(4, num_classes=3)
+    report = release_model(
+        str(tmp_path / "trained"), spec, samples, resamples=5, destination=str(tmp_path / "r")
+    )
+    assert (report["weights_dtype"], report["fp16_change"]) == ("float32", 0.02)
+    weights = safetensors.torch.load_file(str(tmp_path / "r" / "model.safetensors"))
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float32}
+    assert (
+        "`model.safetensors`, float32 (fp16 against fp32"
+        in (tmp_path / "r" / "MODEL_CARD.md").read_text()
+    )
+
+
 def _decisive_classifier():
     """The smoke classifier with its last layer's weights ×30: at initialisation its logits are
     so flat that the fitted temperature sits at its lower bound with flips on or off (0.05 either
