@@ -252,11 +252,13 @@ def _holdout(args: argparse.Namespace, trained: dict) -> dict:
 
 
 def _cell(figure: dict, digits: int, intervals: bool) -> str:
-    """``value [low, high]``; the value alone without intervals."""
+    """``value [low, high]``, starred where some resamples left the figure undefined; the value
+    alone without intervals."""
     value = f"{figure['value']:.{digits}f}"
-    return (
-        f"{value} [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]" if intervals else value
-    )
+    if not intervals:
+        return value
+    star = "*" if "resamples_defined" in figure else ""
+    return f"{value} [{figure['low']:.{digits}f}, {figure['high']:.{digits}f}]{star}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -295,7 +297,20 @@ def format_report(report: dict, skipped: int = 0) -> str:
             for name, figures in report["per_class"].items()
         ]
         lines += ["", *_table(["class", "n", *PER_CLASS_FIGURES], rows)]
-    return "\n".join(lines)
+    return "\n".join(_with_footnote(lines))
+
+
+def _with_footnote(lines: list[str]) -> list[str]:
+    if not any("]*" in line for line in lines):
+        return lines
+    return [*lines, "", _PARTLY_DEFINED]
+
+
+#: What a starred interval means.
+_PARTLY_DEFINED = (
+    "* interval over the resamples where the figure is defined (a class absent from a draw "
+    "leaves it undefined); --json gives their number as resamples_defined"
+)
 
 
 #: The figures shown per subgroup (all of them are in the JSON).
@@ -325,7 +340,7 @@ def format_subgroups(subgroups: dict[str, dict[str, dict]]) -> str:
             for value, report in reports.items()
         ]
         lines += ["", *_table([attribute, "images", *(f for _, f in shown)], rows)]
-    return "\n".join(lines).lstrip("\n")
+    return "\n".join(_with_footnote(lines)).lstrip("\n")
 
 
 def _json_safe(value):

@@ -209,20 +209,26 @@ def _report(
         report["reliability"] = {key: value.tolist() for key, value in reliability.items()}
     point = figures(*arrays.values())
     low = high = np.full(len(point), np.nan)
+    defined = np.zeros(len(point), int)
     if resamples > 0:
-        low, high = metrics.bootstrap_interval(
+        values = metrics.bootstrap_resamples(
             lambda *columns: np.fromiter(figures(*columns).values(), float, len(point)),
             *arrays.values(),
             resamples=resamples,
-            confidence=confidence,
             seed=seed,
             groups=lesions,
         )
-    for ((section, *path), value), lo, hi in zip(point.items(), low, high, strict=True):
+        low, high = metrics.percentile_interval(values, confidence)
+        defined = (~np.isnan(values)).sum(0)
+    for ((section, *path), value), lo, hi, kept in zip(
+        point.items(), low, high, defined, strict=True
+    ):
         node = report.setdefault(section, {})
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = {"value": value, "low": float(lo), "high": float(hi)}
+        if resamples > 0 and kept < resamples:  # the interval holds where the figure is defined
+            node[path[-1]]["resamples_defined"] = int(kept)
     order = ("images", "bootstrap", "segmentation", "classification", "per_class")
     return {key: report[key] for key in (*order, "reliability") if key in report}
 

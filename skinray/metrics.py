@@ -28,11 +28,13 @@ __all__ = [
     "balanced_accuracy",
     "binary_confusion",
     "bootstrap_interval",
+    "bootstrap_resamples",
     "classification_scores",
     "expected_calibration_error",
     "per_class_auc",
     "per_class_report",
     "per_image_segmentation_metrics",
+    "percentile_interval",
     "reliability_bins",
     "segmentation_scores",
 ]
@@ -300,12 +302,25 @@ def bootstrap_interval(
     seed: int = 0,
     groups: np.ndarray | None = None,
 ) -> tuple[float, float] | tuple[np.ndarray, np.ndarray]:
-    """Percentile bootstrap interval of ``statistic(*arrays)``: the statistic of ``resamples`` sets
-    of rows drawn with replacement (the same rows of every array, so an image's figures stay
-    together), drawn by one ``numpy.random.Generator`` seeded with ``seed``; ``(low, high)`` are the
-    (1 ± confidence) / 2 quantiles. Resamples where the statistic is NaN (a class missing from the
-    draw) are left out; with none left the interval is (NaN, NaN). A statistic that returns an array
-    gets an interval for each element (arrays ``low``, ``high``) from the same resamples.
+    """Percentile bootstrap interval of ``statistic(*arrays)``: the (1 ± confidence) / 2 quantiles
+    of ``bootstrap_resamples``. Resamples where the statistic is NaN (a class missing from the
+    draw) are left out; with none left the interval is (NaN, NaN). A statistic that returns an
+    array gets an interval for each element (arrays ``low``, ``high``) from the same resamples."""
+    values = bootstrap_resamples(statistic, *arrays, resamples=resamples, seed=seed, groups=groups)
+    low, high = percentile_interval(values, confidence)
+    return (float(low), float(high)) if values.ndim == 1 else (low, high)
+
+
+def bootstrap_resamples(
+    statistic: Callable[..., float | np.ndarray],
+    *arrays: np.ndarray,
+    resamples: int = 1000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """``statistic`` of ``resamples`` sets of rows drawn with replacement (the same rows of every
+    array, so an image's figures stay together), drawn by one ``numpy.random.Generator`` seeded
+    with ``seed``: an array of ``resamples`` values (or rows, for an array statistic).
 
     ``groups`` (one label a row): rows that are not independent, such as images of one lesion,
     are drawn together. A resample draws as many groups as there are, with replacement, and takes
@@ -317,11 +332,11 @@ def bootstrap_interval(
     rows = len(arrays[0])
     if rows == 0 or any(len(a) != rows for a in arrays):
         raise ValueError(f"arrays of {[len(a) for a in arrays]} rows: need equal, non-zero lengths")
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"resamples {resamples} must be >= 1, confidence {confidence} in (0, 1)")
+    if resamples < 1:
+        raise ValueError(f"resamples {resamples} must be >= 1")
     members = _group_members(groups, rows)
     rng = np.random.default_rng(seed)
-    values = np.array(
+    return np.array(
         [
             np.asarray(statistic(*(a[draw] for a in arrays)), dtype=float)
             for draw in (
@@ -330,11 +345,18 @@ def bootstrap_interval(
             )
         ]
     )
+
+
+def percentile_interval(values: np.ndarray, confidence: float = 0.95):
+    """The (1 ± confidence) / 2 quantiles of bootstrap ``values`` over their first axis, NaN
+    (undefined) values left out; (NaN, NaN) where none is defined."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} must be in (0, 1)")
     tail = (1 - confidence) / 2
     with warnings.catch_warnings():  # an all-NaN element is (NaN, NaN), as documented
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = np.nanquantile(values, [tail, 1 - tail], axis=0)
-    return (float(low), float(high)) if values.ndim == 1 else (low, high)
+    return low, high
 
 
 def _group_members(groups: np.ndarray | None, rows: int) -> list[np.ndarray]:

@@ -153,6 +153,22 @@ def test_the_bootstrap_draws_each_lesion_with_all_its_images():
     assert {value: r["bootstrap"]["lesions"] for value, r in by_tone.items()} == {"a": 5, "b": 5}
 
 
+def test_an_interval_says_over_how_many_resamples_its_figure_was_defined():
+    # One image of 40 is of the rare class: draws without it leave its sensitivity undefined
+    # (about (39/40)^40 = 36 % of them), which its interval leaves out and the report counts.
+    prediction, truth, labels = _batch(0, 40)
+    labels = torch.where(labels == 2, 0, labels)
+    labels[7] = 2
+    evaluator = Evaluator(CLASSES)
+    evaluator.update(prediction, truth, labels)
+    report = evaluator.report(resamples=400)
+    rare = report["per_class"]["SK"]["sensitivity"]
+    assert 0.55 * 400 < rare["resamples_defined"] < 0.75 * 400
+    assert "resamples_defined" not in report["classification"]["accuracy"]  # always defined
+    text = _evaluate_job().format_report(report)
+    assert "]*" in text and text.endswith("as resamples_defined")
+
+
 def test_report_sections_follow_what_the_model_predicts():
     segmenter = _evaluator(classify=False).report(resamples=20)
     assert "segmentation" in segmenter and "per_class" not in segmenter
