@@ -23,12 +23,9 @@ import torch
 
 from skinray.data.datasets import read_manifest
 from skinray.data.loading import decode_samples
-from skinray.data.synthetic import synthetic_batch, synthetic_sample
-from skinray.data.transforms import normalise
+from skinray.data.synthetic import synthetic_sample
 from skinray.evaluation import Evaluator
-from skinray.losses import LOSSES
 from skinray.models import (
-    MASK_LOGITS,
     create_model,
     get_model_spec,
     list_models,
@@ -202,12 +199,11 @@ def test_the_saved_two_step_composite_is_the_pair(labelled, tmp_path):
 
 @pytest.mark.parametrize("roi_masks", ["live", "cached"])
 def test_the_roi_fed_to_the_classifier_is_the_same_in_training_and_scoring(
-    labelled, tmp_path, roi_masks
+    labelled, tmp_path, roi_masks, fitted_segmenter
 ):
     # A segmenter that finds the lesions: a random one marks nearly every pixel, and a box of the
     # whole frame hides where and with what margin the ROI is cut.
-    fitted = _fitted_segmenter(tmp_path / "fitted")
-    config, model, (segmenter, classifier) = _unit("two_step_pair", tmp_path, fitted)
+    config, model, (segmenter, classifier) = _unit("two_step_pair", tmp_path, fitted_segmenter)
     config = config.model_copy(
         update={"data": config.data.model_copy(update={"roi_masks": roi_masks})}
     )
@@ -259,26 +255,12 @@ def _no_lesion_segmenter(folder: Path) -> str:
     return _save(model, folder)
 
 
-def _fitted_segmenter(folder: Path) -> str:
-    """A U-Net fitted for 20 steps to synthetic lesions (seeds apart from the evaluated images'):
-    it finds lesions, so its ROIs are lesion crops, not whole frames."""
-    torch.manual_seed(0)
-    model = create_model("unet", **get_model_spec("unet").smoke_kwargs)
-    images, masks, _ = synthetic_batch(16, SIZE, seed=100)
-    x = normalise(torch.from_numpy(images).permute(0, 3, 1, 2), *model.normalization)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(20):
-        loss = LOSSES["bce_dice"](model(x)[MASK_LOGITS], torch.from_numpy(masks).float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return _save(model.eval(), folder)
-
-
-def test_evaluating_a_two_step_model_uses_its_own_segmenter_not_the_truth(labelled, tmp_path):
+def test_evaluating_a_two_step_model_uses_its_own_segmenter_not_the_truth(
+    labelled, tmp_path, fitted_segmenter
+):
     main = _evaluate_main()
     _, _, (_, classifier) = _unit("two_step_pair", tmp_path)
-    segmenter = _fitted_segmenter(tmp_path / "fitted")
+    segmenter = fitted_segmenter
     blind = _no_lesion_segmenter(tmp_path / "blind")
     figures = {}
     for name, uri in (("own", segmenter), ("blind", blind)):
