@@ -84,12 +84,21 @@ def splits_as_drawn(data: str, root: str, config: TrainConfig, holdout: dict | N
     """(validation, training) as the run drew them: for HAM10000, its hold-out at the run's
     fraction and seed (``skinray.train.trainer``), not the recipes' default, and only from the
     lesions the model's ``holdout`` record names; the OOD bank is drawn from the training side,
-    so it holds no validation image either."""
+    so it holds no validation image either. A ``holdout`` record drawn from ``data`` (a pair's
+    segmenter's, say) with another fraction or seed than the run's is refused: its model trained
+    on the run's validation images."""
     drawn = {
         "fraction": config.data.validation_fraction,
         "seed": config.seed,
         "groups_sha256": (holdout or {}).get("groups_sha256"),
     }
+    recorded = {k: (holdout or {}).get(k) for k in ("fraction", "seed")}
+    if (holdout or {}).get("source") == data and recorded != {k: drawn[k] for k in recorded}:
+        raise DatasetError(
+            f"the run drew its {data} hold-out at fraction {drawn['fraction']}, seed "
+            f"{drawn['seed']}; a model of the pair drew fraction {recorded['fraction']}, seed "
+            f"{recorded['seed']}: each one's validation images are the other's training images"
+        )
     return tuple(read_split(data, root, split, **drawn) for split in ("validation", "training"))
 
 

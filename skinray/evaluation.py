@@ -122,7 +122,7 @@ class Evaluator:
 
     def report(self, resamples: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict:
         """Every figure with a percentile bootstrap interval: ``resamples`` draws of lesions, each
-        with all its images (``metrics.bootstrap_interval``; 0: none, ``low`` and ``high`` are
+        with all its images (``metrics.bootstrap_resamples``; 0: none, ``low`` and ``high`` are
         NaN). Images of one lesion are not independent: drawn one by one, HAM10000's hold-out
         (1,276 images of 953 lesions) gave intervals too narrow::
 
@@ -135,7 +135,9 @@ class Evaluator:
         Segmentation figures are means of per-image values (ISIC's; ``threshold_jaccard`` zeroes
         each image's Jaccard below 0.65); ``auc_mean`` is the mean over classes whose AUC is
         defined; ``ece`` is the top-label expected calibration error (15 bins); the per-class
-        figures are ``metrics.per_class_report``'s. Sections without data are left out."""
+        figures are ``metrics.per_class_report``'s. Sections without data are left out. A figure
+        undefined in some resamples but not all (a class absent from a draw) has its interval
+        over the others, and ``resamples_defined`` gives their number."""
         lesions = np.array(self._lesions)
         arrays = self._arrays()
         return _report(arrays, self.class_names, lesions, resamples, seed, confidence)
@@ -227,7 +229,7 @@ def _report(
         for key in path[:-1]:
             node = node.setdefault(key, {})
         node[path[-1]] = {"value": value, "low": float(lo), "high": float(hi)}
-        if resamples > 0 and kept < resamples:  # the interval holds where the figure is defined
+        if 0 < kept < resamples:  # the interval rests on the resamples where it is defined
             node[path[-1]]["resamples_defined"] = int(kept)
     order = ("images", "bootstrap", "segmentation", "classification", "per_class")
     return {key: report[key] for key in (*order, "reliability") if key in report}

@@ -306,6 +306,8 @@ def bootstrap_interval(
     of ``bootstrap_resamples``. Resamples where the statistic is NaN (a class missing from the
     draw) are left out; with none left the interval is (NaN, NaN). A statistic that returns an
     array gets an interval for each element (arrays ``low``, ``high``) from the same resamples."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} must be in (0, 1)")
     values = bootstrap_resamples(statistic, *arrays, resamples=resamples, seed=seed, groups=groups)
     low, high = percentile_interval(values, confidence)
     return (float(low), float(high)) if values.ndim == 1 else (low, high)
@@ -347,7 +349,7 @@ def bootstrap_resamples(
     )
 
 
-def percentile_interval(values: np.ndarray, confidence: float = 0.95):
+def percentile_interval(values: np.ndarray, confidence: float = 0.95) -> tuple:
     """The (1 ± confidence) / 2 quantiles of bootstrap ``values`` over their first axis, NaN
     (undefined) values left out; (NaN, NaN) where none is defined."""
     if not 0 < confidence < 1:

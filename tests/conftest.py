@@ -26,7 +26,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
 def fitted_segmenter(tmp_path_factory) -> str:
     """A smoke U-Net fitted for 20 steps to synthetic lesions, saved at 64×64. A random one marks
     nearly every pixel lesion (98–99.9 %), so its ROIs are whole frames and any two masks agree;
-    this one finds lesions, so ROI boxes and mask comparisons mean something."""
+    this one finds lesions, so ROI boxes and mask comparisons mean something. Shared by the
+    session's tests: copy it before changing its config."""
     from skinray.data.synthetic import synthetic_batch
     from skinray.data.transforms import normalise
     from skinray.losses import LOSSES

@@ -111,9 +111,12 @@ def test_holdout_split_keeps_each_group_on_one_side():
 
 def test_a_manifest_image_without_a_group_is_a_lesion_of_its_own(tmp_path):
     manifest = tmp_path / "m.csv"
-    manifest.write_text("image,group,label\na.png,L1,x\nb.png,L1,x\nc.png,,y\nd.png,,y\n")
+    manifest.write_text(
+        "image,group,label\na.png,L1,x\nb.png,L1,x\nc.png,,y\nd.png,,y\ne.png,007,y\nf.png,7,y\n"
+    )
     groups = read_manifest(str(manifest)).rows["group"].to_pylist()
-    assert groups == ["L1", "L1", "c", "d"]  # not one lesion "None" of every ungrouped image
+    # Not one lesion of every ungrouped image, and groups are names: 007 is not 7.
+    assert groups == ["L1", "L1", "image:c", "image:d", "007", "7"]
 
 
 def test_models_evaluated_together_share_the_hold_out_one_of_them_drew(tmp_path):

@@ -293,6 +293,26 @@ def test_release_job_refuses_a_pair_whose_models_drew_other_hold_outs(tmp_path, 
     (line,) = result.stderr.strip().splitlines()
     assert f"{segmenter} and ham10000-classifier drew different hold-outs from ham10000" in line
 
+    # A classifier with no record, from a run that drew seed 0: the segmenter's seed-1 record is
+    # the pair's hold-out, and the run's validation images are its training images.
+    from skinray.train.config import smoke_test_config
+
+    model = tmp_path / "run" / "model"
+    shutil.copytree(ROOT / "models" / "ham10000-classifier", model)
+    unrecorded = json.loads((model / "config.json").read_text()) | {"holdout": None}
+    (model / "config.json").write_text(json.dumps(unrecorded))
+    run = smoke_test_config("classifier", str(tmp_path / "run"))  # seed 0, fraction 0.15
+    run = run.model_copy(
+        update={"data": run.data.model_copy(update={"source": "ham10000", "root": root})}
+    )
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"config": run.model_dump()}))
+    argv = ["--segmenter", str(segmenter), "--name", "x", "--data", "ham10000", "--root", root]
+    result = _main(capsys, "release.py", str(model), *argv)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert "the run drew its ham10000 hold-out at fraction 0.15, seed 0" in line
+    assert "a model of the pair drew fraction 0.15, seed 1" in line
+
 
 def test_evaluate_job_refuses_a_classifier_on_data_of_other_classes(capsys):
     result = _main(

@@ -3,6 +3,8 @@ once per segmenter and size, never the ground truth."""
 
 from __future__ import annotations
 
+import shutil
+
 import cv2
 import numpy as np
 import pytest
@@ -36,8 +38,10 @@ def manifest(tmp_path) -> str:
 
 
 @pytest.fixture
-def segmenter(fitted_segmenter) -> str:
-    return fitted_segmenter  # a random one marks nearly every pixel: any cache would agree
+def segmenter(fitted_segmenter, tmp_path) -> str:
+    # A copy: the test rewrites its config. A random one marks nearly every pixel, and any cache
+    # would agree with it.
+    return str(shutil.copytree(fitted_segmenter, tmp_path / "segmenter"))
 
 
 def test_cached_masks_are_the_segmenters_prediction_and_are_made_once(

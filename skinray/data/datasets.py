@@ -355,7 +355,10 @@ def read_manifest(
         table = pacsv.read_csv(
             stdio.BytesIO(data),
             convert_options=pacsv.ConvertOptions(
-                column_types={"label": pa.string(), "image": pa.string(), "mask": pa.string()}
+                # Names, not numbers: read as numbers, groups "007" and "7" would be one lesion.
+                column_types={
+                    name: pa.string() for name in ("label", "image", "mask", "image_id", "group")
+                }
             ),
         )
     _require_columns(table, ("image", "label"), uri)
@@ -400,9 +403,9 @@ def read_manifest(
         if "image_id" in table.column_names
         else [p.rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in images]
     )
-    groups = (  # an image with no group is a lesion of its own
+    groups = (  # an image with no group is a lesion of its own, whatever groups are named
         [
-            str(g) if g not in (None, "") else i
+            str(g) if g not in (None, "") else f"image:{i}"
             for g, i in zip(table["group"].to_pylist(), image_ids, strict=True)
         ]
         if "group" in table.column_names

@@ -238,8 +238,11 @@ def _partition_dataset(output_uri: str, table: str, run_date: str) -> pads.Datas
         return None
     # Every file's columns: a date an incremental run added to holds files from before a column
     # was added, and the first file's schema alone would hide the column in all of them.
-    schema = pa.unify_schemas([f.physical_schema for f in dataset.get_fragments()])
-    schema = pa.unify_schemas([schema, dataset.schema])  # with the run_date partition field
+    schemas = [f.physical_schema for f in dataset.get_fragments()] + [dataset.schema]
+    try:  # dataset.schema brings the run_date partition field; a widened type is read as widened
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except pa.ArrowException as error:
+        raise ReportError(f"{path}: its files' columns do not agree ({error})") from None
     return pads.dataset(path, partition_base_dir=root_path, schema=schema, **options)
 
 
