@@ -104,12 +104,30 @@ def _archive(prefix: str, start: int = 0, count: int = GOOD) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, fitted_segmenter):
+    """A segmenter that finds lesions (a random one's ROI box is every image's whole frame) and
+    an ROI classifier."""
     folder = tmp_path_factory.mktemp("models")
+    shutil.copytree(fitted_segmenter, folder / "segmenter")
+    return _with_classifier(folder)
+
+
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    """A random segmenter, whose masks are nearly all lesion, and the same classifier. For what
+    int8 rows record, not int8's accuracy: asked for int8 calibrated on the test's 29 images, the
+    20-step fitted segmenter's actor ran openvino-mixed (a fallback); docs/benchmarks.md measures
+    int8 on the released segmenter."""
+    folder = tmp_path_factory.mktemp("random_models")
     torch.manual_seed(0)
     segmenter = create_model("unet", **get_model_spec("unet").smoke_kwargs)
-    classifier = create_model("classifier", encoder="resnet18", num_classes=3)
     save_model(segmenter, str(folder / "segmenter"), input_size=(64, 64))
+    return _with_classifier(folder)
+
+
+def _with_classifier(folder):
+    torch.manual_seed(0)
+    classifier = create_model("classifier", encoder="resnet18", num_classes=3)
     save_model(
         classifier,
         str(folder / "classifier"),
@@ -175,10 +193,13 @@ def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, 
     mask = cv2.imdecode(np.frombuffer(some["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (64, 64) and set(np.unique(mask)) <= {0, 255}
     assert some["cam_png"] is None  # the ROI classifier yields no CAM of its own
+    boxes = []
     for row in rows.values():  # the recorded ROI box is the one cut from the stored mask
         stored = cv2.imdecode(np.frombuffer(row["mask_png"], np.uint8), cv2.IMREAD_UNCHANGED)
         box = tuple(int(v) for v in lesion_boxes(torch.from_numpy(stored[None] > 0), 0.1)[0])
         assert tuple(row[c] for c in ROI_BOX_COLUMNS) == box, row["source_uri"]
+        boxes.append(box)
+    assert sum(box != (0, 0, 64, 64) for box in boxes) > len(boxes) // 2  # lesion crops
     assert summary.errors_by_type == {"CorruptImage": 3, "EmptyImage": 1, "TooManyPixels": 1}
 
     # One line per stage: the images that reached it, its errors, and Ray Data's task time.
@@ -250,8 +271,9 @@ def test_a_dying_actor_loses_nothing(ray_cluster, s3_bucket, models, tmp_path, m
 
 
 def test_rerun_replaces_and_incremental_scores_only_new_images(
-    ray_cluster, s3_bucket, models, tmp_path
+    ray_cluster, s3_bucket, random_models, tmp_path
 ):
+    models = random_models
     _archive(f"{s3_bucket}/archive")
     first = run_scoring(_config(s3_bucket, models))
     second = run_scoring(_config(s3_bucket, models))
