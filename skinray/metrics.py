@@ -368,10 +368,7 @@ def _group_members(groups: np.ndarray | None, rows: int) -> list[np.ndarray]:
     groups = np.asarray(groups)
     if len(groups) != rows:
         raise ValueError(f"{len(groups)} group labels for {rows} rows")
-    _, first, codes = np.unique(groups, return_index=True, return_inverse=True)
-    order = np.argsort(first)  # codes sorted by first appearance
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    codes = rank[codes.reshape(-1)]
-    by_code = np.argsort(codes, kind="stable")
-    return np.split(by_code, np.cumsum(np.bincount(codes))[:-1])
+    members: dict = {}  # insertion order: first appearance
+    for row, group in enumerate(groups.tolist()):
+        members.setdefault(group, []).append(row)
+    return [np.array(indices) for indices in members.values()]
