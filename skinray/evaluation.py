@@ -134,7 +134,7 @@ class Evaluator:
 
         Segmentation figures are means of per-image values (ISIC's; ``threshold_jaccard`` zeroes
         each image's Jaccard below 0.65); ``auc_mean`` is the mean over classes whose AUC is
-        defined; ``ece`` is the top-label expected calibration error (15 bins); the per-class
+        defined on all the images, undefined in a resample that lacks one of them; ``ece`` is the top-label expected calibration error (15 bins); the per-class
         figures are ``metrics.per_class_report``'s. Sections without data are left out. A figure
         undefined in some resamples but not all (a class absent from a draw) has its interval
         over the others, and ``resamples_defined`` gives their number."""
@@ -189,9 +189,7 @@ def _report(
     """``Evaluator.report`` of the per-image ``arrays`` (``Evaluator._arrays``) of images of
     ``lesions`` (one label an image), which the bootstrap draws whole."""
 
-    def figures(*columns: np.ndarray) -> dict[tuple[str, ...], float]:
-        return _report_figures(dict(zip(arrays, columns, strict=True)), names)
-
+    auc_classes = None  # those whose AUC is defined on all the images
     report: dict = {
         "images": len(lesions),
         "bootstrap": {
@@ -207,8 +205,13 @@ def _report(
         labels, probabilities = arrays["labels"], arrays["probabilities"]
         per_class = metrics.per_class_report(labels, probabilities, names)
         report["per_class"] = {name: {"n": c["n"]} for name, c in per_class.items()}
+        auc_classes = [name for name, c in per_class.items() if not np.isnan(c["auc"])]
         reliability = metrics.reliability_bins(labels, probabilities)
         report["reliability"] = {key: value.tolist() for key, value in reliability.items()}
+
+    def figures(*columns: np.ndarray) -> dict[tuple[str, ...], float]:
+        return _report_figures(dict(zip(arrays, columns, strict=True)), names, auc_classes)
+
     point = figures(*arrays.values())
     low = high = np.full(len(point), np.nan)
     defined = np.zeros(len(point), int)
@@ -236,9 +239,13 @@ def _report(
 
 
 def _report_figures(
-    arrays: dict[str, np.ndarray], class_names: list[str] | None
+    arrays: dict[str, np.ndarray],
+    class_names: list[str] | None,
+    auc_classes: list[str] | None = None,
 ) -> dict[tuple[str, ...], float]:
-    """The figures ``Evaluator.report`` gives, flat, keyed by their path in the report."""
+    """The figures ``Evaluator.report`` gives, flat, keyed by their path in the report.
+    ``auc_mean`` is over ``auc_classes`` (default: the classes whose AUC is defined), and NaN
+    where one of them has none: a resample's mean over fewer classes is another figure."""
     figures: dict[tuple[str, ...], float] = {}
     if "segmentation" in arrays:
         means = arrays["segmentation"].mean(axis=0)
@@ -248,7 +255,9 @@ def _report_figures(
         labels, probabilities = arrays["labels"], arrays["probabilities"]
         predicted = probabilities.argmax(1)
         per_class = metrics.per_class_report(labels, probabilities, class_names)
-        aucs = [c["auc"] for c in per_class.values() if not np.isnan(c["auc"])]
+        if auc_classes is None:
+            auc_classes = [name for name, c in per_class.items() if not np.isnan(c["auc"])]
+        aucs = [per_class[name]["auc"] for name in auc_classes]
         figures["classification", "accuracy"] = metrics.accuracy(labels, predicted)
         figures["classification", "balanced_accuracy"] = metrics.balanced_accuracy(
             labels, predicted, probabilities.shape[1]

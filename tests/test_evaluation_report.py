@@ -169,6 +169,22 @@ def test_an_interval_says_over_how_many_resamples_its_figure_was_defined():
     assert "]*" in text and text.endswith("as resamples_defined")
 
 
+def test_mean_auc_of_a_resample_is_over_the_classes_of_the_whole_sample():
+    # A draw without the rare class has no AUC for it: averaging the other classes' AUCs would
+    # put a mean over two classes in an interval of means over three.
+    prediction, truth, labels = _batch(0, 40)
+    labels = torch.where(labels == 2, 0, labels)
+    labels[7] = 2
+    evaluator = Evaluator(CLASSES)
+    evaluator.update(prediction, truth, labels)
+    report = evaluator.report(resamples=400)
+    rare_auc = report["per_class"]["SK"]["auc"]
+    mean_auc = report["classification"]["auc_mean"]
+    assert mean_auc["resamples_defined"] == rare_auc["resamples_defined"] < 0.75 * 400
+    aucs = [report["per_class"][name]["auc"]["value"] for name in CLASSES]
+    assert mean_auc["value"] == pytest.approx(sum(aucs) / 3)
+
+
 def test_report_sections_follow_what_the_model_predicts():
     segmenter = _evaluator(classify=False).report(resamples=20)
     assert "segmentation" in segmenter and "per_class" not in segmenter
