@@ -180,6 +180,24 @@ def test_exif_rotated_jpeg_comes_out_upright_with_its_upright_size():
     assert decoded.rgb[:10].mean() > 200 and decoded.rgb[20:].mean() < 20  # the band is on top
 
 
+def test_a_cut_short_exif_block_is_read_as_opencv_reads_it():
+    # Cut after any byte of its TIFF block (orientation 6), the EXIF gives the size OpenCV's own
+    # decode shows, upright only once the orientation entry is whole; never an exception, which
+    # would fail a scoring task on every retry.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tiff = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    plain = cv2.imencode(".jpg", np.zeros((40, 100, 3), np.uint8))[1].tobytes()
+    shapes = []
+    for cut in range(len(tiff) + 1):
+        body = b"Exif\x00\x00" + tiff[:cut]
+        data = plain[:2] + b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body + plain[2:]
+        opencv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        shapes.append(decode(data).rgb.shape)
+        assert shapes[-1] == opencv.shape, cut
+    assert shapes[0] == (40, 100, 3) and shapes[-1] == (100, 40, 3)
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_reduced_decode_applies_exif_orientation_like_the_full_decode(orientation):
     data = _exif_jpeg(synthetic_sample(7, (160, 256)).image, orientation)

@@ -289,7 +289,7 @@ def _read_jpeg_header(data: bytes) -> _JpegHeader:
 
 def _exif_orientation(tiff: bytes) -> int:
     """The EXIF orientation in IFD0, 1–8; 1 (as stored) when absent or out of range."""
-    if tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+    if tiff[:4] not in (b"II*\x00", b"MM\x00*") or len(tiff) < 8:
         return 1
     order = "<" if tiff[:2] == b"II" else ">"
     (ifd,) = struct.unpack_from(order + "I", tiff, 4)
