@@ -6,16 +6,20 @@ from __future__ import annotations
 import io as stdio
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from ray.data._internal.batcher import Batcher  # what joins blocks into a stage's batches
+from ray.data.block import BlockAccessor
 
 from skinray.data.synthetic import synthetic_sample
 from skinray.score.actors import PredictActor
-from skinray.score.stages import read_and_decode
+from skinray.score.stages import describe_lesions, finish_rows, read_and_decode
 
 SIZE = (64, 64)
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _jpeg(rgb: np.ndarray, orientation: int = 1) -> bytes:
@@ -167,3 +171,76 @@ def test_an_actor_whose_backend_fails_the_guard_tries_the_full_precision_one_nex
     for i, stage in enumerate(reference["error_stage"]):
         if not stage:
             assert (rows["mask"][i] == reference["mask"][i]).mean() > 0.99
+
+
+@pytest.fixture
+def pair():  # a new actor: the first batch it gets is the test's
+    return PredictActor("lesion-segmenter", "ham10000-classifier", batch_size=4, backend="eager")
+
+
+def _decoded_batch(actor, count: int = 0, broken: list[str] = ()) -> dict:
+    """The first ``count`` ISIC 2017 validation images and the files ``broken``, as the decode
+    stage hands them to the actor."""
+    folder = SHARED_DATA / "isic2017" / "ISIC-2017_Validation_Data"
+    uris = [str(p) for p in sorted(folder.glob("*.jpg"))[:count]] + list(broken)
+    listing = {
+        "source_uri": np.array(uris, dtype=object),
+        "source_size_bytes": np.array([None] * len(uris), dtype=object),
+        "source_etag": np.array(["e"] * len(uris), dtype=object),
+    }
+    return read_and_decode(listing, actor.predictor.input_size, 10**8)
+
+
+def test_a_batch_whose_images_all_failed_joins_healthy_ones_in_the_next_stage(pair, tmp_path):
+    broken = [tmp_path / "notes.jpg", tmp_path / "empty.jpg"]
+    broken[0].write_bytes(b"not an image")
+    broken[1].write_bytes(b"")
+    failed = pair(_decoded_batch(pair, broken=[str(path) for path in broken]))  # the first batch
+    healthy = pair(_decoded_batch(pair, 3))
+    assert set(failed) == set(healthy)
+    for key, column in healthy.items():
+        assert (failed[key].shape[1:], failed[key].dtype) == (column.shape[1:], column.dtype), key
+    # Joined as the next stage's batches are (batch_size 64 holds both blocks), with Ray's own
+    # batcher: before, this raised TypeError and failed the run.
+    batcher = Batcher(batch_size=64)
+    for batch in (healthy, failed):
+        batcher.add(BlockAccessor.batch_to_block(batch))
+    batcher.done_adding()
+    joined = BlockAccessor.for_block(batcher.next_batch()).to_batch_format("numpy")
+    rows = finish_rows(describe_lesions(joined), pair.predictor.class_names, {}, "r", False)
+    assert list(rows["error_stage"]) == ["", "", "", "decode", "decode"]
+    assert np.isfinite(rows["predicted_probability"][:3]).all()
+    assert np.isnan(rows["predicted_probability"][3:]).all()
+
+
+class _FailsOnBlackImages:
+    """A predictor that raises on any batch holding an all-black image (as a GPU out of memory
+    would on one too large a batch), and otherwise is ``predictor``."""
+
+    def __init__(self, predictor):
+        self._predictor = predictor
+
+    def __getattr__(self, name):
+        return getattr(self._predictor, name)
+
+    def __call__(self, images):
+        if (images.flatten(1).amax(1) == 0).any():
+            raise RuntimeError("CUDA out of memory (on purpose)")
+        return self._predictor(images)
+
+
+def test_a_failing_batch_costs_only_the_images_that_fail_alone(pair):
+    clean = pair(_decoded_batch(pair, 4))
+    batch = _decoded_batch(pair, 4)
+    batch["image"][2] = 0
+    eager = pair.predictor
+    pair.predictor = _FailsOnBlackImages(eager)
+    try:
+        scored = pair(batch)
+    finally:
+        pair.predictor = eager
+    assert list(scored["error_stage"]) == ["", "", "predict", ""]
+    assert scored["error_type"][2] == "RuntimeError"
+    assert list(scored["backend"]) == ["eager", "eager", None, "eager"]
+    for key in ("mask", "class_probabilities", "ood_score"):
+        np.testing.assert_allclose(scored[key][[0, 1, 3]], clean[key][[0, 1, 3]], atol=1e-5)

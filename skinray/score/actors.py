@@ -93,6 +93,7 @@ class PredictActor:
         )
         self._unguarded = eager if self.backend != "eager" else None
         self.batch_size = batch_size
+        self._output_columns: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
 
     def __call__(self, batch: dict) -> dict:
         _kill_once_if_asked()
@@ -101,34 +102,64 @@ class PredictActor:
         batch["decode"] = np.array([CPU_DECODER] * count, dtype=object)
         if "jpeg" in batch:
             self._decode_jpegs(batch)
-        batch["mask"] = np.zeros((count, *batch["image"].shape[1:3]), np.uint8)
         batch["backend"] = np.array([None] * count, dtype=object)
         batch["int8_calibration_sha256"] = np.array([None] * count, dtype=object)
         batch["backend_versions"] = np.array([None] * count, dtype=object)
         healthy = np.flatnonzero(healthy_rows(batch))
-        if not len(healthy):
-            return batch
-        try:
-            outputs = self._predict(batch["image"][healthy])
-        except Exception as error:  # one bad batch must not fail the job: its rows become errors
-            for i in healthy:
-                mark_failed(batch, i, "predict", error)
-            return batch
+        outputs, ran = self._predict_rows(batch, healthy)
+        batch.update(self._zero_columns(count, batch["image"].shape[1:3]))
         for key, values in outputs.items():
-            column = np.zeros((count, *values.shape[1:]), values.dtype)
-            column[healthy] = values
-            batch[key] = column
-        batch["backend"][healthy] = self.backend  # after the first batch's guard: what ran
-        batch["backend_versions"][healthy] = runtime_versions(self.backend)
+            batch[key][ran] = values
+        batch["backend"][ran] = self.backend  # after the first batch's guard: what ran
+        batch["backend_versions"][ran] = runtime_versions(self.backend)
         if self.backend == "openvino-int8":
-            batch["int8_calibration_sha256"][healthy] = self.calibration_sha256
+            batch["int8_calibration_sha256"][ran] = self.calibration_sha256
         return batch
+
+    def _predict_rows(self, batch: dict, rows: np.ndarray) -> tuple[dict, np.ndarray]:
+        """The outputs of the images of ``rows``, and the rows they are of. Where the batch
+        fails, each image is tried alone, so that only those that fail alone become errors."""
+        if not len(rows):
+            return {}, rows
+        try:
+            return self._predict(batch["image"][rows]), rows
+        except Exception as error:  # one bad batch must not fail the job
+            if len(rows) == 1:
+                mark_failed(batch, rows[0], "predict", error)
+                return {}, rows[:0]
+            log.warning("a batch of %d images failed (%s); trying each alone", len(rows), error)
+        alone = [self._predict_rows(batch, rows[k : k + 1]) for k in range(len(rows))]
+        ran = [(outputs, row) for outputs, row in alone if len(row)]
+        if not ran:
+            return {}, rows[:0]
+        keys = ran[0][0]
+        outputs = {key: np.concatenate([o[key] for o, _ in ran]) for key in keys}
+        return outputs, np.concatenate([row for _, row in ran])
+
+    def _zero_columns(self, count: int, image_size: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Every output column of a healthy batch, zero for ``count`` rows: a batch without some
+        of them (all its rows failed) could not be joined with healthy ones by the next stage's
+        batcher, and failed the run. Shapes from the first batch that ran, else from a probe."""
+        if self._output_columns is None:
+            probe = np.zeros((1, *image_size, 3), np.uint8)
+            predictor = self._unguarded or self.predictor  # the guard runs on real images only
+            outputs = self._derived(predictor(torch.from_numpy(probe).permute(0, 3, 1, 2)).numpy())
+            self._remember_columns(outputs)
+        return {
+            key: np.zeros((count, *shape), dtype)
+            for key, (shape, dtype) in self._output_columns.items()
+        }
+
+    def _remember_columns(self, outputs: dict[str, np.ndarray]) -> None:
+        if self._output_columns is None:
+            self._output_columns = {key: (v.shape[1:], v.dtype) for key, v in outputs.items()}
 
     def _guard(self, chunk: torch.Tensor) -> None:
         """On the first batch: the backend against eager. One that fails hands over to its
         ``GUARD_FALLBACK`` (guarded in turn), or to eager, with the reason logged."""
-        eager, self._unguarded = self._unguarded, None
-        reference = eager(chunk)
+        eager = self._unguarded
+        reference = eager(chunk)  # where it raises, the next batch is guarded instead
+        self._unguarded = None
         while self.backend != "eager":
             try:  # torch.compile compiles, and may fail, on its first call
                 result = compare_predictions(reference, self.predictor(chunk))
@@ -156,7 +187,12 @@ class PredictActor:
                 self._guard(chunk)
             for key, value in self.predictor(chunk).numpy().items():
                 chunks.setdefault(key, []).append(value)
-        outputs = {key: np.concatenate(values) for key, values in chunks.items()}
+        outputs = self._derived({key: np.concatenate(v) for key, v in chunks.items()})
+        self._remember_columns(outputs)
+        return outputs
+
+    def _derived(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The columns rows take from the predictor's outputs."""
         outputs.pop("mask_probability", None)
         if "class_probabilities" in outputs:
             probabilities = torch.from_numpy(outputs["class_probabilities"])
