@@ -245,6 +245,24 @@ def test_an_incremental_commit_adds_results_and_replaces_errors(tmp_path):
     )  # an empty file, with its schema
 
 
+def test_an_incremental_commit_replaces_the_rows_of_the_images_it_scored_again(tmp_path):
+    # old.jpg changed since the date's earlier run (another ETag): scored again, its new row or
+    # its new error replaces the old row, so each image is in one table, once, per date.
+    for outcome in ("result", "error"):
+        output = tmp_path / outcome
+        _previous_partition(output)
+        staged = _staged_rows(["s3://a/old.jpg", "s3://a/new.jpg"], set())
+        if outcome == "error":
+            staged = _staged_rows(["s3://a/old.jpg", "s3://a/new.jpg"], {"s3://a/old.jpg"})
+        _stage(output / "_staging" / "r", staged)
+        _commit(output, incremental=True)
+        results = pads.dataset(output / "results" / "run_date=2026-11-24").to_table()
+        errors = pads.dataset(output / "errors" / "run_date=2026-11-24").to_table()
+        found = sorted(results["source_uri"].to_pylist() + errors["source_uri"].to_pylist())
+        assert found == ["s3://a/new.jpg", "s3://a/old.jpg"], outcome
+        assert set(results["run_id"].to_pylist()) == {"r"}, outcome
+
+
 def test_a_run_dead_before_its_commit_leaves_the_partition_and_its_staged_rows(tmp_path):
     output = tmp_path / "out"
     _previous_partition(output)

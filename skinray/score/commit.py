@@ -10,9 +10,9 @@ own file names rather than adding rows.
 
 Commit (``commit_run``, on the driver): every staged file is moved into ``results/run_date=…`` and
 ``errors/run_date=…`` (a rename on a local disk, a server-side copy on S3); then the files of
-earlier runs in those partitions are deleted (the results partition is kept and added to with
-``incremental``); then the staging directory. Until the commit starts, the previous partitions are
-untouched: a run that dies before it leaves them readable and unchanged, and its staged files are
+earlier runs in those partitions are deleted (with ``incremental`` the results partition is kept
+and added to, less the rows of images this run scored again); then the staging directory. Until
+the commit starts, the previous partitions are untouched: a run that dies before it leaves them readable and unchanged, and its staged files are
 picked up when the run id is given again (``staged_uris``), so nothing staged is scored twice.
 Between the moves and the deletes a reader may see both runs' rows; each row names its run.
 """
@@ -158,6 +158,7 @@ def commit_run(staging: str, config: ScoreConfig, class_names: list[str]) -> Com
     fs, _ = io.resolve(staging)
     counts, by_type, by_stage, uris = {}, Counter(), Counter(), {}
     schemas = {"results": result_schema(class_names), "errors": error_schema()}
+    superseded = staged_uris(staging) if config.incremental else None  # before the moves
     for table in TABLES:
         files = _staged_files(staging, table)
         counts[table] = sum(pq.read_metadata(i.path, filesystem=fs).num_rows for i in files)
@@ -168,7 +169,9 @@ def commit_run(staging: str, config: ScoreConfig, class_names: list[str]) -> Com
                 by_stage.update(_value_counts(kinds["stage"]))
         keep_old = table == "results" and config.incremental
         uris[table] = _partition(config.output, table, run_date)
-        _publish(files, fs, uris[table], schemas[table], config.run_id, keep_old)
+        _publish(
+            files, fs, uris[table], schemas[table], config.run_id, superseded if keep_old else None
+        )
     return Committed(
         counts["results"], counts["errors"], uris["results"], uris["errors"], by_type, by_stage
     )
@@ -187,14 +190,19 @@ def _publish(
     partition: str,
     schema: pa.Schema,
     run_id: str,
-    keep_old: bool,
+    superseded: pa.Array | None,
 ) -> None:
-    """Move ``files`` into ``partition``, then delete what it held before unless ``keep_old``; an
-    empty file with the schema where the run staged none, so the partition always exists."""
+    """Move ``files`` into ``partition``, then delete what it held before; an empty file with the
+    schema where the run staged none, so the partition always exists. With ``superseded`` (the
+    images this run scored, ``incremental``) earlier files are kept but for those images' rows:
+    an image scored again (its file changed) is in one table, once, per date."""
     fs, path = io.resolve(partition)
     existing = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    old = [i.path for i in existing if i.type == pafs.FileType.File] if not keep_old else []
+    old = [i.path for i in existing if i.type == pafs.FileType.File]
     fs.create_dir(path, recursive=True)
+    if superseded is not None:
+        kept = f"{path}/part-{run_id}-kept-{uuid.uuid4().hex[:8]}"  # not an earlier file's name
+        old = _rewritten_without(old, fs, superseded, kept)
     for info in files:
         fs.move(info.path, f"{path}/{info.base_name}")
     if not files:
@@ -203,6 +211,27 @@ def _publish(
     for stale in old:
         if stale not in new:
             fs.delete_file(stale)
+
+
+def _rewritten_without(
+    files: list[str], fs: pafs.FileSystem, uris: pa.Array, prefix: str
+) -> list[str]:
+    """The ``files`` that hold rows of ``uris``, each first rewritten without them (to
+    ``prefix``-n.parquet, where rows remain): the files to delete. The others are kept as they
+    are; only their ``source_uri`` column is read."""
+    replaced = []
+    for number, file in enumerate(files):
+        hits = pc.is_in(
+            pq.read_table(file, columns=["source_uri"], filesystem=fs)["source_uri"], uris
+        )
+        if not pc.any(hits).as_py():
+            continue
+        table = pq.read_table(file, filesystem=fs)
+        kept = table.filter(pc.invert(hits))
+        if kept.num_rows:
+            pq.write_table(kept, f"{prefix}-{number:05d}.parquet", filesystem=fs)
+        replaced.append(file)
+    return replaced
 
 
 def remove_staging(staging: str) -> None:
