@@ -325,3 +325,28 @@ def test_evaluate_job_refuses_a_classifier_on_data_of_other_classes(capsys):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: isic2017-classifier: its classes [")
     assert "are not ham10000's ['akiec', 'bcc', 'bkl', 'df', 'mel', 'nv', 'vasc']" in lines[0]
+
+
+def test_train_job_continues_a_run_in_its_output_only_with_the_same_settings(capsys, tmp_path):
+    # Ray Train continues a run already in <output>/ray/train from its last checkpoint: its
+    # weights, optimiser, learning rate and epoch, whatever the new settings say.
+    from skinray.train.config import smoke_test_config
+    from skinray.train.trainer import RUN_RECORD, check_run_folder, with_absolute_paths
+
+    output = tmp_path / "run"
+    config = with_absolute_paths(smoke_test_config("unet", overrides=[f"output={output}"]))
+    (output / "ray" / "train").mkdir(parents=True)
+    (output / RUN_RECORD).write_text(config.model_dump_json())
+    check_run_folder(config, "train")  # the same run again: a driver that restarts
+
+    args = ["--smoke-test", "--output", str(output)]
+    other = _main(capsys, "train.py", *args, "--set", "optim.lr=0.1", "--set", "epochs=3")
+    resumed = _main(capsys, "train.py", *args, "--resume", str(tmp_path / "checkpoint"))
+    assert (other.returncode, resumed.returncode) == (2, 2)
+    assert (
+        "holds a training run of other settings (settings differ: epochs, optim.lr)" in other.stderr
+    )
+    assert "resume into another output" in resumed.stderr
+    assert len(other.stderr.splitlines()) == len(resumed.stderr.splitlines()) == 1
+    assert not list((output / "ray" / "train").iterdir())  # refused before Ray ran anything
+    assert (output / RUN_RECORD).read_text() == config.model_dump_json()

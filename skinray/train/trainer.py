@@ -128,6 +128,47 @@ def _storage(config: TrainConfig) -> tuple[str, Any]:
     return str(Path(path).expanduser().resolve()), None
 
 
+#: Beside a run's outputs, the settings its Ray Train run started with (``check_run_folder``).
+RUN_RECORD = "training_run.json"
+
+
+def check_run_folder(config: TrainConfig, run_name: str) -> None:
+    """Ray Train continues a run already in ``<storage>/<run_name>`` from its last checkpoint
+    (how a restarted driver recovers): its weights, optimiser, learning rate and epoch, whatever
+    this config says, and it picks the best checkpoint among that run's too. So the folder may
+    hold only a run of this very config, and not with ``resume``, which that run would override."""
+    storage = config.storage_path or io.join(config.output, "ray")
+    if not io.exists(io.join(storage, run_name)):
+        return
+    where = io.join(storage, run_name)
+    if config.resume:
+        raise ConfigError(
+            f"{where} holds a training run, which Ray would continue instead of resuming from "
+            f"{config.resume}: resume into another output"
+        )
+    record = io.join(config.output, RUN_RECORD)
+    earlier = json.loads(io.read_bytes(record)) if io.exists(record) else None
+    now = config.model_dump(mode="json")
+    if earlier != now:
+        changed = sorted(_differing_settings(earlier or {}, now)) if earlier else []
+        detail = f"settings differ: {', '.join(changed[:5])}" if earlier else f"no {RUN_RECORD}"
+        raise ConfigError(
+            f"{where} holds a training run of other settings ({detail}), which Ray would "
+            "continue in place of this one: give another output, or remove it"
+        )
+    print(f"continuing the training run in {where} from its last checkpoint", flush=True)
+
+
+def _differing_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
+    names = []
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            names += _differing_settings(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            names.append(f"{prefix}{key}")
+    return names
+
+
 def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcome:
     import ray
     import ray.data
@@ -137,6 +178,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     started, commit = time.perf_counter(), skinray.code_commit()
     config = with_absolute_paths(config)
     check_stage_inputs(config)
+    check_run_folder(config, run_name)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
     train_samples, validation_samples = load_samples(config)
     if config.data.input == "roi" and config.data.roi_masks == "cached":
@@ -191,6 +233,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
             ),
         ),
     )
+    io.write_bytes(io.join(config.output, RUN_RECORD), config.model_dump_json(indent=2).encode())
     result = trainer.fit()
     if result.error is not None:
         raise result.error
