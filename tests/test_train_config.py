@@ -94,6 +94,24 @@ def test_list_recipes_shows_every_setting_that_changes_a_result():
     assert "clip 1.0, bf16" in recipe_summary(
         load_config("asnet", ["optim.grad_clip_norm=1.0", "precision=bf16"])
     )
+    base = recipe_summary(load_config("asnet"))
+    for changed in (
+        "segmentation_loss=bce_dice",
+        "optim.momentum=0.5",
+        "model_kwargs.encoder=resnet18",
+        "encoder_weights=/weights/resnet34.safetensors",
+        "scaling.num_workers=2",  # the global batch is batch_size × workers
+        "data.limit=100",
+        "checkpoint.metric=val_loss",
+        "max_steps_per_epoch=3",
+    ):
+        summary = recipe_summary(load_config("asnet", [changed]))
+        assert summary != base and changed.rsplit("=")[1].rsplit("/")[-1] in summary, changed
+    assert "seed 0, validated on the source's validation split;" in base
+    held = recipe_summary(load_config("asnet", ["data.validation=holdout"]))
+    assert "validated on a 0.15 hold-out drawn by lesion" in held
+    where = ["output=/elsewhere", "max_failures=5", "checkpoint.num_to_keep=4"]
+    assert recipe_summary(load_config("asnet", where)) == base  # not what it learns
 
 
 def _history(*scores: float) -> list[dict[str, float]]:

@@ -284,8 +284,86 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
+#: Settings that say where things are or how a run is kept, not what it learns: left out of the
+#: summary. Every other setting that differs from its default is in it.
+_NOT_RESULT_SETTINGS = frozenset(
+    {
+        "output",
+        "storage_path",
+        "max_failures",
+        "resume",
+        "checkpoint.num_to_keep",
+        "data.root",
+        "data.validation_manifest",
+    }
+)
+
+
+def _flat(settings: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value and key != "model_kwargs":
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _other_settings(config: TrainConfig, shown: set[str]) -> str:
+    """``key=value`` for every setting that changes a result, is not ``shown`` and differs from
+    its default: the summary's headline fields cannot name every setting a recipe may change."""
+    defaults = _flat(TrainConfig.model_construct(model=config.model).model_dump(mode="json"))
+    flat = _flat(config.model_dump(mode="json"))
+    other = [
+        f"{key}={_short(value)}"
+        for key, value in flat.items()
+        if key not in shown and key not in _NOT_RESULT_SETTINGS and value != defaults.get(key)
+    ]
+    return f"; {', '.join(other)}" if other else ""
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # a file: its name
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_short(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+#: What the headline of ``recipe_summary`` shows, in its own words.
+_SHOWN = {
+    "model",
+    "data.source",
+    "data.image_size",
+    "data.input",
+    "data.roi_size",
+    "data.roi_margin",
+    "data.roi_masks",
+    "data.augment",
+    "data.shuffle",
+    "optim.name",
+    "optim.lr",
+    "optim.schedule",
+    "optim.poly_power",
+    "optim.warmup_epochs",
+    "optim.weight_decay",
+    "optim.grad_clip_norm",
+    "precision",
+    "class_weight_power",
+    "batch_size",
+    "epochs",
+    "early_stopping_patience",
+    "seed",
+    "data.validation",
+    "data.validation_fraction",
+}
+
+
 def recipe_summary(config: TrainConfig) -> str:
-    """One line of the settings that change a recipe's result."""
+    """One line of every setting that changes a recipe's result: the headline ones, then any
+    other that differs from its default (``key=value``; a path by its file name)."""
     optim = config.optim
     schedule = optim.schedule + (f" {optim.poly_power}" if optim.schedule == "poly" else "")
     if optim.warmup_epochs:
@@ -301,6 +379,11 @@ def recipe_summary(config: TrainConfig) -> str:
         else ""
     )
     data = config.data
+    validation = (
+        "validated on the source's validation split"
+        if data.validation == "split"
+        else f"validated on a {data.validation_fraction:g} hold-out drawn by lesion"
+    )
     roi = ""
     if data.input == "roi":
         size = data.roi_size or data.image_size
@@ -310,7 +393,9 @@ def recipe_summary(config: TrainConfig) -> str:
         f"augment {data.augment}, "
         f"shuffle {'on' if config.data.shuffle else 'off'}; {optim.name} lr {optim.lr:g} {schedule}, "
         f"wd {optim.weight_decay:g}, clip {optim.grad_clip_norm or 'none'}, {config.precision}; "
-        f"{weighting}batch {config.batch_size}, {config.epochs} ep, {stopping}; seed {config.seed}"
+        f"{weighting}batch {config.batch_size}, {config.epochs} ep, {stopping}; seed {config.seed}, "
+        f"{validation}"
+        f"{_other_settings(config, _SHOWN)}"
     )
 
 
