@@ -89,7 +89,7 @@ def splits_as_drawn(data: str, root: str, config: TrainConfig, holdout: dict | N
     on the run's validation images."""
     drawn = {
         "fraction": config.data.validation_fraction,
-        "seed": config.seed,
+        "seed": config.data.validation_seed,
         "groups_sha256": (holdout or {}).get("groups_sha256"),
     }
     recorded = {k: (holdout or {}).get(k) for k in ("fraction", "seed")}
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     data = data.format(
         train_percent=round(100 * (1 - config.data.validation_fraction)),
         held_percent=round(100 * config.data.validation_fraction),
-        seed=config.seed,
+        seed=config.data.validation_seed,
     )
     spec = ReleaseSpec(
         name=args.name,

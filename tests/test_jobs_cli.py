@@ -207,7 +207,7 @@ def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(c
     from skinray.train.config import smoke_test_config
 
     root = str(SHARED_DATA / "ham10000")
-    config = smoke_test_config("classifier", str(tmp_path / "run"), ["seed=5"])
+    config = smoke_test_config("classifier", str(tmp_path / "run"), ["data.validation_seed=5"])
     config = config.model_copy(
         update={"data": config.data.model_copy(update={"source": "ham10000", "root": root})}
     )

@@ -17,6 +17,7 @@ from skinray.train.config import (
     load_config,
     recipe_summary,
     smoke_test_config,
+    validate,
 )
 from skinray.train.loop import should_stop_early
 
@@ -235,3 +236,31 @@ def test_bf16_precision_autocasts_the_training_pass_on_cpu_too():
         config = load_config("segmenter_cpu", [f"precision={precision}"])
         with _autocast(config, torch.device("cpu")):
             assert conv(x).dtype == dtype
+
+
+def test_the_hold_out_has_its_own_seed_apart_from_the_training_seed(tmp_path):
+    # Runs of other training seeds are measured on the same validation images.
+    from skinray.train.trainer import holdout_record, load_samples
+
+    lines = ["image,label,group"] + [f"{i}.jpg,{i % 2},L{i // 2}" for i in range(80)]
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+
+    def drawn(*overrides: str) -> set[str]:
+        data = [
+            "model=classifier",
+            "checkpoint.metric=val_loss",
+            "data.source=manifest",
+            f"data.root={tmp_path / 'm.csv'}",
+        ]
+        config = validate(apply_overrides({}, data + list(overrides)))
+        return set(load_samples(config)[1].rows["image_uri"].to_pylist())
+
+    assert drawn("seed=0") == drawn("seed=1")
+    assert drawn("data.validation_seed=1") != drawn("data.validation_seed=0")
+    config = validate(
+        apply_overrides(
+            {},
+            ["model=classifier", "checkpoint.metric=val_loss", "seed=3", "data.validation_seed=1"],
+        )
+    )
+    assert holdout_record(config)["seed"] == 1

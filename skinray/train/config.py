@@ -51,6 +51,9 @@ class DataConfig(_Strict):
     #: known), or the dataset's own validation split (ISIC 2017) / a second manifest.
     validation: Literal["holdout", "split"] = "holdout"
     validation_fraction: float = Field(0.15, gt=0, lt=1)
+    #: The hold-out's own seed, apart from ``seed``: runs of other seeds are measured on the same
+    #: validation images, so their spread is the training's, not the split's.
+    validation_seed: int = 0
     validation_manifest: str | None = None
     image_size: tuple[int, int] = (224, 224)
     class_names: tuple[str, ...] | None = None
@@ -358,6 +361,7 @@ _SHOWN = {
     "seed",
     "data.validation",
     "data.validation_fraction",
+    "data.validation_seed",
 }
 
 
@@ -382,7 +386,8 @@ def recipe_summary(config: TrainConfig) -> str:
     validation = (
         "validated on the source's validation split"
         if data.validation == "split"
-        else f"validated on a {data.validation_fraction:g} hold-out drawn by lesion"
+        else f"validated on a {data.validation_fraction:g} hold-out drawn by lesion with seed "
+        f"{data.validation_seed}"
     )
     roi = ""
     if data.input == "roi":

@@ -88,7 +88,7 @@ def load_samples(config: TrainConfig) -> tuple[SampleTable, SampleTable]:
             else None
         )
     if validation is None:
-        samples, validation = holdout_split(samples, data.validation_fraction, config.seed)
+        samples, validation = holdout_split(samples, data.validation_fraction, data.validation_seed)
     if data.limit is not None and data.limit < len(samples):
         samples = samples.take(range(data.limit))
     return samples, validation
@@ -323,7 +323,7 @@ def holdout_record(config: TrainConfig) -> dict[str, Any] | None:
         "source": data.source,
         "root": data.root,  # absolute in a run (with_absolute_paths): a manifest's is its URI
         "fraction": data.validation_fraction,
-        "seed": config.seed,
+        "seed": data.validation_seed,
     }
     if data.source == "ham10000":
         record["groups_sha256"] = group_digest(read_ham10000(data.root))
