@@ -32,7 +32,9 @@ FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "release
 DATA = {
     "isic2017": (
         "ISIC 2017 challenge (Codella et al., ISBI 2018), 256 px copies: trained on the 1,808 "
-        "training images, measured on the official 150-image validation split.",
+        "training images, measured on the official 150-image validation split. That split is not "
+        "drawn by lesion: 5 of its images show a lesion of the training images (ISIC_0012127 is "
+        "ISIC_0012970, pixel for pixel; docs/benchmarks.md measures the figures without them).",
         "CC0 1.0 (ISIC Archive, as the challenge gives it).",
     ),
     "ham10000": (
