@@ -244,3 +244,21 @@ def test_a_failing_batch_costs_only_the_images_that_fail_alone(pair):
     assert list(scored["backend"]) == ["eager", "eager", None, "eager"]
     for key in ("mask", "class_probabilities", "ood_score"):
         np.testing.assert_allclose(scored[key][[0, 1, 3]], clean[key][[0, 1, 3]], atol=1e-5)
+
+
+def test_a_row_records_the_scale_its_jpeg_was_decoded_at(segmenter, tmp_path):
+    # A 480×640 JPEG for a 64×64 input is decoded at 1/4 (1/8 would leave 60 rows); a PNG has no
+    # reduced decode. The reduced decode moves a class probability by up to 0.17 against a full
+    # one (docs/benchmarks.md), so a row says which it had.
+    image = synthetic_sample(5, (480, 640)).image
+    (tmp_path / "big.jpg").write_bytes(_jpeg(image))
+    (tmp_path / "big.png").write_bytes(_png(image))
+    uris = [str(tmp_path / "big.jpg"), str(tmp_path / "big.png")]
+    listing = {
+        "source_uri": np.array(uris, dtype=object),
+        "source_size_bytes": np.array([None, None], dtype=object),
+        "source_etag": np.array(["e", "e"], dtype=object),
+    }
+    batch = segmenter(read_and_decode(listing, SIZE, 10**8))
+    rows = finish_rows(describe_lesions(batch), [], {}, "r", False)
+    assert rows["decode_scale"].tolist() == [4, 1]

@@ -210,6 +210,7 @@ class PredictActor:
         if not rows:
             return
         batch["image"] = np.array(batch["image"])  # Ray hands batches over read-only
+        batch["decode_scale"] = np.array(batch["decode_scale"])
         size = batch["image"].shape[1:3]
         decoded = decode_jpegs(
             [jpegs[i] for i in rows],
@@ -221,10 +222,11 @@ class PredictActor:
             if pixels is None:
                 uri = str(batch["source_uri"][i])
                 try:
-                    pixels = decode(jpegs[i], size, source=uri).rgb
+                    decoded = decode(jpegs[i], size, source=uri)
                 except ImageDecodeError as error:
                     mark_failed(batch, i, "decode", error)
                     continue
+                pixels, batch["decode_scale"][i] = decoded.rgb, decoded.scale_denominator
             else:
                 batch["decode"][i] = device_decoder(self.predictor.device.type)
             batch["image"][i] = pixels

@@ -65,6 +65,7 @@ _RESULT_TAIL = [
     pa.field("classifier_sha256", pa.string()),
     pa.field("classifier_config_sha256", pa.string()),
     pa.field("decode", pa.string()),
+    pa.field("decode_scale", pa.int8()),
     pa.field("backend", pa.string()),
     pa.field("int8_calibration_sha256", pa.string()),
     pa.field("backend_versions", pa.string()),

@@ -101,6 +101,7 @@ def read_and_decode(
         "width": np.zeros(count, np.int32),
         "height": np.zeros(count, np.int32),
         "image": np.zeros((count, height, width, 3), np.uint8),
+        "decode_scale": np.ones(count, np.int8),  # libjpeg's DCT scaling, 1/n: see decode()
         **_errors(count),
     }
     if jpeg_to_segmenter:
@@ -127,6 +128,7 @@ def read_and_decode(
             mark_failed(out, i, "decode", error)
             continue
         out["image"][i] = decoded.rgb
+        out["decode_scale"][i] = decoded.scale_denominator
         out["height"][i], out["width"][i] = decoded.original_size
     return out
 
@@ -265,6 +267,7 @@ def finish_rows(
         ),
         **{key: np.array([value] * count, dtype=object) for key, value in models.items()},
         "decode": batch.get("decode", np.array([None] * count, dtype=object)),
+        "decode_scale": batch.get("decode_scale", np.ones(count, np.int8)),
         "backend": batch.get("backend", np.array([None] * count, dtype=object)),
         "int8_calibration_sha256": batch.get(
             "int8_calibration_sha256", np.array([None] * count, dtype=object)
