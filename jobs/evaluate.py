@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     if in_sample and "classification" in report:
         print(
             "ece is in-sample: the classifier's temperature was fitted on these images "
-            "(out of fold: docs/benchmarks.md for the shipped classifiers, the card's "
-            "out-of-fold row for later releases)"
+            "(out of fold: the model card's out-of-fold row)"
         )
     if subgroups:
         print("\n" + format_subgroups(subgroups))
