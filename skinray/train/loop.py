@@ -282,6 +282,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = read_checkpoint(directory, model)
+        # A run restored at epoch k (a lost worker, --resume) would otherwise draw the first
+        # epochs' augmentations again.
+        torch.manual_seed(config.seed + rank + 1_000_003 * state.epoch)
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
 
