@@ -186,6 +186,18 @@ def test_training_validation_evaluate_and_scoring_agree(name, labelled, tmp_path
     assert not any(scored["rows"]["error_stage"])
 
 
+def test_a_segmenter_saved_with_flips_flips_the_pair_in_training_validation_too(labelled, tmp_path):
+    # Evaluation and scoring flip the whole pair when its segmenter was saved with flips; the
+    # classifier's validation during training must see the same pair.
+    flipping = _save(_smoke_model("unet"), tmp_path / "flipping", test_time_flips=True)
+    config, model, (segmenter, classifier) = _unit("two_step_pair", tmp_path, flipping)
+    trained = _training_validation(config, model, labelled)
+    evaluated = _evaluate_job(segmenter, classifier, labelled, tmp_path)
+    assert np.array_equal(trained["mask"], evaluated["mask"])
+    probabilities = np.array(evaluated["probabilities"]["class_probabilities"])
+    np.testing.assert_allclose(trained["class_probabilities"], probabilities, atol=1e-4)
+
+
 def test_the_saved_two_step_composite_is_the_pair(labelled, tmp_path):
     _, _, (segmenter, classifier) = _unit("two_step_pair", tmp_path)
     uris = {"segmenter": segmenter, "classifier": classifier, "two_step": str(tmp_path / "pair")}

@@ -124,7 +124,7 @@ class StagePredictor:
 
     def __init__(self, config: TrainConfig, model, class_names, device) -> None:
         data, mean_std = config.data, model.normalization
-        self.roi = None
+        self.roi, flips = None, False
         self.cached_roi_masks = data.input == "roi" and data.roi_masks == "cached"
         if data.input == "roi":
             segmenter = load_model(data.roi_segmenter, device=device)
@@ -139,6 +139,7 @@ class StagePredictor:
                 segmenter_normalization=(seg.mean, seg.std),
             ).to(device)
             model, mean_std = self.roi, (seg.mean, seg.std)
+            flips = seg.test_time_flips  # the pair flips as a whole, as Predictor.pair does
         guidance = [load_model(uri, device=device) for uri in data.guidance_models]
         self.predictor = Predictor(
             model,
@@ -147,6 +148,7 @@ class StagePredictor:
             std=mean_std[1],
             class_names=class_names,
             guidance=guidance,
+            test_time_flips=flips,
             source=f"training {config.model}",
         )
 
