@@ -130,16 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.input is None:
         args.input = example_archive()
-    if args.resume:
-        staging = io.join(args.output, "_staging", args.resume)
-        if (args.run_id and args.run_id != args.resume) or not io.exists(staging):
-            why = "two run ids given" if args.run_id else f"nothing staged at {staging}"
-            print(f"error: --resume {args.resume}: {why}", file=sys.stderr)
+    resume = args.resume
+    if resume is not None:
+        if args.run_id is not None and args.run_id != resume:
+            print(f"error: --resume {resume}: two run ids given", file=sys.stderr)
             return 2
-        args.run_id = args.resume
+        args.run_id = resume
     try:
         settings = {k: v for k, v in vars(args).items() if k not in ("report", "resume")}
-        config = make_score_config(**settings)
+        config = make_score_config(**settings)  # refuses a run id that is no folder name
+        staging = io.join(config.output, "_staging", config.run_id)
+        if resume is not None and not io.exists(staging):
+            print(f"error: --resume {resume}: nothing staged at {staging}", file=sys.stderr)
+            return 2
         from skinray.score.pipeline import run_scoring
 
         summary = run_scoring(config)

@@ -186,6 +186,25 @@ def test_score_job_refuses_a_resume_with_nothing_staged_or_two_run_ids(capsys, t
     assert lines == [f"error: --resume gone: {why}"]
 
 
+@pytest.mark.parametrize("flag", ["--resume", "--run-id"])
+@pytest.mark.parametrize("run_id", ["..", "../elsewhere", ""])
+def test_score_job_refuses_a_run_id_that_is_no_folder_name(capsys, tmp_path, flag, run_id):
+    # The run's staging folder is <output>/_staging/<run id>, deleted after the commit: with
+    # "..", that was the output root, every date's results with it.
+    output = tmp_path / "out"
+    (output / "_staging").mkdir(parents=True)
+    (output / "results").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    result = _main(capsys, "score.py", "--output", str(output), flag, run_id)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: invalid scoring config: run_id: Value error, {run_id!r} is not a run id: up to "
+        "128 letters, digits, '.', '_' or '-', not starting with '.' (it names the run's staging "
+        "folder under the output)"
+    ]
+    assert (output / "results").is_dir() and (tmp_path / "elsewhere").is_dir()
+
+
 def test_evaluate_job_reports_a_missing_model(tmp_path):
     result = _run(
         "evaluate.py",

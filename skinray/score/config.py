@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from typing import Literal
 
@@ -43,6 +44,9 @@ class ScoreConfig(BaseModel):
     #: Saved ROI classifier; None when the segmenter classifies.
     classifier: str | None = None
     run_date: dt.date = Field(default_factory=lambda: dt.datetime.now(dt.UTC).date())
+    #: Names the run's staging folder, its files and its rows: letters, digits, ``.``, ``_`` and
+    #: ``-``, not starting with ``.`` (``..`` made the staging folder the output root itself,
+    #: which the commit then deleted).
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     incremental: bool = False
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
@@ -110,6 +114,16 @@ class ScoreConfig(BaseModel):
                 classifier = DEFAULT_CLASSIFIER
             values = {**values, "segmenter": DEFAULT_SEGMENTER, "classifier": classifier}
         return values
+
+    @field_validator("run_id")
+    @classmethod
+    def _a_folder_name(cls, run_id: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}", run_id):
+            raise ValueError(
+                f"{run_id!r} is not a run id: up to 128 letters, digits, '.', '_' or '-', not "
+                "starting with '.' (it names the run's staging folder under the output)"
+            )
+        return run_id
 
     @model_validator(mode="after")
     def _int8_is_calibrated(self) -> ScoreConfig:
