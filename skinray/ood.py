@@ -20,6 +20,7 @@ the threshold, so a refitted bank changes the model's config hash.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -113,4 +114,9 @@ def load_ood(uri: str, entry: dict) -> NearestNeighbourOOD:
             f"({entry['bank_sha256']})"
         )
     bank = load_safetensors(data)["bank"].float()
+    if not (int(entry["k"]) >= 1 and math.isfinite(float(entry["threshold"]))):
+        raise ValueError(
+            f"{uri}: config.json's OOD entry needs k >= 1 and a finite threshold, not k "
+            f"{entry['k']}, threshold {entry['threshold']}"
+        )
     return NearestNeighbourOOD(bank, int(entry["k"]), float(entry["threshold"]), entry["quantile"])

@@ -306,7 +306,9 @@ def check_models(
     cannot be scored or evaluated: a segmenter (``segments``) without a mask output, a classifier
     of lesion ROIs without the segmenter that cuts them, a classifier without one class name per
     class, a model that needs guidance channels, a pair whose classifier does not
-    take RGB ROIs, and input sizes that are not positive (height, width) pairs."""
+    take RGB ROIs, and input sizes that are not positive (height, width) pairs; then load each
+    (weights against their hash, the architecture, the OOD bank), so that a model the actors
+    could not load fails here, not in them."""
     configs = [_read(segmenter)] + ([_read(classifier)] if classifier else [])
     for uri, config in zip([segmenter, classifier], configs, strict=False):
         if len(config.input_size) != 2 or min(config.input_size) < 1:
@@ -327,7 +329,28 @@ def check_models(
         raise ModelCheckError(f"{segmenter}: {first.model} has no mask output; it cannot segment")
     if classifier and CLASS_LOGITS not in configs[1].outputs:
         raise ModelCheckError(f"{classifier}: {configs[1].model} has no class output")
+    for uri in filter(None, [segmenter, classifier]):
+        _loadable(uri)
     return configs
+
+
+def _loadable(uri: str) -> None:
+    """Load the model, and run a classifier on one blank image: its class logits must be as many
+    as its class names (fewer names would label the wrong columns)."""
+    try:
+        model = load_model(uri)
+        config = model.saved_config
+        if config.class_names and CLASS_LOGITS in config.outputs:
+            blank = torch.zeros(1, config.input_channels, *config.input_size)
+            with torch.inference_mode():
+                logits = model(blank)[CLASS_LOGITS]
+            if logits.shape[1] != len(config.class_names):
+                raise ValueError(
+                    f"{logits.shape[1]} class logits but {len(config.class_names)} class names"
+                )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelCheckError(f"{uri}: cannot be loaded: {reason}") from None
 
 
 def _needs_its_segmenter(uri: str, config: SavedModelConfig) -> str:

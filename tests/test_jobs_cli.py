@@ -205,6 +205,57 @@ def test_score_job_refuses_a_run_id_that_is_no_folder_name(capsys, tmp_path, fla
     assert (output / "results").is_dir() and (tmp_path / "elsewhere").is_dir()
 
 
+def _broken_classifier(folder, broken: str) -> str:
+    """A copy of the released classifier, broken as ``broken`` says."""
+    import json
+    import shutil
+
+    from skinray.models.zoo import zoo_root
+
+    shutil.copytree(zoo_root() / "ham10000-classifier", folder)
+    config = json.loads((folder / "config.json").read_text())
+    if broken == "no OOD bank":
+        (folder / "ood.safetensors").unlink()
+    elif broken == "cut weights":
+        (folder / "model.safetensors").write_bytes(
+            (folder / "model.safetensors").read_bytes()[:999]
+        )
+    else:
+        change = {
+            "3 class names": {"class_names": ["a", "b", "c"]},
+            "temperature 0": {"temperature": 0},
+            "temperature -1.5": {"temperature": -1.5},
+            "OOD k 0": {"ood": {**config["ood"], "k": 0}},
+        }[broken]
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
+    return str(folder)
+
+
+@pytest.mark.parametrize(
+    ("broken", "reason"),
+    [
+        ("no OOD bank", "cannot be loaded: no such file"),
+        ("cut weights", "cannot be loaded"),
+        ("3 class names", "cannot be loaded: 7 class logits but 3 class names"),
+        ("temperature 0", "temperature 0 is not a positive number"),
+        ("temperature -1.5", "temperature -1.5 is not a positive number"),
+        ("OOD k 0", "OOD entry needs k >= 1"),
+    ],
+)
+def test_score_job_refuses_a_model_its_actors_could_not_load_or_would_run_wrong(
+    capsys, tmp_path, broken, reason
+):
+    # Before, each of these passed the door: the file ones failed later in the actors with a
+    # traceback; temperature 0 gave every image NaN probabilities, -1.5 the least likely class.
+    classifier = _broken_classifier(tmp_path / "classifier", broken)
+    output = tmp_path / "out"
+    result = _main(capsys, "score.py", "--output", str(output), "--classifier", classifier)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: {classifier}: ") and reason in line, line
+    assert not output.exists()  # nothing ran
+
+
 def test_evaluate_job_reports_a_missing_model(tmp_path):
     result = _run(
         "evaluate.py",

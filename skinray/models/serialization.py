@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,13 @@ class SavedModelConfig:
             raw["class_names"] = tuple(raw["class_names"])
         if raw.get("roi_source_size") is not None:
             raw["roi_source_size"] = tuple(raw["roi_source_size"])
+        temperature = raw.get("temperature", 1.0)
+        if not (isinstance(temperature, int | float) and 0 < temperature < math.inf):
+            # Logits are divided by it: 0 gave NaN probabilities, a negative one the least
+            # likely class.
+            raise ValueError(f"{source}: temperature {temperature!r} is not a positive number")
+        if not 0 <= raw["mask_threshold"] <= 1:
+            raise ValueError(f"{source}: mask_threshold {raw['mask_threshold']} is not in [0, 1]")
         return cls(**raw)
 
     def to_json(self) -> str:
