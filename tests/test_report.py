@@ -436,6 +436,10 @@ def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_p
     assert "Skin tone" in plots[3]
     diagram = (zoo_root() / "ham10000-classifier" / "reliability.png").read_bytes()
     assert base64.b64encode(diagram).decode() in plots[0]
+    # Its temperature was fitted on the images it shows: the caption says so, with the release's
+    # out-of-fold ECE beside it.
+    assert "Calibration of ham10000-classifier" in plots[0] and "in-sample" in plots[0]
+    assert "ECE out of fold: 0.0330" in plots[0]
     # Recalibrated (another config hash): the released diagram does not describe it.
     other = [row | {"classifier_config_sha256": "0" * 64} for row in rows]
     _write_partition(
@@ -462,6 +466,21 @@ def test_the_trust_section_shows_calibration_uncertainty_ood_and_skin_tone(tmp_p
     page = build_report(str(tmp_path / "mixed"))
     section = re.search(r'<section id="trust">.*?</section>', page, re.S).group(0)
     assert len(re.findall(r'<figure class="plot">', section)) == 4
+
+
+def test_a_segmenter_alone_is_described_as_giving_masks_only(tmp_path):
+    images = tmp_path / "archive"
+    images.mkdir()
+    rows = [
+        _result_row(images, *spec) | {"predicted_class": None, "classifier": None}
+        for spec in IMAGES
+    ]
+    _write_partition(
+        tmp_path / "results", RUN_DATE, pa.Table.from_pylist(rows, result_schema(CLASSES))
+    )
+    header = build_report(str(tmp_path)).split('<section id="samples">')[0]
+    assert re.search(r"predicted classes</dt><dd>0</dd>", header)
+    assert "(none: masks only)" in header and "(joint model)" not in header
 
 
 def test_rows_without_uncertainty_or_skin_tone_give_no_trust_section(page):

@@ -443,7 +443,7 @@ def _page_html(title: str, sections: Sequence[str]) -> str:
 
 
 def _header_html(output_uri: str, run_date: str, overview: pa.Table, errors: pa.Table) -> str:
-    classes = len(set(overview["predicted_class"].to_pylist()))
+    classes = len(set(overview["predicted_class"].drop_null().to_pylist()))
     facts = [
         ("images scored", f"{overview.num_rows:,}"),
         ("errors", f"{errors.num_rows:,}"),
@@ -493,15 +493,29 @@ def _runs_table(overview: pa.Table, errors: pa.Table, summaries: dict[str, dict]
 
 
 def _models_table(overview: pa.Table) -> str:
-    counts = Counter(zip(*(overview[c].to_pylist() for c in _MODEL_COLUMNS), strict=True))
+    classifies = [c is not None for c in overview["predicted_class"].to_pylist()]
+    columns = [overview[c].to_pylist() for c in _MODEL_COLUMNS]
+    counts = Counter(zip(*columns, classifies, strict=True))
     rows = [
-        [segmenter, _sha_prefix(seg_sha), classifier or "(joint model)", _sha_prefix(cls_sha), n]
-        for (segmenter, seg_sha, classifier, cls_sha), n in sorted(
+        [
+            segmenter,
+            _sha_prefix(seg_sha),
+            _classifier_label(classifier, diagnoses),
+            _sha_prefix(cls_sha),
+            n,
+        ]
+        for (segmenter, seg_sha, classifier, cls_sha, diagnoses), n in sorted(
             counts.items(), key=lambda item: -item[1]
         )
     ]
     headers = ["segmenter", "weights sha256", "classifier", "weights sha256", "images"]
     return _table_html(headers, rows, "models")
+
+
+def _classifier_label(classifier: str | None, diagnoses: bool) -> str:
+    if classifier:
+        return classifier
+    return "(joint model)" if diagnoses else "(none: masks only)"
 
 
 def _error_counts_table(errors: pa.Table) -> str:
@@ -585,7 +599,7 @@ def _plots_html(overview: pa.Table) -> str:
             _histogram_png(
                 overview,
                 "equivalent_diameter_px",
-                "equivalent diameter (px of the segmenter's mask)",
+                "equivalent diameter (px of the source image)",
                 "Lesion size",
             ),
         ),
@@ -597,10 +611,7 @@ def _trust_html(overview: pa.Table) -> str:
     """How far to trust the run's predictions: the classifier's reliability diagram (from its
     release), the entropy and OOD-score distributions, and the archive's skin-tone mix."""
     plots = [
-        (
-            "Calibration of the classifier on its validation split (from its release)",
-            _reliability(overview),
-        ),
+        _reliability(overview),
         (
             "Predictive entropy of the class probabilities (0: certain, 1: uniform)",
             _histogram_png(overview, "class_entropy", "normalised entropy", "Uncertainty"),
@@ -635,25 +646,42 @@ def _plots_section(section_id: str, title: str, plots: list[tuple[str, bytes | N
     )
 
 
-def _reliability(overview: pa.Table) -> bytes | None:
-    """The reliability diagram a released classifier of the run shipped with. Rows name the
-    classifier's architecture, not its release, so it is found by its config hash (weights,
-    temperature and every other setting the diagram depends on)."""
+def _reliability(overview: pa.Table) -> tuple[str, bytes | None]:
+    """(caption, PNG) of the reliability diagram a released classifier of the run shipped with.
+    Rows name the classifier's architecture, not its release, so it is found by its config hash
+    (weights, temperature and every other setting the diagram depends on). Its temperature was
+    fitted on the images the diagram shows, which the caption says, with the out-of-fold ECE
+    where the release measured one."""
     from skinray.models import read_model_config
     from skinray.models.zoo import released_models, zoo_root
 
     column = "classifier_config_sha256"
     if not overview.num_rows or column not in overview.column_names:
-        return None
+        return "", None
     hashes = set(overview[column].drop_null().to_pylist())
     for name in released_models():
         folder = str(zoo_root() / name)
         try:
             if read_model_config(folder).config_sha256 in hashes:
-                return io.read_bytes(io.join(folder, "reliability.png"))
+                return _reliability_caption(name, folder), io.read_bytes(
+                    io.join(folder, "reliability.png")
+                )
         except (FileNotFoundError, OSError, ValueError):  # a report, never a reason to fail
             continue
-    return None
+    return "", None
+
+
+def _reliability_caption(name: str, folder: str) -> str:
+    caption = (
+        f"Calibration of {name} on its validation split (from its release; the temperature was "
+        "fitted on these images, so the 'after' panel is in-sample"
+    )
+    try:
+        held = json.loads(io.read_bytes(io.join(folder, "metrics.json")))["calibration"]
+        caption += f"; ECE out of fold: {held['after_out_of_fold']['ece']:.4f}"
+    except (FileNotFoundError, OSError, ValueError, KeyError, TypeError):
+        pass
+    return caption + ")"
 
 
 def _ood_caption(overview: pa.Table) -> str:
