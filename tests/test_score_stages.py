@@ -262,3 +262,12 @@ def test_a_row_records_the_scale_its_jpeg_was_decoded_at(segmenter, tmp_path):
     batch = segmenter(read_and_decode(listing, SIZE, 10**8))
     rows = finish_rows(describe_lesions(batch), [], {}, "r", False)
     assert rows["decode_scale"].tolist() == [4, 1]
+
+
+def test_an_image_without_a_finite_ood_score_has_no_ood_verdict(pair):
+    batch = pair(_decoded_batch(pair, 3))
+    batch["ood_score"] = np.array(batch["ood_score"])
+    batch["ood_score"][1] = np.nan  # features that were not finite
+    rows = finish_rows(describe_lesions(batch), pair.predictor.class_names, {}, "r", False)
+    flags = rows["ood"].tolist()
+    assert flags[1] is None and all(isinstance(flag, bool) for flag in flags[::2])

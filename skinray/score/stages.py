@@ -214,8 +214,9 @@ def finish_rows(
         "class_probabilities", np.zeros((count, len(class_names)), np.float32)
     )
     predicted = probabilities.argmax(1) if probabilities.shape[1] else np.zeros(count, int)
-    has_ood = "ood" in batch
     ood = batch.get("ood", np.zeros(count, bool))
+    # A NaN score (features that are not finite) is no verdict: null, not "in distribution".
+    judged = healthy & ("ood" in batch) & np.isfinite(batch.get("ood_score", np.zeros(count)))
     now = np.datetime64(dt.datetime.now(dt.UTC).replace(tzinfo=None), "ms")
     out = {
         "image_id": np.array(
@@ -248,7 +249,7 @@ def finish_rows(
         },
         **{name: _per_image(batch, name, healthy) for name in UNCERTAINTY_COLUMNS},
         "ood": np.array(
-            [bool(flag) if ok else None for flag, ok in zip(ood, healthy & has_ood, strict=True)],
+            [bool(flag) if ok else None for flag, ok in zip(ood, judged, strict=True)],
             dtype=object,
         ),
         **{name: batch[name] for name in DESCRIPTOR_NAMES},
