@@ -16,7 +16,7 @@ import pytest
 
 from skinray.score import plan
 from skinray.score.commit import StagedRunSink, commit_run, remove_staging, staged_uris
-from skinray.score.config import make_score_config
+from skinray.score.config import ScoreConfigError, make_score_config
 from skinray.score.pipeline import StageSummary, _stage_summaries
 from skinray.score.plan import OUTPUT_ROW_BYTES, ClusterShape, plan_placement
 from skinray.score.plan import Placement as _Placement
@@ -421,3 +421,13 @@ def test_a_local_ray_started_by_the_job_keeps_the_idle_workers_its_stages_need(u
     assert worker.returncode == 0, worker.stderr[-2000:]
     expected = user_value or str(plan.IDLE_WORKERS_PER_CPU * (os.cpu_count() or 1))
     assert worker.stdout.strip().splitlines()[-1] == expected
+
+
+def test_an_input_that_lists_no_files_is_refused_before_its_commit_could_empty_the_date(tmp_path):
+    # A typo'd s3:// prefix lists empty as an empty folder does: committed, the run would have
+    # replaced the date's results and errors with empty partitions.
+    empty = tmp_path / "archive"
+    empty.mkdir()
+    config = _config(input=str(empty), output=str(tmp_path / "out"))
+    with pytest.raises(ScoreConfigError, match=f"^{empty}: no files to score$"):
+        stage_listing(config, str(tmp_path / "out" / "_staging" / "r"), {}, 8, use_gpu=False)

@@ -230,6 +230,8 @@ def stage_listing(
 
     listing = list_inputs(config.input)
     listed = listing.num_rows
+    if not listed:  # a typo'd prefix lists empty: its commit would empty the date's partitions
+        raise ScoreConfigError(f"{config.input}: no files to score")
     listing = listing.append_column(_ORDER, pa.array(np.arange(listed)))
     if config.incremental:
         earlier = _earlier_results(config, models, reusable_decoders(config, use_gpu))
