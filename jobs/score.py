@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from skinray.report.html import predicted_class_counts, write_report
 
-        counts = predicted_class_counts(config.output, summary.run_date)
+        counts = predicted_class_counts(config.output, summary.run_date, summary.run_id)
         print("  classes  " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
         if summary.results or summary.errors:
             print(f"  report   {write_report(config.output, summary.run_date)}")

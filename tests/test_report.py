@@ -8,6 +8,7 @@ import json
 import re
 import subprocess
 import sys
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import ClassVar
@@ -31,6 +32,7 @@ from skinray.report.html import (
     ReportError,
     build_report,
     latest_run_date,
+    predicted_class_counts,
     stratified_sample,
 )
 from skinray.score.schema import ROI_BOX_COLUMNS, error_schema, probability_column, result_schema
@@ -485,3 +487,20 @@ def test_a_segmenter_alone_is_described_as_giving_masks_only(tmp_path):
 
 def test_rows_without_uncertainty_or_skin_tone_give_no_trust_section(page):
     assert 'id="trust"' not in page
+
+
+def test_the_class_counts_of_one_run_leave_out_the_rows_earlier_runs_left_on_its_date(tmp_path):
+    # An incremental run adds its rows to the date's partition: the job's "classes" line is
+    # about what this run scored.
+    images = tmp_path / "archive"
+    images.mkdir()
+    rows = [
+        _result_row(images, *spec) | {"run_id": "earlier" if i < 4 else "this"}
+        for i, spec in enumerate(IMAGES)
+    ]
+    _write_partition(
+        tmp_path / "results", RUN_DATE, pa.Table.from_pylist(rows, result_schema(CLASSES))
+    )
+    this = Counter(row["predicted_class"] for row in rows[4:])
+    assert predicted_class_counts(str(tmp_path), RUN_DATE, "this") == dict(this)
+    assert sum(predicted_class_counts(str(tmp_path), RUN_DATE).values()) == len(rows)

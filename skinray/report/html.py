@@ -34,6 +34,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -149,12 +150,17 @@ def write_report(output_uri: str, run_date: str, target: str | None = None, **op
     return target
 
 
-def predicted_class_counts(output_uri: str, run_date: str) -> dict[str, int]:
-    """Results per predicted class in one run date's partition (no class: ``"none"``)."""
+def predicted_class_counts(
+    output_uri: str, run_date: str, run_id: str | None = None
+) -> dict[str, int]:
+    """Results per predicted class in one run date's partition (no class: ``"none"``); of one
+    run's rows only with ``run_id`` (an incremental run's date also holds earlier runs' rows)."""
     results = _partition_dataset(output_uri, "results", run_date)
     if results is None:
         return {}
-    classes = results.to_table(columns=["predicted_class"])["predicted_class"].to_pylist()
+    chosen = None if run_id is None else pc.field("run_id") == run_id
+    table = results.to_table(columns=["predicted_class"], filter=chosen)
+    classes = table["predicted_class"].to_pylist()
     counts: dict[str, int] = {}
     for name in classes:
         counts[name or "none"] = counts.get(name or "none", 0) + 1
