@@ -22,7 +22,7 @@ from pathlib import Path
 
 from skinray import io
 from skinray.data.datasets import DatasetError, common_holdout, read_split
-from skinray.models.release import ReleaseSpec, release_model
+from skinray.models.release import CalibrationError, ReleaseSpec, release_model
 from skinray.predict import ModelCheckError, check_models
 from skinray.train.config import TrainConfig, recipe_summary
 from skinray.train.trainer import holdout_record
@@ -151,16 +151,20 @@ def main(argv: list[str] | None = None) -> int:
         holdout=recorded or holdout_record(config),  # the model's own, where it has one
         shared_root=str(Path(args.root).resolve().parent),
     )
-    report = release_model(
-        args.model,
-        spec,
-        samples,
-        calibrate=not args.no_calibrate,
-        resamples=args.bootstrap,
-        destination=args.destination,
-        fixture_dir=str(FIXTURES),
-        training_samples=training_samples,
-    )
+    try:
+        report = release_model(
+            args.model,
+            spec,
+            samples,
+            calibrate=not args.no_calibrate,
+            resamples=args.bootstrap,
+            destination=args.destination,
+            fixture_dir=str(FIXTURES),
+            training_samples=training_samples,
+        )
+    except CalibrationError as error:  # measured before anything is written
+        print(f"error: {args.model}: {error}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in report.items() if k != "report"}, indent=2))
     return 0
 

@@ -13,6 +13,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax
 
 __all__ = [
+    "at_search_bound",
     "fit_temperature",
     "negative_log_likelihood",
     "out_of_fold_probabilities",
@@ -32,10 +33,16 @@ def negative_log_likelihood(
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The T that minimises the validation NLL of softmax(logits / T)."""
+    """The T that minimises the validation NLL of softmax(logits / T). Refused: logits that are
+    not finite and labels outside the classes. It may stop at a bound of its search
+    (``at_search_bound``)."""
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
     if logits.ndim != 2 or len(logits) != len(labels) or len(labels) == 0:
         raise ValueError(f"logits {logits.shape} and labels {labels.shape} do not pair up")
+    if not np.isfinite(logits).all():
+        raise ValueError(f"{int((~np.isfinite(logits)).sum())} logits are not finite")
+    if labels.min() < 0 or labels.max() >= logits.shape[1]:
+        raise ValueError(f"labels outside 0..{logits.shape[1] - 1}")
     result = minimize_scalar(
         lambda log_t: negative_log_likelihood(logits, labels, float(np.exp(log_t))),
         bounds=_LOG_T_BOUNDS,
@@ -43,6 +50,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         options={"xatol": 1e-4},
     )
     return float(np.exp(result.x))
+
+
+def at_search_bound(temperature: float) -> bool:
+    """Whether ``fit_temperature`` stopped at a bound of its search: the NLL fell all the way
+    there (every image right, or every one wrong), and the bound is no fitted temperature."""
+    return min(abs(np.log(temperature) - bound) for bound in _LOG_T_BOUNDS) < 1e-3
 
 
 def split_in_folds(count: int, folds: int = 2, seed: int = 0) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ import torch
 from scipy.special import softmax
 
 from skinray.calibration import (
+    at_search_bound,
     fit_temperature,
     negative_log_likelihood,
     out_of_fold_probabilities,
@@ -61,6 +62,21 @@ def test_out_of_fold_calibration_uses_each_folds_temperature_from_the_other_fold
 def test_fit_refuses_logits_and_labels_that_do_not_pair():
     with pytest.raises(ValueError, match="do not pair"):
         fit_temperature(np.zeros((3, 2)), np.zeros(4, int))
+
+
+def test_fit_refuses_what_would_give_a_meaningless_temperature():
+    logits = np.random.default_rng(0).normal(size=(20, 3))
+    labels = logits.argmax(1)
+    with pytest.raises(ValueError, match="1 logits are not finite"):
+        fit_temperature(np.where(np.arange(60).reshape(20, 3) == 7, np.nan, logits), labels)
+    with pytest.raises(ValueError, match="labels outside 0..2"):
+        fit_temperature(logits, np.where(np.arange(20) == 3, -1, labels))  # -1 indexed the last
+    # Every image right: the NLL falls all the way to the search's lower bound, which is no
+    # fitted temperature; the release refuses it (tests/test_release.py).
+    assert at_search_bound(fit_temperature(logits, labels))
+    assert at_search_bound(fit_temperature(logits, (labels + 1) % 3))  # every one wrong
+    noisy = np.where(np.arange(20) % 3 == 0, (labels + 1) % 3, labels)
+    assert not at_search_bound(fit_temperature(logits, noisy))
 
 
 def test_predictor_divides_class_logits_by_the_stored_temperature(tmp_path):

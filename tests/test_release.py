@@ -11,7 +11,7 @@ import torch
 
 from skinray.data.datasets import synthetic_samples
 from skinray.models import create_model, get_model_spec, load_model, save_model
-from skinray.models.release import ReleaseSpec, release_model
+from skinray.models.release import CalibrationError, ReleaseSpec, release_model
 from skinray.predict import Predictor
 
 
@@ -216,3 +216,16 @@ def _labelled_by(model_uri: str, samples):
         samples.rows.schema.get_field_index("label"), "label", pa.array(labels, pa.int64())
     )
     return SampleTable(rows, samples.class_names)
+
+
+def test_a_split_that_cannot_fit_a_temperature_is_refused_before_anything_is_written(tmp_path):
+    # A random classifier's validation NLL falls all the way to the search's bound: that bound
+    # would have shipped as its temperature (0.05: twenty times sharper than trained).
+    torch.manual_seed(0)
+    model = create_model("classifier", **get_model_spec("classifier").smoke_kwargs)
+    save_model(model, str(tmp_path / "trained"), input_size=(64, 64), class_names=["a", "b", "c"])
+    spec = ReleaseSpec(name="x", title="x", data="synthetic", licence="none", recipe="smoke")
+    samples = synthetic_samples(24, num_classes=3)
+    with pytest.raises(CalibrationError, match="cannot fit a temperature"):
+        release_model(str(tmp_path / "trained"), spec, samples, destination=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -42,6 +42,7 @@ from skinray.predict import Predictor
 __all__ = [
     "FP16_TOLERANCE",
     "REGRESSION_IMAGES",
+    "CalibrationError",
     "ReleaseSpec",
     "out_of_fold_pass_rate",
     "regression_outputs",
@@ -69,6 +70,10 @@ _HEADLINES = (
     "balanced_accuracy",
     "auc_mean",
 )
+
+
+class CalibrationError(ValueError):
+    """A validation split that cannot fit the classifier's temperature."""
 
 
 @dataclass
@@ -157,6 +162,12 @@ def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int
     ).labels_and_probabilities()
     logits = np.log(np.clip(probabilities, 1e-12, 1))
     temperature = calibration.fit_temperature(logits, labels)
+    if calibration.at_search_bound(temperature):
+        raise CalibrationError(
+            f"the validation NLL falls all the way to the temperature search's bound "
+            f"(T = {temperature:.3g}): these {len(labels)} images cannot fit a temperature; "
+            "release with --no-calibrate or on a larger validation split"
+        )
     out_of_fold = calibration.out_of_fold_probabilities(logits, labels, CALIBRATION_FOLDS)
     return temperature, {
         "temperature": temperature,
