@@ -504,3 +504,24 @@ def test_the_class_counts_of_one_run_leave_out_the_rows_earlier_runs_left_on_its
     this = Counter(row["predicted_class"] for row in rows[4:])
     assert predicted_class_counts(str(tmp_path), RUN_DATE, "this") == dict(this)
     assert sum(predicted_class_counts(str(tmp_path), RUN_DATE).values()) == len(rows)
+
+
+def test_an_image_with_rows_from_two_runs_is_counted_once_at_its_latest(tmp_path):
+    # A commit cut short between its moves and its deletes leaves both runs' rows on the date.
+    images = tmp_path / "archive"
+    images.mkdir()
+    scored = [dt.datetime(2026, 11, 24, hour) for hour in (1, 2)]
+    rows = [
+        _result_row(images, *spec)
+        | {"run_id": run, "scored_at": at, "ood": run == "b" and i == 0, "ood_score": 0.5}
+        for run, at in zip("ab", scored, strict=True)
+        for i, spec in enumerate(IMAGES)
+    ]
+    _write_partition(
+        tmp_path / "results", RUN_DATE, pa.Table.from_pylist(rows, result_schema(CLASSES))
+    )
+    page = build_report(str(tmp_path))
+    header = page.split('<section id="samples">')[0]
+    assert re.search(rf"images scored</dt><dd>{len(IMAGES)}</dd>", header)
+    assert re.search(rf"left out</dt><dd>{len(IMAGES)}</dd>", header)
+    assert f"1 of {len(IMAGES)} images flagged" in page  # run b's flags, each image once

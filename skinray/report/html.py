@@ -73,6 +73,8 @@ _OVERVIEW_COLUMNS = [
     "classifier",
     "classifier_sha256",
     "run_id",
+    "source_uri",
+    "scored_at",
 ]
 #: Read when the partition has them (rows written before issue #14 do not).
 _TRUST_COLUMNS = ["class_entropy", "ood_score", "ood", "skin_tone", "classifier_config_sha256"]
@@ -126,13 +128,16 @@ def build_report(
     overview = results.to_table(
         columns=_OVERVIEW_COLUMNS + [c for c in _TRUST_COLUMNS if c in present]
     )
+    kept = latest_row_per_image(overview)
+    repeated = overview.num_rows - len(kept)
+    overview = overview.take(pa.array(kept))
     errors = _read_errors(output_uri, run_date)
     if overview.num_rows == 0 and errors.num_rows == 0:
         raise ReportError(f"run_date={run_date} under {output_uri} has no rows")
     picked = stratified_sample(overview["predicted_class"].to_pylist(), sample_size, seed)
-    tiles = results.take(pa.array(picked, pa.int64()), columns=_TILE_COLUMNS).to_pylist()
+    tiles = results.take(pa.array(kept[picked], pa.int64()), columns=_TILE_COLUMNS).to_pylist()
     sections = [
-        _header_html(output_uri, run_date, overview, errors),
+        _header_html(output_uri, run_date, overview, errors, repeated),
         _summary_html(overview, errors, _read_summaries(output_uri, run_date)),
         _samples_html(tiles, overview, images_uri_root, seed),
         _plots_html(overview),
@@ -448,7 +453,25 @@ def _page_html(title: str, sections: Sequence[str]) -> str:
     )
 
 
-def _header_html(output_uri: str, run_date: str, overview: pa.Table, errors: pa.Table) -> str:
+def latest_row_per_image(results: pa.Table) -> np.ndarray:
+    """Row indices of ``results`` (``source_uri``, ``scored_at``), the latest row of each image,
+    in row order. A date holds two rows of an image only after a commit cut short between its
+    moves and its deletes (``skinray.score.commit``); counting both would count it twice."""
+    if not results.num_rows:
+        return np.zeros(0, np.int64)
+    ordered = results.select(["source_uri", "scored_at"]).append_column(
+        "row", pa.array(np.arange(results.num_rows))
+    )
+    ordered = ordered.sort_by([("source_uri", "ascending"), ("scored_at", "descending")])
+    uris = ordered["source_uri"].to_numpy(zero_copy_only=False)
+    first = np.ones(len(uris), bool)
+    first[1:] = uris[1:] != uris[:-1]
+    return np.sort(ordered["row"].to_numpy()[first])
+
+
+def _header_html(
+    output_uri: str, run_date: str, overview: pa.Table, errors: pa.Table, repeated: int = 0
+) -> str:
     classes = len(set(overview["predicted_class"].drop_null().to_pylist()))
     facts = [
         ("images scored", f"{overview.num_rows:,}"),
@@ -456,6 +479,8 @@ def _header_html(output_uri: str, run_date: str, overview: pa.Table, errors: pa.
         ("predicted classes", f"{classes}"),
         ("runs", f"{len(_run_ids(overview, errors))}"),
     ]
+    if repeated:  # a commit cut short: the date holds an image's rows from two runs
+        facts.append(("older rows of images scored again, left out", f"{repeated:,}"))
     items = "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in facts)
     return (
         f"<header>\n<h1>Scoring report · run date {_e(run_date)}</h1>\n"
