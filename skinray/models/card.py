@@ -181,7 +181,8 @@ def render_model_card(spec, config, report: dict) -> str:
         "## Results",
         f"On {int(report['metrics'].get('images', 0))} validation images, through "
         "`skinray.predict.Predictor` (the path `jobs/score.py` runs); 95 % percentile bootstrap "
-        f"intervals over {_lesions(report)}. This split also chose the checkpoint (and fitted the temperature); "
+        f"intervals over {_lesions(report)}. This split also chose the checkpoint"
+        f"{' (and fitted the temperature)' if report.get('calibration') else ''}; "
         "nothing was tuned on it by hand.",
         "",
         *_headline_table(report),
