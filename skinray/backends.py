@@ -124,7 +124,8 @@ INT8_CALIBRATION_IMAGES = 300
 #: not measured yet (bench/score_gpu.py measures each backend).
 DEFAULT_BACKENDS: dict[str, str] = {"cpu": "openvino-int8", "cuda": "eager-mixed"}
 #: The guard's bounds (fp32 backends): mean per-image mask Jaccard against eager, and the largest
-#: absolute difference of a class probability.
+#: absolute difference of a class probability, and of an OOD score (its threshold was set on
+#: eager's features).
 MIN_MASK_JACCARD = 0.99
 MAX_PROBABILITY_DIFFERENCE = 0.01
 #: int8's guard, against a broken quantisation (whose classes agree with eager's about as often
@@ -606,6 +607,7 @@ class GuardResult:
     mask_jaccard: float  # mean per-image Jaccard of the backend's masks against eager's (1: none)
     max_probability_difference: float  # 0 where the model does not classify
     class_agreement: float = 1.0  # share of images whose predicted class is eager's
+    max_ood_score_difference: float = 0.0  # 0 where the model has no OOD score
 
     @property
     def passed(self) -> bool:
@@ -613,6 +615,7 @@ class GuardResult:
         return (
             self.mask_jaccard >= MIN_MASK_JACCARD
             and self.max_probability_difference <= MAX_PROBABILITY_DIFFERENCE
+            and self.max_ood_score_difference <= MAX_PROBABILITY_DIFFERENCE
         )
 
     def passed_for(self, backend: str) -> bool:
@@ -641,4 +644,7 @@ def compare_predictions(reference, candidate) -> GuardResult:
         ours, theirs = reference.class_probabilities, candidate.class_probabilities
         difference = float((ours - theirs).abs().max())
         agreement = float((ours.argmax(1) == theirs.argmax(1)).float().mean())
-    return GuardResult(jaccard, difference, agreement)
+    ood = 0.0
+    if reference.ood_score is not None and candidate.ood_score is not None:
+        ood = float((reference.ood_score - candidate.ood_score).abs().nan_to_num(1.0).max())
+    return GuardResult(jaccard, difference, agreement, ood)

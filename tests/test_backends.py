@@ -190,6 +190,22 @@ def test_the_guard_fails_a_backend_that_changes_the_outputs(tmp_path):
     assert result.mask_jaccard < 0.5 and result.max_probability_difference > 0.01
 
 
+def test_the_guard_holds_the_ood_score_to_the_probabilities_bound():
+    # The OOD threshold was set on eager's features: a backend that moves the score (bf16
+    # features moved it by up to 0.009 on 8 images) moves which images are flagged.
+    from skinray.predict import Prediction
+
+    probabilities = torch.softmax(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)), 1)
+    scores = torch.tensor([0.30, 0.49, 0.51, 0.70])
+
+    def prediction(shift: float) -> Prediction:
+        return Prediction(None, None, probabilities, None, None, ood_score=scores + shift)
+
+    assert compare_predictions(prediction(0), prediction(0.005)).passed
+    moved = compare_predictions(prediction(0), prediction(0.02))
+    assert not moved.passed and moved.max_ood_score_difference == pytest.approx(0.02)
+
+
 def test_exporting_leaves_the_eager_network_in_eval_mode(tmp_path):
     eager = _predictor("unet", tmp_path)
     accelerated(eager, "openvino", cache_dir=tmp_path / "cache")
