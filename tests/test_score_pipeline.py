@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
@@ -431,3 +432,46 @@ def test_an_input_that_lists_no_files_is_refused_before_its_commit_could_empty_t
     config = _config(input=str(empty), output=str(tmp_path / "out"))
     with pytest.raises(ScoreConfigError, match=f"^{empty}: no files to score$"):
         stage_listing(config, str(tmp_path / "out" / "_staging" / "r"), {}, 8, use_gpu=False)
+
+
+def _earlier_results_file(output, uris: list[str]) -> None:
+    """One results file of an earlier run ("old") on the date, a row for each of ``uris``."""
+    folder = output / "results" / "run_date=2026-11-24"
+    folder.mkdir(parents=True)
+    schema = result_schema(["nevus"])
+    rows = [
+        {f.name: None for f in schema} | {"source_uri": u, "run_id": "old", "image_id": "x"}
+        for u in uris
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema), folder / "part-old-00000.parquet")
+
+
+@pytest.mark.parametrize("crash", [None, "after the rewrite", "after a move"])
+def test_an_incremental_commit_repeated_after_a_crash_keeps_each_image_once(tmp_path, crash):
+    # The earlier file holds a, b and c; this run scored b again and d, staged by two tasks.
+    # A commit that died part-way and ran again must leave a, c from the earlier run and b, d
+    # from this one: no second copy of the rewritten file, no old row beside a moved new one.
+    from skinray.score import commit
+
+    output = tmp_path / "out"
+    _earlier_results_file(output, ["s3://a/a.jpg", "s3://a/b.jpg", "s3://a/c.jpg"])
+    staging = output / "_staging" / "r"
+    _stage(staging, _staged_rows(["s3://a/b.jpg"], set()), _staged_rows(["s3://a/d.jpg"], set()))
+    partition = output / "results" / "run_date=2026-11-24"
+    if crash == "after the rewrite":
+        files = [str(partition / "part-old-00000.parquet")]
+        uris = commit.staged_uris(str(staging))
+        commit._rewritten_without(files, pafs.LocalFileSystem(), str(partition), uris, "r")
+    elif crash == "after a move":
+        first = sorted((staging / "results").iterdir())[0]
+        first.rename(partition / first.name)
+    _commit(output, incremental=True)
+    rows = pads.dataset(partition).to_table()
+    found = sorted(zip(rows["source_uri"].to_pylist(), rows["run_id"].to_pylist(), strict=True))
+    assert found == [
+        ("s3://a/a.jpg", "old"),
+        ("s3://a/b.jpg", "r"),
+        ("s3://a/c.jpg", "old"),
+        ("s3://a/d.jpg", "r"),
+    ]
+    assert not list(partition.glob("*.tmp"))

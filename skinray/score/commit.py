@@ -1,5 +1,6 @@
 """The scoring run's output: written once by Ray Data's write into the run's staging directory,
-then committed into the run date's partitions from file listings, never by re-reading the rows.
+then committed into the run date's partitions from file listings (an incremental commit also reads
+the earlier files of the date, to drop the rows of images it scored again).
 
 Write (``StagedRunSink``, on Ray's write tasks): each task splits its rows into the fixed results
 and errors schemas and writes one Parquet file of each, ``part-<run id>-<attempt>-<task>.parquet``,
@@ -201,8 +202,7 @@ def _publish(
     old = [i.path for i in existing if i.type == pafs.FileType.File]
     fs.create_dir(path, recursive=True)
     if superseded is not None:
-        kept = f"{path}/part-{run_id}-kept-{uuid.uuid4().hex[:8]}"  # not an earlier file's name
-        old = _rewritten_without(old, fs, superseded, kept)
+        old = _rewritten_without(old, fs, partition, superseded, run_id)
     for info in files:
         fs.move(info.path, f"{path}/{info.base_name}")
     if not files:
@@ -214,22 +214,28 @@ def _publish(
 
 
 def _rewritten_without(
-    files: list[str], fs: pafs.FileSystem, uris: pa.Array, prefix: str
+    files: list[str], fs: pafs.FileSystem, partition: str, uris: pa.Array, run_id: str
 ) -> list[str]:
-    """The ``files`` that hold rows of ``uris``, each first rewritten without them (to
-    ``prefix``-n.parquet, where rows remain): the files to delete. The others are kept as they
-    are; only their ``source_uri`` column is read."""
+    """The files of ``partition`` that hold earlier runs' rows of images this run scored again,
+    each first rewritten without them: the files to delete. The images are ``uris`` (still
+    staged) and those whose rows an earlier attempt of this commit already moved in (rows of
+    ``run_id``). A rewritten file is named after its source, and written whole, so that an attempt
+    repeated after a crash writes the same file again, not a second copy of its rows. Only the
+    key columns of the other files are read."""
+    keys = {f: pq.read_table(f, columns=["source_uri", "run_id"], filesystem=fs) for f in files}
+    moved = [t.filter(pc.equal(t["run_id"], run_id))["source_uri"] for t in keys.values()]
+    chunks = [uris.cast(pa.string()), *(chunk for column in moved for chunk in column.chunks)]
+    scored = pa.chunked_array(chunks, pa.string()).combine_chunks()
     replaced = []
-    for number, file in enumerate(files):
-        hits = pc.is_in(
-            pq.read_table(file, columns=["source_uri"], filesystem=fs)["source_uri"], uris
-        )
+    for file, table in keys.items():
+        earlier = pc.not_equal(table["run_id"], run_id)
+        hits = pc.and_(pc.is_in(table["source_uri"], scored), earlier)
         if not pc.any(hits).as_py():
             continue
-        table = pq.read_table(file, filesystem=fs)
-        kept = table.filter(pc.invert(hits))
-        if kept.num_rows:
-            pq.write_table(kept, f"{prefix}-{number:05d}.parquet", filesystem=fs)
+        rows = pq.read_table(file, filesystem=fs).filter(pc.invert(hits))
+        if rows.num_rows:
+            name = file.rsplit("/", 1)[-1].removesuffix(".parquet")
+            _write_whole(rows, io.join(partition, f"{name}-without-{run_id}.parquet"))
         replaced.append(file)
     return replaced
 
