@@ -104,6 +104,15 @@ def splits_as_drawn(data: str, root: str, config: TrainConfig, holdout: dict | N
     return tuple(read_split(data, root, split, **drawn) for split in ("validation", "training"))
 
 
+def _as_drawn(settings: dict) -> dict:
+    """A run's recorded settings; a run from before ``data.validation_seed`` (2026-12-03) drew
+    its hold-out with its training ``seed``, which the default (0) would not redraw."""
+    data = settings.get("data") or {}
+    if "validation_seed" in data:
+        return settings
+    return {**settings, "data": {**data, "validation_seed": settings.get("seed", 0)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = args.model.rstrip("/").rsplit("/", 1)[0]
         training_uri = args.training_metrics or io.join(run_dir, "metrics.json")
         training = json.loads(io.read_bytes(training_uri))
-        config = TrainConfig.model_validate(training["config"])
+        config = TrainConfig.model_validate(_as_drawn(training["config"]))
         if config.data.source != args.data:
             raise DatasetError(f"{training_uri}: trained on {config.data.source}, not {args.data}")
         samples, training_samples = splits_as_drawn(args.data, args.root, config, recorded)

@@ -348,7 +348,7 @@ def _loadable(uri: str) -> None:
                 raise ValueError(
                     f"{logits.shape[1]} class logits but {len(config.class_names)} class names"
                 )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelCheckError(f"{uri}: cannot be loaded: {reason}") from None
 

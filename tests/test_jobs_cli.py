@@ -198,7 +198,7 @@ def test_score_job_refuses_a_run_id_that_is_no_folder_name(capsys, tmp_path, fla
     result = _main(capsys, "score.py", "--output", str(output), flag, run_id)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: invalid scoring config: run_id: Value error, {run_id!r} is not a run id: up to "
+        f"error: invalid scoring config: run_id: {run_id!r} is not a run id: up to "
         "128 letters, digits, '.', '_' or '-', not starting with '.' (it names the run's staging "
         "folder under the output)"
     ]
@@ -268,6 +268,15 @@ def test_evaluate_job_reports_a_missing_model(tmp_path):
     assert result.returncode == 2
     assert "no-model: no saved model here (config.json not found)" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_release_job_redraws_an_older_runs_hold_out_with_its_training_seed():
+    # Runs from before data.validation_seed drew their hold-out with their training seed.
+    as_drawn = _job("release.py")._as_drawn
+    older = {"model": "classifier", "seed": 3, "data": {"source": "ham10000"}}
+    assert as_drawn(older)["data"]["validation_seed"] == 3
+    newer = {**older, "data": {"source": "ham10000", "validation_seed": 0}}
+    assert as_drawn(newer)["data"]["validation_seed"] == 0
 
 
 def test_release_job_measures_the_hold_out_the_run_drew_and_refuses_other_data(capsys, tmp_path):
@@ -401,22 +410,35 @@ def test_train_job_continues_a_run_in_its_output_only_with_the_same_settings(cap
     # Ray Train continues a run already in <output>/ray/train from its last checkpoint: its
     # weights, optimiser, learning rate and epoch, whatever the new settings say.
     from skinray.train.config import smoke_test_config
-    from skinray.train.trainer import RUN_RECORD, check_run_folder, with_absolute_paths
+    from skinray.train.trainer import RUN_RECORD, check_run_folder, run_name, with_absolute_paths
 
     output = tmp_path / "run"
     config = with_absolute_paths(smoke_test_config("unet", overrides=[f"output={output}"]))
     (output / "ray" / "train").mkdir(parents=True)
     (output / RUN_RECORD).write_text(config.model_dump_json())
     check_run_folder(config, "train")  # the same run again: a driver that restarts
+    check_run_folder(config.model_copy(update={"max_failures": 9}), "train")  # how it recovers
 
     args = ["--smoke-test", "--output", str(output)]
     other = _main(capsys, "train.py", *args, "--set", "optim.lr=0.1", "--set", "epochs=3")
     resumed = _main(capsys, "train.py", *args, "--resume", str(tmp_path / "checkpoint"))
     assert (other.returncode, resumed.returncode) == (2, 2)
-    assert (
-        "holds a training run of other settings (settings differ: epochs, optim.lr)" in other.stderr
+    assert "holds a training run of other settings (settings differ: epochs, optim.lr)" in (
+        other.stderr
     )
-    assert "resume into another output" in resumed.stderr
+    assert f"instead of resuming from {tmp_path / 'checkpoint'}" in resumed.stderr
     assert len(other.stderr.splitlines()) == len(resumed.stderr.splitlines()) == 1
     assert not list((output / "ray" / "train").iterdir())  # refused before Ray ran anything
     assert (output / RUN_RECORD).read_text() == config.model_dump_json()
+
+    # A run that began with --resume continues with the same command, or without the flag.
+    began = config.model_copy(update={"resume": str(tmp_path / "checkpoint")})
+    (output / RUN_RECORD).write_text(began.model_dump_json())
+    check_run_folder(began, "train")
+    check_run_folder(config, "train")
+    # Outputs sharing a storage_path (a staged chain's stages) get a run folder each.
+    shared = [
+        config.model_copy(update={"storage_path": str(tmp_path / "ray"), "output": str(o)})
+        for o in (tmp_path / "coarse", tmp_path / "mask")
+    ]
+    assert run_name(config) == "train" and run_name(shared[0]) != run_name(shared[1])

@@ -110,7 +110,7 @@ def test_list_recipes_shows_every_setting_that_changes_a_result():
         assert summary != base and changed.rsplit("=")[1].rsplit("/")[-1] in summary, changed
     assert "seed 0, validated on the source's validation split;" in base
     held = recipe_summary(load_config("asnet", ["data.validation=holdout"]))
-    assert "validated on a 0.15 hold-out drawn by lesion" in held
+    assert "validated on a 0.15 hold-out (hold-out seed 0)" in held
     where = ["output=/elsewhere", "max_failures=5", "checkpoint.num_to_keep=4"]
     assert recipe_summary(load_config("asnet", where)) == base  # not what it learns
 

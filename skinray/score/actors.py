@@ -212,21 +212,21 @@ class PredictActor:
         batch["image"] = np.array(batch["image"])  # Ray hands batches over read-only
         batch["decode_scale"] = np.array(batch["decode_scale"])
         size = batch["image"].shape[1:3]
-        decoded = decode_jpegs(
+        on_device = decode_jpegs(
             [jpegs[i] for i in rows],
             [int(orientations[i]) for i in rows],
             size,
             self.predictor.device,
         )
-        for i, pixels in zip(rows, decoded, strict=True):
+        for i, pixels in zip(rows, on_device, strict=True):
             if pixels is None:
                 uri = str(batch["source_uri"][i])
                 try:
-                    decoded = decode(jpegs[i], size, source=uri)
+                    on_cpu = decode(jpegs[i], size, source=uri)
                 except ImageDecodeError as error:
                     mark_failed(batch, i, "decode", error)
                     continue
-                pixels, batch["decode_scale"][i] = decoded.rgb, decoded.scale_denominator
+                pixels, batch["decode_scale"][i] = on_cpu.rgb, on_cpu.scale_denominator
             else:
                 batch["decode"][i] = device_decoder(self.predictor.device.type)
             batch["image"][i] = pixels

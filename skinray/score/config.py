@@ -144,6 +144,7 @@ def make_score_config(**values) -> ScoreConfig:
         return ScoreConfig(**{k: v for k, v in values.items() if v is not None})
     except ValidationError as error:
         problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in error.errors()
+            f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
         )
         raise ScoreConfigError(f"invalid scoring config: {problems}") from None

@@ -78,8 +78,8 @@ class ScoringModels:
 
 
 def read_scoring_models(config: ScoreConfig) -> ScoringModels:
-    """The configs of ``config``'s segmenter and classifier (no weights read), checked for the roles
-    scoring gives them before any Ray work (``skinray.predict.check_models``)."""
+    """The configs of ``config``'s segmenter and classifier, checked for the roles scoring gives
+    them, and each model loaded once, before any Ray work (``skinray.predict.check_models``)."""
     from skinray.predict import ModelCheckError, check_models, pair_input_size
 
     try:

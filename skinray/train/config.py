@@ -26,6 +26,7 @@ __all__ = [
     "ScalingSettings",
     "TrainConfig",
     "apply_overrides",
+    "flat_settings",
     "list_recipes",
     "load_config",
     "recipe_summary",
@@ -287,8 +288,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-#: Settings that say where things are or how a run is kept, not what it learns: left out of the
-#: summary. Every other setting that differs from its default is in it.
+#: Settings that say where things are, how a run is kept or on how many threads it runs, not what
+#: it learns: left out of the summary. Every other setting that differs from its default is in it.
 _NOT_RESULT_SETTINGS = frozenset(
     {
         "output",
@@ -298,15 +299,19 @@ _NOT_RESULT_SETTINGS = frozenset(
         "checkpoint.num_to_keep",
         "data.root",
         "data.validation_manifest",
+        "scaling.cpus_per_worker",
+        "scaling.gpus_per_worker",
+        "scaling.torch_threads",
     }
 )
 
 
-def _flat(settings: dict, prefix: str = "") -> dict[str, Any]:
+def flat_settings(settings: dict | None, prefix: str = "") -> dict[str, Any]:
+    """A config's ``model_dump`` as ``{"data.image_size": ..., ...}`` (``model_kwargs`` whole)."""
     flat = {}
-    for key, value in settings.items():
+    for key, value in (settings or {}).items():
         if isinstance(value, dict) and value and key != "model_kwargs":
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flat_settings(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -315,8 +320,10 @@ def _flat(settings: dict, prefix: str = "") -> dict[str, Any]:
 def _other_settings(config: TrainConfig, shown: set[str]) -> str:
     """``key=value`` for every setting that changes a result, is not ``shown`` and differs from
     its default: the summary's headline fields cannot name every setting a recipe may change."""
-    defaults = _flat(TrainConfig.model_construct(model=config.model).model_dump(mode="json"))
-    flat = _flat(config.model_dump(mode="json"))
+    defaults = flat_settings(
+        TrainConfig.model_construct(model=config.model).model_dump(mode="json")
+    )
+    flat = flat_settings(config.model_dump(mode="json"))
     other = [
         f"{key}={_short(value)}"
         for key, value in flat.items()
@@ -327,7 +334,9 @@ def _other_settings(config: TrainConfig, shown: set[str]) -> str:
 
 def _short(value: Any) -> str:
     if isinstance(value, str) and ("/" in value or "\\" in value):
-        return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]  # a file: its name
+        parts = value.replace("\\", "/").rstrip("/").split("/")
+        # A file by its name; a saved model (<stage>/model) by its folder too.
+        return "/".join(parts[-2:]) if parts[-1] == "model" else parts[-1]
     if isinstance(value, dict):
         return "{" + ", ".join(f"{k}: {_short(v)}" for k, v in value.items()) + "}"
     if isinstance(value, list):
@@ -386,8 +395,7 @@ def recipe_summary(config: TrainConfig) -> str:
     validation = (
         "validated on the source's validation split"
         if data.validation == "split"
-        else f"validated on a {data.validation_fraction:g} hold-out drawn by lesion with seed "
-        f"{data.validation_seed}"
+        else f"validated on a {data.validation_fraction:g} hold-out (hold-out seed {data.validation_seed})"
     )
     roi = ""
     if data.input == "roi":
@@ -449,9 +457,10 @@ def load_config(recipe_or_path: str, overrides: list[str] | None = None) -> Trai
 
 
 def smoke_test_config(
-    model: str = "unet", output: str = "runs/smoke", overrides: list[str] | None = None
+    model: str = "unet", output: str | None = None, overrides: list[str] | None = None
 ) -> TrainConfig:
-    """The same code path on synthetic data, a small model and 2 short epochs: < 1 minute on a CPU."""
+    """The same code path on synthetic data, a small model and 2 short epochs: < 1 minute on a CPU.
+    ``output`` defaults to ``runs/smoke-<model>``: one model's run folder is no other's to continue."""
     from skinray.models import get_model_spec
 
     spec = get_model_spec(model)
@@ -462,7 +471,7 @@ def smoke_test_config(
         "optim": {"name": "adam", "lr": 1e-3},
         "epochs": 2,
         "batch_size": 8,
-        "output": output,
+        "output": output or f"runs/smoke-{model}",
         "checkpoint": {
             "metric": "val_jaccard" if spec.segments else "val_balanced_accuracy",
         },

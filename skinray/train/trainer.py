@@ -8,6 +8,7 @@ Data pipelines to ``TorchTrainer``, and after the fit writes the best checkpoint
 
 from __future__ import annotations
 
+import hashlib
 import io as stdio
 import json
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
 import skinray
 from skinray import io
@@ -33,7 +35,7 @@ from skinray.data.loading import to_ray_dataset
 from skinray.models import get_model_spec, save_model
 from skinray.models.zoo import resolve_model
 from skinray.train.checkpoint import read_checkpoint
-from skinray.train.config import ConfigError, TrainConfig
+from skinray.train.config import ConfigError, TrainConfig, flat_settings
 from skinray.train.loop import (
     HEADLINE_METRICS,
     build_model,
@@ -132,44 +134,56 @@ def _storage(config: TrainConfig) -> tuple[str, Any]:
 RUN_RECORD = "training_run.json"
 
 
-def check_run_folder(config: TrainConfig, run_name: str) -> None:
-    """Ray Train continues a run already in ``<storage>/<run_name>`` from its last checkpoint
-    (how a restarted driver recovers): its weights, optimiser, learning rate and epoch, whatever
-    this config says, and it picks the best checkpoint among that run's too. So the folder may
-    hold only a run of this very config, and not with ``resume``, which that run would override."""
-    storage = config.storage_path or io.join(config.output, "ray")
-    if not io.exists(io.join(storage, run_name)):
+#: Settings a continued run may change: how it recovers, not what it learns (``resume`` may be
+#: dropped: the first attempt's is in the checkpoints the run continues from).
+_CONTINUABLE = frozenset({"max_failures", "resume", "checkpoint.num_to_keep"})
+
+
+def run_name(config: TrainConfig) -> str:
+    """The Ray Train run's name in its storage: ``train`` under the output's own ``ray/``; under
+    a ``storage_path`` shared by several outputs (a staged chain's stages), one per output."""
+    if config.storage_path is None:
+        return "train"
+    return "train-" + hashlib.sha256(io.absolute(config.output).encode()).hexdigest()[:12]
+
+
+def check_run_folder(config: TrainConfig, name: str) -> None:
+    """Ray Train continues a run already in ``<storage>/<name>`` from its last checkpoint (how a
+    restarted driver recovers): its weights, optimiser, learning rate and epoch, whatever this
+    config says, and it picks the best checkpoint among that run's too. So the folder may hold
+    only a run of these settings (``RUN_RECORD``), ``_CONTINUABLE`` ones aside."""
+    storage, filesystem = _storage(config)
+    where = f"{storage}/{name}"
+    fs = filesystem or pafs.LocalFileSystem()
+    if fs.get_file_info(where).type == pafs.FileType.NotFound:
         return
-    where = io.join(storage, run_name)
-    if config.resume:
-        raise ConfigError(
-            f"{where} holds a training run, which Ray would continue instead of resuming from "
-            f"{config.resume}: resume into another output"
-        )
     record = io.join(config.output, RUN_RECORD)
     earlier = json.loads(io.read_bytes(record)) if io.exists(record) else None
-    now = config.model_dump(mode="json")
-    if earlier != now:
-        changed = sorted(_differing_settings(earlier or {}, now)) if earlier else []
-        detail = f"settings differ: {', '.join(changed[:5])}" if earlier else f"no {RUN_RECORD}"
-        raise ConfigError(
-            f"{where} holds a training run of other settings ({detail}), which Ray would "
-            "continue in place of this one: give another output, or remove it"
-        )
-    print(f"continuing the training run in {where} from its last checkpoint", flush=True)
+    changed = _differing(flat_settings(earlier), flat_settings(config.model_dump(mode="json")))
+    if earlier is not None and config.resume not in (None, earlier.get("resume")):
+        changed.append("resume")  # asked to resume from elsewhere than that run did
+    if earlier is not None and not changed:
+        print(f"continuing the training run in {where} from its last checkpoint", flush=True)
+        return
+    if earlier is None:
+        why = f"no {RUN_RECORD} in {config.output} says what it ran"
+    else:
+        why = f"settings differ: {', '.join(changed[:5])}"
+    instead = (
+        f"instead of resuming from {config.resume}" if config.resume else "in place of this one"
+    )
+    raise ConfigError(
+        f"{where} holds a training run of other settings ({why}), which Ray would continue "
+        f"{instead}: give another output, or remove that run"
+    )
 
 
-def _differing_settings(a: dict, b: dict, prefix: str = "") -> list[str]:
-    names = []
-    for key in sorted(set(a) | set(b)):
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            names += _differing_settings(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            names.append(f"{prefix}{key}")
-    return names
+def _differing(earlier: dict, now: dict) -> list[str]:
+    keys = (set(earlier) | set(now)) - _CONTINUABLE
+    return sorted(k for k in keys if earlier.get(k) != now.get(k))
 
 
-def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcome:
+def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcome:
     import ray
     import ray.data
     import ray.train
@@ -178,7 +192,8 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
     started, commit = time.perf_counter(), skinray.code_commit()
     config = with_absolute_paths(config)
     check_stage_inputs(config)
-    check_run_folder(config, run_name)
+    name = name or run_name(config)
+    check_run_folder(config, name)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
     train_samples, validation_samples = load_samples(config)
     if config.data.input == "roi" and config.data.roi_masks == "cached":
@@ -222,7 +237,7 @@ def run_training(config: TrainConfig, run_name: str = "train") -> TrainingOutcom
         },
         dataset_config=_data_config(),
         run_config=ray.train.RunConfig(
-            name=run_name,
+            name=name,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
