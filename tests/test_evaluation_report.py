@@ -153,15 +153,21 @@ def test_the_bootstrap_draws_each_lesion_with_all_its_images():
     assert {value: r["bootstrap"]["lesions"] for value, r in by_tone.items()} == {"a": 5, "b": 5}
 
 
-def test_an_interval_says_over_how_many_resamples_its_figure_was_defined():
-    # One image of 40 is of the rare class: draws without it leave its sensitivity undefined
-    # (about (39/40)^40 = 36 % of them), which its interval leaves out and the report counts.
+def _report_with_one_rare_image(resamples: int = 400) -> dict:
+    """40 images, one of them of the rare class (SK): draws without it (about (39/40)^40 = 36 %
+    of them) leave its figures undefined."""
     prediction, truth, labels = _batch(0, 40)
     labels = torch.where(labels == 2, 0, labels)
     labels[7] = 2
     evaluator = Evaluator(CLASSES)
     evaluator.update(prediction, truth, labels)
-    report = evaluator.report(resamples=400)
+    return evaluator.report(resamples=resamples)
+
+
+def test_an_interval_says_over_how_many_resamples_its_figure_was_defined():
+    # Draws without the rare image leave its sensitivity undefined, which its interval leaves
+    # out and the report counts.
+    report = _report_with_one_rare_image()
     rare = report["per_class"]["SK"]["sensitivity"]
     assert 0.55 * 400 < rare["resamples_defined"] < 0.75 * 400
     assert "resamples_defined" not in report["classification"]["accuracy"]  # always defined
@@ -172,12 +178,7 @@ def test_an_interval_says_over_how_many_resamples_its_figure_was_defined():
 def test_mean_auc_of_a_resample_is_over_the_classes_of_the_whole_sample():
     # A draw without the rare class has no AUC for it: averaging the other classes' AUCs would
     # put a mean over two classes in an interval of means over three.
-    prediction, truth, labels = _batch(0, 40)
-    labels = torch.where(labels == 2, 0, labels)
-    labels[7] = 2
-    evaluator = Evaluator(CLASSES)
-    evaluator.update(prediction, truth, labels)
-    report = evaluator.report(resamples=400)
+    report = _report_with_one_rare_image()
     rare_auc = report["per_class"]["SK"]["auc"]
     mean_auc = report["classification"]["auc_mean"]
     assert mean_auc["resamples_defined"] == rare_auc["resamples_defined"] < 0.75 * 400
