@@ -123,6 +123,16 @@ def _calibration_lines(report: dict) -> list[str]:
     ]
 
 
+def _mask_resolution(report: dict, config) -> str:
+    if "segmentation" not in (report.get("report") or {}):
+        return ""
+    height, width = config.input_size
+    return (
+        f" Masks are compared with the truth resized to the model's {height}×{width} input "
+        "(`jobs/evaluate.py --at-source-size` compares at the truth's own resolution)."
+    )
+
+
 def render_model_card(spec, config, report: dict) -> str:
     """``MODEL_CARD.md`` text for the released model ``spec.name``."""
     training = spec.training or {}
@@ -183,7 +193,7 @@ def render_model_card(spec, config, report: dict) -> str:
         "`skinray.predict.Predictor` (the path `jobs/score.py` runs); 95 % percentile bootstrap "
         f"intervals over {_lesions(report)}. This split also chose the checkpoint"
         f"{' (and fitted the temperature)' if report.get('calibration') else ''}; "
-        "nothing was tuned on it by hand.",
+        f"nothing was tuned on it by hand.{_mask_resolution(report, config)}",
         "",
         *_headline_table(report),
         "",
