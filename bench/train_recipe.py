@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import ray
 
@@ -37,6 +38,8 @@ def main() -> None:
             *args.overrides,
         ],
     )
+    if Path(output, "ray").exists():  # run_training would continue that run: no fresh timing
+        raise SystemExit(f"error: {output} holds a training run; give a new --output")
     # One more logical CPU than the worker takes, for Ray Data's decode tasks.
     ray.init(num_cpus=args.cpus + 1)
     outcome = run_training(config)
