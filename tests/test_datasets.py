@@ -6,6 +6,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from skinray.data.datasets import (
@@ -116,7 +118,32 @@ def test_a_manifest_image_without_a_group_is_a_lesion_of_its_own(tmp_path):
     )
     groups = read_manifest(str(manifest)).rows["group"].to_pylist()
     # Not one lesion of every ungrouped image, and groups are names: 007 is not 7.
-    assert groups == ["L1", "L1", "image:c", "image:d", "007", "7"]
+    assert groups == ["L1", "L1", f"image:{tmp_path}/c.png", f"image:{tmp_path}/d.png", "007", "7"]
+
+
+def test_images_of_one_file_name_in_two_folders_are_two_lesions_with_two_cached_masks(tmp_path):
+    # Named by file name alone, a/img_001.jpg and b/img_001.jpg were one lesion of the hold-out,
+    # and the segmenter's cached mask of one was the other's ROI mask.
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,label\na/img_001.jpg,x\nb/img_001.jpg,y\n")
+    rows = read_manifest(str(manifest)).rows
+    assert rows["image_id"].to_pylist() == ["img_001", "img_001"]
+    assert len(set(rows["group"].to_pylist())) == 2
+
+
+@pytest.mark.parametrize(("cell", "why"), [("", "no class label"), ("3.0", None)])
+def test_a_manifest_label_is_a_name_or_an_index_and_never_empty(tmp_path, cell, why):
+    table = pa.table({"image": ["a.png", "b.png"], "label": ["0", cell]})
+    if cell == "3.0":  # a float index column, as Parquet writers make one
+        table = pa.table({"image": ["a.png", "b.png"], "label": [0.0, 3.0]})
+    pq.write_table(table, tmp_path / "m.parquet")
+    if why:
+        with pytest.raises(DatasetError, match=f"m.parquet row 1: {why}"):
+            read_manifest(str(tmp_path / "m.parquet"))
+        return
+    samples = read_manifest(str(tmp_path / "m.parquet"))
+    assert samples.class_names == ("0", "1", "2", "3")
+    assert samples.rows["label"].to_pylist() == [0, 3]
 
 
 def test_models_evaluated_together_share_the_hold_out_one_of_them_drew(tmp_path):

@@ -85,3 +85,19 @@ def test_cached_masks_are_the_segmenters_prediction_and_are_made_once(
     write_model_config(segmenter, config.replace(mask_threshold=0.9))
     stricter = cache_predicted_masks(samples, segmenter, SIZE, run)
     assert set(stricter.rows["mask_uri"].to_pylist()[:-1]).isdisjoint(uris)
+
+
+def test_images_of_one_file_name_in_two_folders_get_their_own_cached_masks(segmenter, tmp_path):
+    # Cached by file name alone, b/0.png would have been given a/0.png's predicted mask.
+    lines = ["image,label"]
+    for folder, seed in (("a", 1), ("b", 4)):  # lesions in other places
+        (tmp_path / folder).mkdir()
+        sample = synthetic_sample(seed, (90, 120), label=0)
+        cv2.imwrite(str(tmp_path / folder / "0.png"), cv2.cvtColor(sample.image, cv2.COLOR_RGB2BGR))
+        lines.append(f"{folder}/0.png,melanoma")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    samples = read_manifest(str(tmp_path / "m.csv"), list(CLASSES), require_masks=False)
+    cached = cache_predicted_masks(samples, segmenter, SIZE, str(tmp_path / "run"))
+    first, second = cached.rows["mask_uri"].to_pylist()
+    assert first != second
+    assert not np.array_equal(cv2.imread(first, 0), cv2.imread(second, 0))

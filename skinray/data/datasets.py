@@ -371,7 +371,7 @@ def read_manifest(
             return path
         return io.join(base, path)
 
-    raw_labels = [str(v) for v in table["label"].to_pylist()]
+    raw_labels = [_label_text(v, uri, row) for row, v in enumerate(table["label"].to_pylist())]
     if class_names is None:
         if all(v.isdigit() for v in raw_labels):
             class_names = tuple(str(i) for i in range(max(int(v) for v in raw_labels) + 1))
@@ -403,15 +403,28 @@ def read_manifest(
         if "image_id" in table.column_names
         else [p.rsplit("/", 1)[-1].rsplit(".", 1)[0] for p in images]
     )
-    groups = (  # an image with no group is a lesion of its own, whatever groups are named
+    # An image with no group is a lesion of its own, whatever groups are named, and whatever
+    # its file name: two folders may each hold an img_001.jpg.
+    groups = (
         [
-            str(g) if g not in (None, "") else f"image:{i}"
-            for g, i in zip(table["group"].to_pylist(), image_ids, strict=True)
+            str(g) if g not in (None, "") else f"image:{u}"
+            for g, u in zip(table["group"].to_pylist(), images, strict=True)
         ]
         if "group" in table.column_names
-        else image_ids
+        else [f"image:{u}" for u in images]
     )
     return _table(images, masks, labels, image_ids, groups, class_names, _manifest_metadata(table))
+
+
+def _label_text(value, uri: str, row: int) -> str:
+    """A manifest's label as text: a class name, or an index (a float one from Parquet, 3.0, as
+    3). An empty label is refused: as a class of its own it would train as one."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if value is None or str(value).strip() == "":
+        where = f"row {row}" if uri.endswith(".parquet") else f"line {row + 2}"
+        raise DatasetError(f"{uri} {where}: no class label")
+    return str(value)
 
 
 def _manifest_metadata(table: pa.Table) -> dict[str, list]:

@@ -13,6 +13,7 @@ evaluation and scoring take).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import cv2
@@ -74,7 +75,11 @@ def cache_predicted_masks(
     ids = samples.rows["image_id"].to_pylist()
     uris = samples.rows["image_uri"].to_pylist()
     labels = samples.rows["label"].to_pylist()  # synthetic images are drawn from their label
-    names = [f"{image_id}.png" for image_id in ids]
+    # Named by image and URI: two folders of a manifest may each hold an img_001.jpg.
+    names = [
+        f"{i}-{hashlib.sha256(u.encode()).hexdigest()[:12]}.png"
+        for i, u in zip(ids, uris, strict=True)
+    ]
     todo = [i for i, name in enumerate(names) if name not in done]
     unreadable: set[int] = set()
     for start in range(0, len(todo), batch_size):
