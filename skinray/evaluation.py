@@ -276,7 +276,7 @@ def mask_at_size(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
     mask = np.asarray(mask, np.uint8)
     if mask.shape[:2] == tuple(size):
         return mask
-    return cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST)
+    return cv2.resize(mask, (int(size[1]), int(size[0])), interpolation=cv2.INTER_NEAREST_EXACT)
 
 
 def has_truth_masks(samples, root: str) -> bool:

@@ -227,3 +227,26 @@ def test_a_manifest_gives_its_subgroup_columns(tmp_path):
     assert rows["sex"].to_pylist() == ["female", None]
     assert rows["age_band"].to_pylist() == ["45-59", None]
     assert rows["site"].to_pylist() == ["back", "face"]
+
+
+def test_a_shrunk_truth_mask_stays_centred_on_its_lesion(tmp_path):
+    # The image is shrunk by area about its centre; INTER_NEAREST took each block's top-left
+    # pixel and put the mask 0.3-0.5 px down and right of the lesion it marks.
+    from skinray.data.loading import decode_samples
+
+    yy, xx = np.mgrid[:256, :256]
+    lesion = ((yy - 121.3) / 60) ** 2 + ((xx - 133.7) / 45) ** 2 <= 1
+    image = np.where(lesion[..., None], 40, 220).astype(np.uint8).repeat(3, axis=2)
+    cv2.imwrite(str(tmp_path / "i.png"), image)
+    cv2.imwrite(str(tmp_path / "m.png"), lesion.astype(np.uint8) * 255)
+    rows = {"image_uri": [str(tmp_path / "i.png")], "mask_uri": [str(tmp_path / "m.png")]}
+    decoded = decode_samples({**rows, "label": [0]}, (192, 192), 1)
+    # How much of each shrunk pixel is lesion, from its grey level (220 skin, 40 lesion).
+    coverage = (220.0 - decoded["image"][0, ..., 0]) / 180.0
+    mask = decoded["mask"][0].astype(float)
+
+    def centre(weights):
+        ys, xs = np.mgrid[: weights.shape[0], : weights.shape[1]]
+        return np.array([(ys * weights).sum(), (xs * weights).sum()]) / weights.sum()
+
+    assert np.abs(centre(mask) - centre(coverage)).max() < 0.25  # 0.40 and 0.41 before
