@@ -63,6 +63,14 @@ def test_isic2017_image_without_mask_names_the_image(tmp_path):
         read_isic2017(str(tmp_path))
 
 
+def test_an_isic2017_label_that_is_not_0_or_1_is_refused(tmp_path):
+    # A missing melanoma cell (null) read as false, a NaN one as true: the image trained as a
+    # nevus or a melanoma, silently.
+    _write_isic_layout(tmp_path, ["ISIC_0000001", "ISIC_0000002"], [(0, 0), (float("nan"), 0)])
+    with pytest.raises(DatasetError, match="ISIC_0000002 has labels None, 0, not 0 or 1"):
+        read_isic2017(str(tmp_path))
+
+
 def test_missing_dataset_path_is_named(tmp_path):
     with pytest.raises(DatasetError, match=r"dataset root not found: .*nowhere"):
         read_isic2017(str(tmp_path / "nowhere"))

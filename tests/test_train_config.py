@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from skinray.losses import LOSSES
@@ -264,3 +265,17 @@ def test_the_hold_out_has_its_own_seed_apart_from_the_training_seed(tmp_path):
         )
     )
     assert holdout_record(config)["seed"] == 1
+
+
+def test_a_limited_run_trains_on_a_random_subset_drawn_with_its_seed():
+    # The first 600 of ISIC 2017's training images, sorted by id, hold no seborrheic keratosis.
+    from skinray.train.trainer import load_samples, with_absolute_paths
+
+    def subset(*overrides: str):
+        config = with_absolute_paths(load_config("segmenter_cpu", ["data.limit=600", *overrides]))
+        return load_samples(config)[0].rows
+
+    rows = subset()
+    assert len(rows) == 600 and min(np.bincount(rows["label"].to_numpy(), minlength=3)) > 50
+    assert rows["image_uri"].equals(subset()["image_uri"])
+    assert not rows["image_uri"].equals(subset("seed=1")["image_uri"])

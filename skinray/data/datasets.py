@@ -255,6 +255,10 @@ def read_isic2017(root: str, split: str = "Training") -> SampleTable:
         labels["seborrheic_keratosis"].to_pylist(),
         strict=True,
     ):
+        if melanoma not in (0, 1) or keratosis not in (0, 1):  # null read as 0, NaN as 1
+            raise DatasetError(
+                f"{labels_uri}: {image_id} has labels {melanoma!r}, {keratosis!r}, not 0 or 1"
+            )
         if melanoma and keratosis:
             raise DatasetError(f"{labels_uri}: {image_id} is labelled both melanoma and SK")
         label_of[image_id] = 0 if melanoma else 1 if keratosis else 2

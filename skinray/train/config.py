@@ -58,7 +58,8 @@ class DataConfig(_Strict):
     validation_manifest: str | None = None
     image_size: tuple[int, int] = (224, 224)
     class_names: tuple[str, ...] | None = None
-    #: Use at most this many training images (None: all); for quick runs.
+    #: Use at most this many training images, drawn at random with ``seed`` (None: all); for
+    #: quick runs.
     limit: int | None = Field(None, gt=0)
     synthetic_count: int = Field(64, gt=1)
     augment: Literal["none", "flips", "two_step", "mbdcnn", "asnet", "clnet", "dermoscopy"] = (
