@@ -258,3 +258,9 @@ def test_a_shrunk_truth_mask_stays_centred_on_its_lesion(tmp_path):
         return np.array([(ys * weights).sum(), (xs * weights).sum()]) / weights.sum()
 
     assert np.abs(centre(mask) - centre(coverage)).max() < 0.25  # 0.40 and 0.41 before
+
+
+def test_manifest_labels_that_differ_only_in_case_are_refused_not_made_two_classes(tmp_path):
+    (tmp_path / "m.csv").write_text("image,label\na.png,mel\nb.png,Mel\nc.png,nv\n")
+    with pytest.raises(DatasetError, match="labels 'Mel' and 'mel' differ only in case"):
+        read_manifest(str(tmp_path / "m.csv"))

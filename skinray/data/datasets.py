@@ -381,6 +381,7 @@ def read_manifest(
             class_names = tuple(str(i) for i in range(max(int(v) for v in raw_labels) + 1))
         else:
             class_names = tuple(sorted(set(raw_labels)))
+            _one_spelling_per_class(class_names, uri)
     labels = []
     for row, value in enumerate(raw_labels, start=2 if not uri.endswith(".parquet") else 0):
         if value in class_names:
@@ -418,6 +419,18 @@ def read_manifest(
         else [f"image:{u}" for u in images]
     )
     return _table(images, masks, labels, image_ids, groups, class_names, _manifest_metadata(table))
+
+
+def _one_spelling_per_class(names: tuple[str, ...], uri: str) -> None:
+    """Labels that differ only in case or spaces ("mel", "Mel ") would each become a class."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(name.strip().casefold(), name)
+        if other != name:
+            raise DatasetError(
+                f"{uri}: labels {other!r} and {name!r} differ only in case or spaces; write one "
+                "spelling, or give the class names"
+            )
 
 
 def _label_text(value, uri: str, row: int) -> str:
