@@ -134,8 +134,9 @@ class Evaluator:
 
         Segmentation figures are means of per-image values (ISIC's; ``threshold_jaccard`` zeroes
         each image's Jaccard below 0.65); ``auc_mean`` is the mean over classes whose AUC is
-        defined on all the images, undefined in a resample that lacks one of them; ``ece`` is the top-label expected calibration error (15 bins); the per-class
-        figures are ``metrics.per_class_report``'s. Sections without data are left out. A figure
+        defined on all the images, undefined in a resample that lacks one of them; ``ece`` is
+        the top-label expected calibration error (15 bins); the per-class figures are
+        ``metrics.per_class_report``'s. Sections without data are left out. A figure
         undefined in some resamples but not all (a class absent from a draw) has its interval
         over the others, and ``resamples_defined`` gives their number."""
         lesions = np.array(self._lesions)
@@ -241,11 +242,11 @@ def _report(
 def _report_figures(
     arrays: dict[str, np.ndarray],
     class_names: list[str] | None,
-    auc_classes: list[str] | None = None,
+    auc_classes: list[str] | None,
 ) -> dict[tuple[str, ...], float]:
     """The figures ``Evaluator.report`` gives, flat, keyed by their path in the report.
-    ``auc_mean`` is over ``auc_classes`` (default: the classes whose AUC is defined), and NaN
-    where one of them has none: a resample's mean over fewer classes is another figure."""
+    ``auc_mean`` is over ``auc_classes`` (those whose AUC all the images define), and NaN where
+    one of them has none: a resample's mean over fewer classes is another figure."""
     figures: dict[tuple[str, ...], float] = {}
     if "segmentation" in arrays:
         means = arrays["segmentation"].mean(axis=0)
@@ -255,8 +256,6 @@ def _report_figures(
         labels, probabilities = arrays["labels"], arrays["probabilities"]
         predicted = probabilities.argmax(1)
         per_class = metrics.per_class_report(labels, probabilities, class_names)
-        if auc_classes is None:
-            auc_classes = [name for name, c in per_class.items() if not np.isnan(c["auc"])]
         aucs = [per_class[name]["auc"] for name in auc_classes]
         figures["classification", "accuracy"] = metrics.accuracy(labels, predicted)
         figures["classification", "balanced_accuracy"] = metrics.balanced_accuracy(

@@ -13,8 +13,8 @@ Commit (``commit_run``, on the driver): every staged file is moved into ``result
 ``errors/run_date=…`` (a rename on a local disk, a server-side copy on S3); then the files of
 earlier runs in those partitions are deleted (with ``incremental`` the results partition is kept
 and added to, less the rows of images this run scored again); then the staging directory. Until
-the commit starts, the previous partitions are untouched: a run that dies before it leaves them readable and unchanged, and its staged files are
-picked up when the run id is given again (``staged_uris``), so nothing staged is scored twice.
+the commit starts, the previous partitions are untouched: a run that dies before it leaves them
+readable and unchanged, and its staged files are picked up when the run id is given again (``staged_uris``), so nothing staged is scored twice.
 Between the moves and the deletes a reader may see both runs' rows; each row names its run.
 """
 

@@ -26,6 +26,7 @@ __all__ = [
     "ScalingSettings",
     "TrainConfig",
     "apply_overrides",
+    "changed_settings",
     "flat_settings",
     "list_recipes",
     "load_config",
@@ -318,17 +319,24 @@ def flat_settings(settings: dict | None, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def changed_settings(base: dict | None, settings: dict) -> list[str]:
+    """The flat keys (``flat_settings``) whose value in ``settings`` differs from ``base``'s, in
+    ``settings``' order, then the keys only ``base`` has."""
+    before, after = flat_settings(base), flat_settings(settings)
+    keys = [*after, *(key for key in before if key not in after)]
+    return [key for key in keys if before.get(key) != after.get(key)]
+
+
 def _other_settings(config: TrainConfig, shown: set[str]) -> str:
     """``key=value`` for every setting that changes a result, is not ``shown`` and differs from
     its default: the summary's headline fields cannot name every setting a recipe may change."""
-    defaults = flat_settings(
-        TrainConfig.model_construct(model=config.model).model_dump(mode="json")
-    )
-    flat = flat_settings(config.model_dump(mode="json"))
+    defaults = TrainConfig.model_construct(model=config.model).model_dump(mode="json")
+    settings = config.model_dump(mode="json")
+    flat = flat_settings(settings)
     other = [
-        f"{key}={_short(value)}"
-        for key, value in flat.items()
-        if key not in shown and key not in _NOT_RESULT_SETTINGS and value != defaults.get(key)
+        f"{key}={_short(flat.get(key))}"
+        for key in changed_settings(defaults, settings)
+        if key not in shown and key not in _NOT_RESULT_SETTINGS
     ]
     return f"; {', '.join(other)}" if other else ""
 

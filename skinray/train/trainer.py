@@ -35,7 +35,7 @@ from skinray.data.loading import to_ray_dataset
 from skinray.models import get_model_spec, save_model
 from skinray.models.zoo import resolve_model
 from skinray.train.checkpoint import read_checkpoint
-from skinray.train.config import ConfigError, TrainConfig, flat_settings
+from skinray.train.config import ConfigError, TrainConfig, changed_settings
 from skinray.train.loop import (
     HEADLINE_METRICS,
     build_model,
@@ -162,7 +162,8 @@ def check_run_folder(config: TrainConfig, name: str) -> None:
         return
     record = io.join(config.output, RUN_RECORD)
     earlier = json.loads(io.read_bytes(record)) if io.exists(record) else None
-    changed = _differing(flat_settings(earlier), flat_settings(config.model_dump(mode="json")))
+    now = config.model_dump(mode="json")
+    changed = sorted(set(changed_settings(earlier, now)) - _CONTINUABLE)
     if earlier is not None and config.resume not in (None, earlier.get("resume")):
         changed.append("resume")  # asked to resume from elsewhere than that run did
     if earlier is not None and not changed:
@@ -179,11 +180,6 @@ def check_run_folder(config: TrainConfig, name: str) -> None:
         f"{where} holds a training run of other settings ({why}), which Ray would continue "
         f"{instead}: give another output, or remove that run"
     )
-
-
-def _differing(earlier: dict, now: dict) -> list[str]:
-    keys = (set(earlier) | set(now)) - _CONTINUABLE
-    return sorted(k for k in keys if earlier.get(k) != now.get(k))
 
 
 def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcome:
