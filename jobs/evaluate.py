@@ -88,7 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "calibrate --backend openvino-int8",
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--limit", type=int, help="evaluate the first N images only")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="evaluate N images drawn at random with --seed (in listing order), not all",
+    )
     parser.add_argument(
         "--bootstrap",
         type=int,
@@ -96,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="N",
         help="bootstrap resamples for the 95%% confidence intervals (0: none)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="the bootstrap's random seed")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="the random seed of the bootstrap and of --limit"
+    )
     parser.add_argument(
         "--no-subgroups",
         dest="subgroups",
@@ -111,6 +118,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.bootstrap < 0:
         parser.error("--bootstrap must be 0 or more")
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be 1 or more")
     if args.backend == "openvino-int8" and not args.int8_calibration:
         parser.error("--backend openvino-int8 needs --int8-calibration (real images)")
     return args
@@ -145,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         fitted_on = configs[-1].temperature_fitted_on or {}
         in_sample = fitted_on.get("image_ids_sha256") == image_set_digest(samples)
         if args.limit:
-            samples = samples.take(range(min(args.limit, len(samples))))
+            samples = samples.random_subset(args.limit, args.seed)
         predictor = Predictor.load(args.model, args.classifier)
         predictor.test_time_flips = predictor.test_time_flips or args.test_time_flips
         calibration = None

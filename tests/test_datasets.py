@@ -264,3 +264,17 @@ def test_manifest_labels_that_differ_only_in_case_are_refused_not_made_two_class
     (tmp_path / "m.csv").write_text("image,label\na.png,mel\nb.png,Mel\nc.png,nv\n")
     with pytest.raises(DatasetError, match="labels 'Mel' and 'mel' differ only in case"):
         read_manifest(str(tmp_path / "m.csv"))
+
+
+def test_a_random_subset_is_drawn_with_its_seed_and_kept_in_listing_order():
+    # ISIC 2017's validation listing, sorted by id, opens with 28 nevi among its first 30 images.
+    samples = read_split("isic2017", str(SHARED_DATA / "isic2017"), "validation")
+    first = samples.rows["label"].to_pylist()[:30]
+    subset = samples.random_subset(30, seed=0)
+    ids = subset.rows["image_id"].to_pylist()
+    assert ids == sorted(ids) and len(set(ids)) == 30
+    assert subset.rows["label"].to_pylist() != first
+    assert len(set(subset.rows["label"].to_pylist())) == 3
+    assert samples.random_subset(30, seed=0).rows.equals(subset.rows)
+    assert not samples.random_subset(30, seed=1).rows.equals(subset.rows)
+    assert samples.random_subset(500, seed=0) is samples

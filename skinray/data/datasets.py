@@ -68,6 +68,15 @@ class SampleTable:
     def take(self, indices) -> SampleTable:
         return SampleTable(self.rows.take(pa.array(indices, type=pa.int64())), self.class_names)
 
+    def random_subset(self, count: int, seed: int) -> SampleTable:
+        """``count`` rows drawn with ``seed``, in listing order (all of them where there are no
+        more): the first rows of a listing sorted by id are not a sample of it (ISIC 2017's first
+        600 training images hold no seborrheic keratosis)."""
+        if count >= len(self):
+            return self
+        chosen = np.random.default_rng(seed).permutation(len(self))[:count]
+        return self.take(np.sort(chosen))
+
 
 #: Patient and lesion metadata that evaluation reports subgroups of, where a data set has them.
 SUBGROUP_COLUMNS = ("sex", "age_band", "site")

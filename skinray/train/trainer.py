@@ -91,11 +91,8 @@ def load_samples(config: TrainConfig) -> tuple[SampleTable, SampleTable]:
         )
     if validation is None:
         samples, validation = holdout_split(samples, data.validation_fraction, data.validation_seed)
-    if data.limit is not None and data.limit < len(samples):
-        # A random subset (the run's seed), in listing order: the first rows of a listing sorted
-        # by id hold no seborrheic keratosis among ISIC 2017's first 600 training images.
-        chosen = np.random.default_rng(config.seed).permutation(len(samples))[: data.limit]
-        samples = samples.take(np.sort(chosen))
+    if data.limit is not None:
+        samples = samples.random_subset(data.limit, config.seed)
     return samples, validation
 
 
