@@ -1,7 +1,7 @@
 """Train a skinray model on Ray Train.
 
     python jobs/train.py unet_two_step --set epochs=5 --set scaling.num_workers=2
-    python jobs/train.py my_config.yaml --resume runs/x/ray/train/checkpoint_000003
+    python jobs/train.py my_config.yaml --resume runs/x/ray/train/checkpoint_<date-time>
     python jobs/train.py --smoke-test
     python jobs/train.py mbdcnn --output runs/mbdcnn       # a staged chain: every stage in order
     ray job submit --working-dir . -- python jobs/train.py --smoke-test

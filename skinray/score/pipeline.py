@@ -121,7 +121,12 @@ class RunSummary:
             ),
             f"  results  {self.results} → {self.results_uri}",
             f"  errors   {self.errors} ({by_type}) → {self.errors_uri}",
-            f"  pool     up to {self.max_actors} model actors, {self.actor_device}",
+            f"  pool     up to {self.max_actors} model actors, {self.actor_device}"
+            + (
+                f"; object store bounded at {self.object_store_budget_mib:.0f} MiB"
+                if self.object_store_budget_mib
+                else ""
+            ),
             f"  time     {self.wall_time_s:.1f} s, {self.images_per_s:.1f} images/s",
             *(stage.line() for stage in self.stages),
         ]

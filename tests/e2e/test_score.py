@@ -213,6 +213,8 @@ def test_every_input_lands_in_results_or_errors(ray_cluster, s3_bucket, models, 
         assert stages[timed].task_s > 0 and stages[timed].span_s > 0, (timed, summary.lines())
     assert all(stage.line() in summary.lines() for stage in summary.stages)
     assert summary.object_store_budget_mib > 0
+    bound = f"object store bounded at {summary.object_store_budget_mib:.0f} MiB"
+    assert any(line.startswith("  pool ") and bound in line for line in summary.lines())
     # The run's settings are recorded with its figures: a reader can tell how its inputs decoded.
     recorded = json.loads(_summary_json(s3_bucket, summary.run_id))["settings"]
     assert (recorded["segmenter"], recorded["classifier"]) == tuple(models)
