@@ -278,3 +278,23 @@ def test_a_random_subset_is_drawn_with_its_seed_and_kept_in_listing_order():
     assert samples.random_subset(30, seed=0).rows.equals(subset.rows)
     assert not samples.random_subset(30, seed=1).rows.equals(subset.rows)
     assert samples.random_subset(500, seed=0) is samples
+
+
+def test_an_empty_truth_mask_skips_its_sample_instead_of_failing_the_task(tmp_path):
+    # A zero-byte mask raised cv2.error out of decode_samples: the training or evaluation task
+    # failed on every retry. (decode_mask's other checks: tests/test_decode.py.)
+    from skinray.data.loading import decode_samples
+
+    image = synthetic_sample(3, 64).image
+    for name in ("a", "b"):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), image)
+    cv2.imwrite(str(tmp_path / "a-mask.png"), np.full((64, 64), 255, np.uint8))
+    (tmp_path / "b-mask.gif").write_bytes(b"")
+    rows = {
+        "image_uri": [str(tmp_path / "a.png"), str(tmp_path / "b.png")],
+        "mask_uri": [str(tmp_path / "a-mask.png"), str(tmp_path / "b-mask.gif")],
+        "label": [0, 0],
+    }
+    decoded = decode_samples(rows, (32, 32), 1)
+    assert decoded["ok"].tolist() == [True, False]
+    assert decoded["mask"][0].all()

@@ -19,7 +19,9 @@ from skinray.data.decode import (
     TooManyPixels,
     UnsupportedImage,
     decode,
+    decode_mask,
     encode_png,
+    screen_jpeg,
 )
 from skinray.data.synthetic import synthetic_sample
 
@@ -212,6 +214,45 @@ def test_reduced_decode_applies_exif_orientation_like_the_full_decode(orientatio
     assert np.abs(reduced.rgb.astype(int) - expected).mean() < 4  # a flip would differ by ~30
 
 
+def _app1(tiff: bytes) -> bytes:
+    body = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(body) + 2) + body
+
+
+def _orientation_tiff(orientation: int | None) -> bytes:
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    return exif.tobytes().removeprefix(b"Exif\x00\x00")
+
+
+@pytest.mark.parametrize(
+    "first, second", [(6, 1), (1, 6), (None, 6), (9, 6)], ids=["6-1", "1-6", "none-6", "9-6"]
+)
+def test_of_two_exif_blocks_the_one_opencv_reads_orients_the_image(first, second):
+    # OpenCV takes the first block with an orientation tag; the header walk kept the last, so the
+    # reduced decode's scale, the stored size and the device path's rotation followed another one.
+    stored = cv2.imencode(".jpg", synthetic_sample(12, (600, 1000)).image)[1].tobytes()
+    data = stored[:2] + _app1(_orientation_tiff(first)) + _app1(_orientation_tiff(second))
+    data += stored[2:]
+    opencv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape[:2]
+    assert decode(data).original_size == opencv
+    reduced = decode(data, (40, 100))
+    assert reduced.original_size == opencv and reduced.scale_denominator == (
+        4 if opencv == (1000, 600) else 8
+    )
+    assert screen_jpeg(data).shown_size == opencv
+
+
+def test_bytes_before_a_jpeg_marker_are_skipped_as_libjpeg_skips_them():
+    data = _jpeg(synthetic_sample(13, 64).image)
+    quantisation = data.index(b"\xff\xdb")
+    padded = data[:quantisation] + b"\x00\x17" + data[quantisation:]
+    opencv = cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR)
+    assert opencv is not None  # libjpeg decodes it (with a warning)
+    assert np.array_equal(decode(padded).rgb, decode(data).rgb)
+
+
 def test_exif_orientation_of_a_png_is_applied_like_a_jpeg():
     stored = synthetic_sample(8, (40, 100)).image
     exif = Image.Exif()
@@ -272,6 +313,66 @@ def test_the_pixel_limit_is_checked_from_the_header_before_decoding(encode):
     # Cut in half the file cannot be decoded, yet the header alone is enough to refuse it.
     with pytest.raises(TooManyPixels, match="big: 100×100"):
         decode(data[: len(data) // 2], max_pixels=999, source="big")
+
+
+def _gif_screen_only(width: int, height: int) -> bytes:
+    """A 35-byte GIF whose logical screen is width×height, holding one 1×1 frame."""
+    data = (
+        b"GIF89a" + struct.pack("<HH", width, height) + b"\x80\x00\x00" + b"\x00" * 3 + b"\xff" * 3
+    )
+    data += b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00"
+    return data + b"\x02\x02\x44\x01\x00\x3b"
+
+
+def _bmp_rle8(width: int, height: int) -> bytes:
+    """A 1 KB run-length BMP of width×height pixels that ends at once (all black)."""
+    palette, pixels = b"\x00" * 1024, b"\x00\x01"
+    offset = 14 + 40 + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    return header + info + palette + pixels
+
+
+@pytest.mark.parametrize("build", [_gif_screen_only, _bmp_rle8], ids=["gif", "bmp"])
+def test_gif_and_bmp_bombs_are_refused_from_their_headers_without_decoding(build, monkeypatch):
+    # A 12000×12000 GIF of 35 bytes took 1.0 GB to decode before its size was checked.
+    data = build(12_000, 12_000)
+    with pytest.raises(TooManyPixels, match="bomb: 12000×12000 = 144,000,000 pixels exceeds"):
+        decode(data, source="bomb")
+    with pytest.raises(TooManyPixels, match="bomb: "):  # beyond Pillow's own limit too
+        decode(build(20_000, 20_000), source="bomb")
+
+    def no_decoding(*args):
+        raise AssertionError("decoded before the size was checked")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    with pytest.raises(TooManyPixels):
+        decode(data, source="bomb")
+    with pytest.raises(TooManyPixels):
+        decode_mask(data, source="bomb")
+
+
+@pytest.mark.parametrize("extension", [".gif", ".bmp", ".tiff", ".webp"])
+def test_other_formats_within_the_limit_decode_as_before(extension):
+    image = synthetic_sample(11, (48, 64)).image
+    data = _opencv_bytes(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), extension)
+    decoded = decode(data, max_pixels=48 * 64)
+    assert decoded.original_size == (48, 64)
+    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), 4)
+    assert np.array_equal(decoded.rgb, expected)
+    with pytest.raises(TooManyPixels, match="x: 64×48 = 3,072 pixels"):
+        decode(data, max_pixels=48 * 64 - 1, source="x")
+
+
+def test_ten_and_twelve_bit_avif_are_scaled_by_their_own_depth():
+    if not cv2.haveImageWriter(".avif"):
+        pytest.skip("this OpenCV writes no AVIF")
+    for depth, level in ((10, 1000), (12, 4000)):
+        pixels = np.full((48, 64, 3), level, np.uint16)
+        ok, data = cv2.imencode(".avif", pixels, [cv2.IMWRITE_AVIF_DEPTH, depth])
+        assert ok
+        expected = round(level / (2**depth - 1) * 255)  # 249 and 249; read as 16-bit: 4 and 16
+        assert np.abs(decode(data.tobytes()).rgb.astype(int) - expected).max() <= 1, depth
 
 
 def test_a_png_header_claiming_ten_gigapixels_is_refused_without_decoding():

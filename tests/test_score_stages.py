@@ -271,3 +271,27 @@ def test_an_image_without_a_finite_ood_score_has_no_ood_verdict(pair):
     rows = finish_rows(describe_lesions(batch), pair.predictor.class_names, {}, "r", False)
     flags = rows["ood"].tolist()
     assert flags[1] is None and all(isinstance(flag, bool) for flag in flags[::2])
+
+
+def test_a_uri_no_file_system_reads_is_a_read_error_of_its_row(archive, tmp_path):
+    # Another scheme, a NUL byte and a symlink loop raised out of the read step (ValueError,
+    # RuntimeError), failing the task on every retry; a manifest line of another scheme was
+    # joined to the manifest's folder and stopped the listing with a traceback.
+    from skinray.score.sources import list_inputs
+
+    loop = tmp_path / "loop.jpg"
+    loop.symlink_to(loop)
+    plain = archive["plain.jpg"]
+    uris = [plain, "http://example.com/a.jpg", f"{tmp_path}/a\0b.jpg", str(loop)]
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("\n".join([*uris[:2], "archive-relative.jpg"]) + "\n")
+    listed = list_inputs(str(manifest))["source_uri"].to_pylist()
+    assert listed == [plain, "http://example.com/a.jpg", f"{tmp_path}/archive-relative.jpg"]
+
+    listing = _listing({str(i): uri for i, uri in enumerate(uris)})
+    batch = read_and_decode(listing, SIZE, max_pixels=10**8)
+    assert list(batch["error_stage"]) == ["", "read", "read", "read"]
+    assert set(batch["error_type"][1:]) == {"UnreadableURI"}
+    assert "http://example.com/a.jpg" in batch["error_message"][1]
+    assert "unsupported URI scheme" in batch["error_message"][1]
+    assert "null byte" in batch["error_message"][2]

@@ -10,11 +10,14 @@ Handled here, with OpenCV (checked on opencv-python-headless 5.0):
   and WebP alike. ``IMREAD_UNCHANGED`` is the one mode that skips it, so it is never used.
 - Greyscale and palette images come out as three equal channels; CMYK JPEGs are converted by libjpeg.
 - Alpha is dropped, keeping the colour stored under it (see ``_FULL``).
-- 16-bit samples are scaled to 8 bits (65535 → 255), not truncated to their low byte.
+- 16-bit samples are scaled to 8 bits (65535 → 255), not truncated to their low byte. AVIF's 10- and
+  12-bit samples come through OpenCV's 8-bit mode, which scales them by their own depth.
 - Truncated JPEGs: libjpeg pads a cut-off scan with grey and OpenCV returns it without complaint, so
   a JPEG with no end-of-image marker after its image data is refused.
 - Decompression bombs: JPEG and PNG sizes are read from the header (SOFn, IHDR) before any pixel is
-  decoded. Other formats are checked after decoding, bounded meanwhile by OpenCV's own limit
+  decoded, and other formats' (GIF, BMP, TIFF, WebP, …) by Pillow's lazy ``Image.open``: a 35-byte
+  GIF that declares 20000×20000 took 2.7 GB to decode before its size was checked. A format Pillow
+  cannot read is checked after decoding, bounded meanwhile by OpenCV's own limit
   (``OPENCV_IO_MAX_IMAGE_PIXELS``, 2^30 by default).
 - Speed: a JPEG much larger than the target is decoded at 1/2, 1/4 or 1/8 scale by libjpeg
   (``IMREAD_REDUCED_COLOR_n``), several times faster than a full decode and resize.
@@ -22,11 +25,14 @@ Handled here, with OpenCV (checked on opencv-python-headless 5.0):
 
 from __future__ import annotations
 
+import io
 import struct
+import warnings
 from dataclasses import dataclass
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -38,6 +44,7 @@ __all__ = [
     "TooManyPixels",
     "UnsupportedImage",
     "decode",
+    "decode_mask",
     "encode_png",
     "screen_jpeg",
 ]
@@ -57,6 +64,9 @@ _REDUCED = {
 }
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# OpenCV's 16-bit mode gives AVIF's 10- and 12-bit samples unscaled (0..1023), which the 16-bit
+# mapping would take for near black; its 8-bit mode scales them.
+_AVIF_BRANDS = (b"avif", b"avis")
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _JPEG_SOS, _JPEG_EOI, _JPEG_APP1 = 0xDA, 0xD9, 0xE1
 _EXIF_ORIENTATION_TAG = 0x0112
@@ -127,7 +137,7 @@ def decode(
     if len(data) == 0:
         raise EmptyImage(f"{source}: empty file (0 bytes)")
     jpeg = _read_jpeg_header(data) if data.startswith(_JPEG_MAGIC) else None
-    header_size = jpeg.size if jpeg is not None else _png_size(data)
+    header_size = jpeg.size if jpeg is not None else _header_size(data, max_pixels, source)
     if header_size is not None:
         _check_pixels(header_size, max_pixels, source)
     if jpeg is not None:
@@ -137,7 +147,8 @@ def decode(
     if jpeg is not None and jpeg.size is not None:
         shown = jpeg.size[::-1] if jpeg.rotated else jpeg.size
     denominator = _reduction(shown, target_size) if shown is not None else 1
-    pixels = _imdecode(data, _REDUCED.get(denominator, _FULL), source)
+    full = cv2.IMREAD_COLOR if data[8:12] in _AVIF_BRANDS and data[4:8] == b"ftyp" else _FULL
+    pixels = _imdecode(data, _REDUCED.get(denominator, full), source)
     if header_size is None:
         _check_pixels(pixels.shape[:2], max_pixels, source)
     rgb = _to_rgb(pixels, source)
@@ -155,6 +166,22 @@ def decode(
         original_size=(int(original_size[0]), int(original_size[1])),
         scale_denominator=denominator,
     )
+
+
+def decode_mask(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "<bytes>"
+) -> np.ndarray:
+    """A mask file → (H, W) uint8 grey levels at its own resolution, with ``decode``'s checks (empty,
+    size from the header, unreadable) and its errors."""
+    if len(data) == 0:
+        raise EmptyImage(f"{source}: empty mask file (0 bytes)")
+    size = _header_size(data, max_pixels, source)
+    if size is not None:
+        _check_pixels(size, max_pixels, source)
+    mask = _imdecode(data, cv2.IMREAD_GRAYSCALE, source)
+    if size is None:
+        _check_pixels(mask.shape[:2], max_pixels, source)
+    return mask
 
 
 def screen_jpeg(
@@ -242,8 +269,9 @@ def _imdecode(data: bytes, flags: int, source: str) -> np.ndarray:
 def _to_rgb(pixels: np.ndarray, source: str) -> np.ndarray:
     if pixels.dtype == np.uint16:
         # round(x / 257) maps 0..65535 onto 0..255 (65535 → 255, 32768 → 128); keeping the low byte
-        # would turn a bright image into noise.
-        pixels = ((pixels.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        # would turn a bright image into noise. In place of numpy's two uint32 temporaries (a
+        # 98 MP image peaked at 2.85 GB), the same rounding for all 65,536 values.
+        pixels = cv2.convertScaleAbs(pixels, alpha=1 / 257)
     elif pixels.dtype != np.uint8:
         raise UnsupportedImage(
             f"{source}: {pixels.dtype} samples have no fixed range to map onto 8-bit RGB"
@@ -261,12 +289,38 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return height, width
 
 
+def _header_size(data: bytes, max_pixels: int, source: str) -> tuple[int, int] | None:
+    """(height, width) from a PNG's IHDR, else from the header Pillow reads without decoding
+    (GIF's logical screen, BMP, TIFF's first image, WebP, …); None where neither can tell."""
+    size = _png_size(data)
+    if size is not None:
+        return size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError as error:
+        # Pillow's own limit (twice Image.MAX_IMAGE_PIXELS): refused unless ours is higher still.
+        if max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            raise TooManyPixels(f"{source}: {error}") from None
+        return None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error):
+        return None  # not a format Pillow reads, or a header it cannot: OpenCV will say
+    return height, width
+
+
 def _read_jpeg_header(data: bytes) -> _JpegHeader:
-    """Walk the segments before the first scan: size (SOFn), EXIF rotation (APP1), scan start."""
-    size, orientation, position = None, 1, 2
+    """Walk the segments before the first scan: size (SOFn), EXIF rotation (APP1), scan start.
+    Of several EXIF blocks the first with an orientation tag counts, as in OpenCV's reader."""
+    size, orientation, position = None, None, 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:
-            break  # malformed; OpenCV will say so
+            # Bytes before a marker: libjpeg skips them (with a warning) to the next 0xFF.
+            position = data.find(b"\xff", position)
+            if position < 0:
+                break
+            continue
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte before a marker
             position += 1
@@ -277,27 +331,31 @@ def _read_jpeg_header(data: bytes) -> _JpegHeader:
             position += 2
             continue
         if marker == _JPEG_SOS:
-            return _JpegHeader(size, orientation, position)
+            return _JpegHeader(size, orientation or 1, position)
         (length,) = struct.unpack_from(">H", data, position + 2)
         if marker in _JPEG_SOF and position + 9 <= len(data):
             size = struct.unpack_from(">HH", data, position + 5)
-        elif marker == _JPEG_APP1 and data.startswith(b"Exif\x00\x00", position + 4):
+        elif (
+            orientation is None
+            and marker == _JPEG_APP1
+            and data.startswith(b"Exif\x00\x00", position + 4)
+        ):
             orientation = _exif_orientation(data[position + 10 : position + 2 + length])
         position += 2 + max(length, 2)
-    return _JpegHeader(size, orientation, None)
+    return _JpegHeader(size, orientation or 1, None)
 
 
-def _exif_orientation(tiff: bytes) -> int:
-    """The EXIF orientation in IFD0, 1–8; 1 (as stored) when absent or out of range."""
+def _exif_orientation(tiff: bytes) -> int | None:
+    """The EXIF orientation in IFD0, 1–8 (1, as stored, when out of range); None without the tag."""
     if tiff[:4] not in (b"II*\x00", b"MM\x00*") or len(tiff) < 8:
-        return 1
+        return None
     order = "<" if tiff[:2] == b"II" else ">"
     (ifd,) = struct.unpack_from(order + "I", tiff, 4)
     if ifd + 2 > len(tiff):
-        return 1
+        return None
     (count,) = struct.unpack_from(order + "H", tiff, ifd)
     for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
         tag, _type, _count, value = struct.unpack_from(order + "HHIH", tiff, entry)
         if tag == _EXIF_ORIENTATION_TAG:
             return value if 1 <= value <= 8 else 1
-    return 1
+    return None

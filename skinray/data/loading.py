@@ -17,7 +17,7 @@ import pyarrow.fs as pafs
 
 from skinray import io
 from skinray.data.datasets import SYNTHETIC_SCHEME, SampleTable
-from skinray.data.decode import ImageDecodeError, decode
+from skinray.data.decode import ImageDecodeError, decode, decode_mask
 from skinray.data.synthetic import synthetic_sample
 
 __all__ = ["decode_samples", "to_ray_dataset"]
@@ -37,10 +37,7 @@ def _read(uri: str) -> bytes:
 
 def read_mask(uri: str) -> np.ndarray:
     """A 0/255 mask file → uint8 (H, W) 0/1 at its own resolution, lesion where > 127."""
-    mask = cv2.imdecode(np.frombuffer(_read(uri), np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise ImageDecodeError(f"{uri}: mask is not a readable image")
-    return (mask > 127).astype(np.uint8)
+    return (decode_mask(_read(uri), source=uri) > 127).astype(np.uint8)
 
 
 def _load_one(image_uri, mask_uri, label, size, num_classes):

@@ -110,11 +110,15 @@ def _list_manifest(uri: str) -> pa.Table:
     else:
         uris = [line.strip() for line in data.decode().splitlines() if line.strip()]
     base = uri.rsplit("/", 1)[0]
-    uris = [u if u.startswith(("s3://", "/")) else io.join(base, u) for u in uris]
+    uris = [u if "://" in u or u.startswith("/") else io.join(base, u) for u in uris]
     sizes, etags = [], []
     for u in uris:
-        fs, path = io.resolve(u)
-        info = fs.get_file_info(path)
+        try:
+            fs, path = io.resolve(u)
+            info = fs.get_file_info(path)
+        except (ValueError, RuntimeError):  # another scheme, a NUL byte: a read error of its row
+            sizes.append(None), etags.append(None)
+            continue
         found = info.type == pafs.FileType.File
         sizes.append(info.size if found else None)
         etags.append(_pseudo_etag(info) if found else None)
