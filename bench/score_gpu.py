@@ -15,7 +15,7 @@ settings name each model with its weights' SHA-256. It measures:
    score_pipeline's ``model_only``), each backend (``eager``: f32; ``eager-bf16``: bf16 autocast;
    ``eager-mixed``: bf16 autocast for the networks without class outputs; ``compile``: f32) at each
    batch size. On CUDA the actor puts the networks in channels_last, and a backend that fails its
-   first batch's guard runs the one it falls back to (the record names both). Each pass runs twice
+   guard (over its first images) runs the one it falls back to (the record names both). Each pass runs twice
    and the second is timed (the first autotunes cuDNN and compiles), between
    ``torch.cuda.synchronize()`` calls; each compile starts from ``torch._dynamo.reset()``, as a
    fresh actor would.

@@ -18,12 +18,13 @@ job take: a two-step model classifies the ROIs its own segmenter finds, never gr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 
 from skinray import io
-from skinray.backends import BACKENDS, accelerated, read_calibration_images, runtime_versions
+from skinray.backends import BACKENDS, read_calibration_images, runtime_versions
 from skinray.data.datasets import DatasetError, common_holdout, image_set_digest, read_split
 from skinray.evaluation import (
     CLASSIFICATION_FIGURES,
@@ -31,6 +32,7 @@ from skinray.evaluation import (
     SEGMENTATION_FIGURES,
     Evaluator,
     evaluate_samples,
+    guarded_backend,
     has_truth_masks,
 )
 from skinray.models import CLASS_LOGITS, MASK_LOGITS
@@ -78,8 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--backend",
         choices=BACKENDS,
         default="eager",
-        help="run the networks as a scoring actor would (skinray.backends): the figures a backend "
-        "gives, to set beside eager's",
+        help="run the networks as a scoring actor would (skinray.backends), held to its accuracy "
+        "guard on the first images (falling back as an actor would): the figures a backend gives, "
+        "to set beside eager's",
     )
     parser.add_argument(
         "--int8-calibration",
@@ -160,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration = None
         if args.backend == "openvino-int8":
             calibration = read_calibration_images(args.int8_calibration, predictor.input_size)
-        predictor, used, reason = accelerated(
-            predictor, args.backend, calibration_images=calibration
+        predictor, used, reason, guard = guarded_backend(
+            predictor, samples, args.backend, calibration
         )
         if reason:
             print(f"backend {args.backend} fell back to {used}: {reason}", file=sys.stderr)
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             "backend": used,  # what ran: after a fallback, not what was asked
             "backend_requested": args.backend,
             "backend_versions": runtime_versions(used),
+            # the backend against eager on the first images, as a scoring actor judges it
+            "guard": dataclasses.asdict(guard) if guard else None,
             "data": args.data,
             "root": args.root,
             "split": args.split,

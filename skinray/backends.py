@@ -63,6 +63,7 @@ __all__ = [
     "INT8_CALIBRATION_IMAGES",
     "AutocastNetwork",
     "GuardResult",
+    "GuardedPredictor",
     "OpenVinoNetwork",
     "accelerated",
     "calibration_sha256",
@@ -135,6 +136,10 @@ MAX_OOD_SCORE_DIFFERENCE = 0.01  # the released thresholds are 0.50 and 0.56, on
 #: classifiers run f32, so classes move only where a ROI classifier's box follows the int8 mask.
 INT8_MIN_MASK_JACCARD = 0.95
 INT8_MIN_CLASS_AGREEMENT = 0.75
+#: Images a backend is compared with eager on before it runs alone. One image is no verdict: on
+#: the released pair, ``openvino-bf16`` passed on each of 5 of its first 16 ISIC 2017 validation
+#: images alone and failed on the 16 together (a probability moved 0.0996).
+GUARD_MIN_IMAGES = 32
 _OPSET = 17
 #: NNCF's post-training quantisation settings beyond its defaults (none: the defaults are what
 #: docs/benchmarks.md measured). With NNCF's version they name every cached int8 network, so a
@@ -159,9 +164,10 @@ def default_cache_dir() -> Path:
 # -- OpenVINO --------------------------------------------------------------------------------------
 class OpenVinoNetwork(nn.Module):
     """An exported network compiled by OpenVINO for the CPU; ``forward`` returns the registry's
-    output dict on the input's device, as the eager network does. ``precision`` is OpenVINO's
-    inference precision: ``f32``, or ``bf16`` (where the CPU has native bf16: AVX512_BF16 or AMX;
-    elsewhere OpenVINO runs f32).
+    output dict on the input's device, as the eager network does. ``precision`` is the inference
+    precision asked for, ``f32`` or ``bf16``; ``runs_in`` is the one OpenVINO chose, read back from
+    the compiled network: its CPU plugin takes bf16 only on CPUs it supports it on (AVX-512 or
+    AVX2-VNNI-2) and silently keeps f32 elsewhere.
 
     With ``threads`` given, the network runs as that many single-thread streams (OpenVINO's
     THROUGHPUT hint), each batch split among them and run as parallel requests. One request
@@ -204,6 +210,7 @@ class OpenVinoNetwork(nn.Module):
         self.requests = [self.compiled.create_infer_request() for _ in range(streams)]
         self.output_names = list(output_names)
         self.path, self.precision, self.quantised = path, precision, quantised
+        self.runs_in = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         count = len(x)
@@ -353,7 +360,9 @@ def _calibration(predictor, images: np.ndarray | None) -> Calibration | None:
     # The segmenter's weights and the Predictor's resizing and normalisation shape a pair's
     # classifier inputs too, so they are part of every network's calibration.
     digest.update(weights_digest(predictor.model).encode())
-    digest.update(repr((predictor.input_size, predictor.mean, predictor.std)).encode())
+    # Test-time flips add each image's two flipped views to the networks' calibration inputs.
+    settings = (predictor.input_size, predictor.mean, predictor.std, predictor.test_time_flips)
+    digest.update(repr(settings).encode())
     inputs = functools.cache(lambda: network_inputs(predictor, images))
     return Calibration(digest.hexdigest()[:16], inputs)
 
@@ -587,6 +596,16 @@ def accelerated(
         )
         log.info(reason)
         return fast, "openvino", reason
+    if backend in ("openvino-bf16", "openvino-mixed") and not any(
+        getattr(module, "runs_in", None) == "bf16" for module in model.modules()
+    ):  # mixed on a classifier alone; bf16 on a CPU OpenVINO runs no bf16 on
+        reason = (
+            f"{backend}: OpenVINO runs every network of {_name(predictor.model)} in f32 (a "
+            "network with class outputs runs f32 under mixed, and a CPU without AVX-512 or "
+            "AVX2-VNNI-2 gets no bf16): it runs as openvino (f32)"
+        )
+        log.info(reason)
+        return fast, "openvino", reason
     if backend == "eager-mixed" and not any(
         isinstance(module, AutocastNetwork) for module in model.modules()
     ):  # a classifier alone, or a joint model: every network has class outputs and runs f32
@@ -609,6 +628,23 @@ class GuardResult:
     max_probability_difference: float  # 0 where the model does not classify
     class_agreement: float = 1.0  # share of images whose predicted class is eager's
     max_ood_score_difference: float = 0.0  # 0 where the model has no OOD score
+    images: int = 0  # how many were compared
+
+    def combined(self, other: GuardResult) -> GuardResult:
+        """The result over both results' images: means weighted by images, the largest of maxima."""
+        total = self.images + other.images
+        weights = (self.images / total, other.images / total) if total else (0.5, 0.5)
+
+        def mean(name):
+            return weights[0] * getattr(self, name) + weights[1] * getattr(other, name)
+
+        return GuardResult(
+            mean("mask_jaccard"),
+            max(self.max_probability_difference, other.max_probability_difference),
+            mean("class_agreement"),
+            max(self.max_ood_score_difference, other.max_ood_score_difference),
+            total,
+        )
 
     @property
     def passed(self) -> bool:
@@ -650,4 +686,64 @@ def compare_predictions(reference, candidate) -> GuardResult:
         theirs, ours = reference.ood_score, candidate.ood_score
         both_nan = theirs.isnan() & ours.isnan()  # the same verdict: none
         ood = float((theirs - ours).abs().nan_to_num(1.0).masked_fill(both_nan, 0).max())
-    return GuardResult(jaccard, difference, agreement, ood)
+    shown = reference.mask if reference.mask is not None else reference.class_probabilities
+    return GuardResult(jaccard, difference, agreement, ood, len(shown))
+
+
+class GuardedPredictor:
+    """``eager`` on ``backend`` (``accelerated``), held to the accuracy guard: over its first
+    ``GUARD_MIN_IMAGES`` images each call runs eager too, and the backend's outputs are returned
+    while it agrees with eager on every image so far. A backend that fails hands over to its
+    ``GUARD_FALLBACK`` (guarded afresh), or to eager, with the reason logged and kept in
+    ``fallback_reason``. Calls return a ``Prediction``; ``backend`` is the one that made it."""
+
+    def __init__(
+        self,
+        eager,
+        backend: str | None = None,
+        *,
+        threads: int | None = None,
+        calibration_images: np.ndarray | None = None,
+        min_images: int = GUARD_MIN_IMAGES,
+    ) -> None:
+        self.eager, self.threads, self.min_images = eager, threads, min_images
+        self.predictor, self.backend, self.fallback_reason = accelerated(
+            eager, backend, threads=threads, calibration_images=calibration_images
+        )
+        self.result: GuardResult | None = None  # over the images compared so far
+
+    @property
+    def guarding(self) -> bool:
+        compared = self.result.images if self.result else 0
+        return self.backend != "eager" and compared < self.min_images
+
+    def __call__(self, images):
+        if not self.guarding:
+            return self.predictor(images)
+        reference = self.eager(images)  # where it raises, the next call is guarded instead
+        while self.backend != "eager":
+            try:  # torch.compile compiles, and may fail, on its first call
+                candidate = self.predictor(images)
+                result = compare_predictions(reference, candidate)
+                so_far = self.result.combined(result) if self.result else result
+                failure = None
+                if not so_far.passed_for(self.backend):
+                    failure = f"failed the accuracy guard ({so_far})"
+            except Exception as error:
+                failure = f"failed on the first batch ({type(error).__name__}: {error})"
+            if not failure:
+                self.result = so_far
+                return candidate
+            self._fall_back(f"{self.backend} {failure}")
+        return reference
+
+    def _fall_back(self, reason: str) -> None:
+        self.fallback_reason = "; ".join(filter(None, [self.fallback_reason, reason]))
+        log.warning("falling back from %s", reason)
+        following = GUARD_FALLBACK.get(self.backend, "eager")
+        self.predictor, self.backend, further = accelerated(
+            self.eager, following, threads=self.threads
+        )
+        self.result = None
+        if further:
+            self.fallback_reason += f"; {further}"

@@ -33,6 +33,7 @@ __all__ = [
     "SEGMENTATION_FIGURES",
     "Evaluator",
     "evaluate_samples",
+    "guarded_backend",
     "mask_at_size",
     "read_truth_mask",
 ]
@@ -307,6 +308,23 @@ def _at_truth_size(predicted: np.ndarray, truths: Sequence[np.ndarray]) -> dict[
         for name, values in one.items():
             per_image.setdefault(name, []).append(values)
     return {name: np.concatenate(values) for name, values in per_image.items()}
+
+
+def guarded_backend(predictor: Predictor, samples, backend: str, calibration_images=None):
+    """``predictor`` on ``backend`` as a scoring actor would run it: held to the accuracy guard
+    (``skinray.backends.GuardedPredictor``) on the first ``GUARD_MIN_IMAGES`` readable images of
+    ``samples``, falling back as an actor falls back, so that every image is measured on the one
+    backend that passed. ``(predictor, backend used, fallback reason, GuardResult or None)``."""
+    from skinray.backends import GUARD_MIN_IMAGES, GuardedPredictor
+    from skinray.data.loading import decode_samples
+
+    guarded = GuardedPredictor(predictor, backend, calibration_images=calibration_images)
+    if guarded.guarding:
+        rows = samples.rows.slice(0, GUARD_MIN_IMAGES).to_pydict()
+        batch = decode_samples(rows, predictor.input_size, len(samples.class_names))
+        if batch["ok"].any():
+            guarded(torch.from_numpy(batch["image"][batch["ok"]]).permute(0, 3, 1, 2))
+    return guarded.predictor, guarded.backend, guarded.fallback_reason, guarded.result
 
 
 @torch.inference_mode()

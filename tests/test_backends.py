@@ -18,6 +18,7 @@ from skinray.backends import (
     GUARD_FALLBACK,
     MAX_PROBABILITY_DIFFERENCE,
     AutocastNetwork,
+    GuardedPredictor,
     accelerated,
     calibration_sha256,
     compare_predictions,
@@ -504,3 +505,89 @@ def test_the_score_config_names_every_backend():
     from skinray.score.config import BACKEND_NAMES
 
     assert BACKEND_NAMES == BACKENDS
+
+
+def _pair_batch(indices) -> torch.Tensor:
+    eager_size = Predictor.load("lesion-segmenter", "ham10000-classifier").input_size
+    images = _real_images(max(indices) + 1)
+    chosen = np.stack([cv2.resize(images[i], eager_size[::-1]) for i in indices])
+    return torch.from_numpy(chosen).permute(0, 3, 1, 2)
+
+
+def test_one_image_is_no_verdict_the_guard_runs_over_its_first_images():
+    # bf16 autocast moves the released pair's probabilities by 0.0087 on the first ISIC 2017
+    # validation image alone (within 0.01) and by 0.0218 over the first 16: an actor whose first
+    # batch held one healthy image ran bf16 for the rest of its run.
+    eager = Predictor.load("lesion-segmenter", "ham10000-classifier")
+    guarded = GuardedPredictor(eager, "eager-bf16", min_images=16)
+    first = _pair_batch([0])
+    bf16, _, _ = accelerated(eager, "eager-bf16")
+    np.testing.assert_array_equal(
+        guarded(first).class_probabilities.numpy(), bf16(first).class_probabilities.numpy()
+    )
+    assert guarded.backend == "eager-bf16" and guarded.guarding and guarded.result.images == 1
+    rest = _pair_batch(range(1, 16))
+    prediction = guarded(rest)
+    assert guarded.backend == "eager-mixed"  # the classifier back in f32
+    assert guarded.fallback_reason.startswith("eager-bf16 failed the accuracy guard")
+    assert "images=16" in guarded.fallback_reason  # judged on all it had seen
+    assert guarded.result.images == 15 and guarded.guarding  # mixed is guarded afresh
+    expected = eager(rest).class_probabilities
+    assert (prediction.class_probabilities - expected).abs().max() <= MAX_PROBABILITY_DIFFERENCE
+    guarded(_pair_batch([16]))
+    assert guarded.backend == "eager-mixed" and guarded.result.images == 16
+    assert not guarded.guarding  # judged on 16 images, it runs alone now
+
+
+def test_each_row_names_the_backend_that_made_it_when_the_guard_falls_back_mid_batch():
+    from skinray.score.actors import PredictActor
+
+    actor = PredictActor(
+        "lesion-segmenter", "ham10000-classifier", batch_size=1, backend="eager-bf16"
+    )
+    images = _pair_batch([0, 2]).permute(0, 2, 3, 1).numpy()  # 2 fails the guard, 0 alone not
+    rows = actor(
+        {
+            "source_uri": np.array(["v0", "v2"], dtype=object),
+            "image": images,
+            "error_stage": np.array(["", ""], dtype=object),
+        }
+    )
+    assert list(rows["backend"]) == ["eager-bf16", "eager-mixed"]
+    assert actor.backend == "eager-mixed"
+
+
+def test_guard_results_combine_as_one_over_all_their_images():
+    from skinray.backends import GuardResult
+
+    first, second = GuardResult(1.0, 0.002, 1.0, 0.0, 1), GuardResult(0.97, 0.02, 0.5, 0.03, 3)
+    both = first.combined(second)
+    assert both.images == 4
+    assert both.mask_jaccard == pytest.approx((1.0 + 3 * 0.97) / 4)
+    assert both.class_agreement == pytest.approx((1.0 + 3 * 0.5) / 4)
+    assert (both.max_probability_difference, both.max_ood_score_difference) == (0.02, 0.03)
+    assert first.passed and not both.passed
+
+
+def test_mixed_on_a_classifier_alone_is_reported_as_the_f32_it_runs(tmp_path):
+    # A network with class outputs runs f32 under openvino-mixed: with no other network, rows
+    # said openvino-mixed for an all-f32 run.
+    eager = _predictor("classifier", tmp_path)
+    fast, used, reason = accelerated(eager, "openvino-mixed", cache_dir=tmp_path / "cache")
+    assert used == "openvino" and "runs as openvino (f32)" in reason
+    assert {m.runs_in for m in fast.model.modules() if hasattr(m, "runs_in")} == {"f32"}
+
+
+def test_int8_calibration_with_test_time_flips_is_another_calibration():
+    # With flips the networks are calibrated on each image's flipped views too: a quantisation
+    # cached without them was reused with them.
+    from skinray.backends import _calibration
+
+    eager = Predictor.load("lesion-segmenter")
+    images = np.stack([cv2.resize(i, eager.input_size[::-1]) for i in _real_images(2)])
+    flipped = Predictor.load("lesion-segmenter")
+    flipped.test_time_flips = True
+    plain, with_flips = _calibration(eager, images), _calibration(flipped, images)
+    assert plain.digest != with_flips.digest
+    counts = [len(next(iter(c.inputs().values()))) for c in (plain, with_flips)]
+    assert counts == [2, 6]

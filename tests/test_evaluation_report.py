@@ -262,6 +262,10 @@ def test_the_evaluate_job_measures_a_backend_beside_eager(tmp_path):
         assert job.main(argv) == 0
         payload = json.loads(out.read_text())
         assert payload["backend"] == payload["backend_requested"] == backend
+        # Held to a scoring actor's guard on the images measured (8 here), as an actor is.
+        guard = payload["guard"]
+        assert guard is None if backend == "eager" else guard["images"] == 8
+        assert backend == "eager" or guard["mask_jaccard"] >= 0.99
         # The libraries that computed the figures, with their versions.
         libraries = [part.split()[0] for part in payload["backend_versions"].split("; ")]
         assert libraries == (["torch"] if backend == "eager" else ["torch", "openvino"])

@@ -148,7 +148,7 @@ def test_an_actor_whose_backend_fails_the_guard_tries_the_full_precision_one_nex
     # The guard's verdict is forced for the first two comparisons (bf16, then mixed, which for a
     # segmenter alone is bf16 too; whether bf16 really fails depends on the CPU); the f32 fallback
     # and its guard run for real.
-    import skinray.score.actors as actors
+    import skinray.backends as backends
     from skinray.backends import GuardResult, compare_predictions
 
     calls = []
@@ -158,7 +158,7 @@ def test_an_actor_whose_backend_fails_the_guard_tries_the_full_precision_one_nex
         real = compare_predictions(reference, candidate)
         return GuardResult(0.5, real.max_probability_difference) if len(calls) <= 2 else real
 
-    monkeypatch.setattr(actors, "compare_predictions", first_fails)
+    monkeypatch.setattr(backends, "compare_predictions", first_fails)
     monkeypatch.setenv("SKINRAY_CACHE", str(tmp_path))
     fast = PredictActor(segmenter_dir, None, batch_size=4, backend="openvino-bf16")
     batch = read_and_decode(_listing(archive), SIZE, max_pixels=10**8)
@@ -233,12 +233,12 @@ def test_a_failing_batch_costs_only_the_images_that_fail_alone(pair):
     clean = pair(_decoded_batch(pair, 4))
     batch = _decoded_batch(pair, 4)
     batch["image"][2] = 0
-    eager = pair.predictor
-    pair.predictor = _FailsOnBlackImages(eager)
+    eager = pair.guarded.predictor
+    pair.guarded.predictor = _FailsOnBlackImages(eager)
     try:
         scored = pair(batch)
     finally:
-        pair.predictor = eager
+        pair.guarded.predictor = eager
     assert list(scored["error_stage"]) == ["", "", "predict", ""]
     assert scored["error_type"][2] == "RuntimeError"
     assert list(scored["backend"]) == ["eager", "eager", None, "eager"]

@@ -15,13 +15,7 @@ import numpy as np
 import ray
 import torch
 
-from skinray.backends import (
-    GUARD_FALLBACK,
-    accelerated,
-    calibration_sha256,
-    compare_predictions,
-    runtime_versions,
-)
+from skinray.backends import GuardedPredictor, calibration_sha256, runtime_versions
 from skinray.data.decode import ImageDecodeError, decode
 from skinray.data.device_decode import decode_jpegs
 from skinray.predict import Predictor
@@ -37,6 +31,7 @@ from skinray.uncertainty import normalised_entropy
 __all__ = ["PredictActor"]
 
 log = logging.getLogger(__name__)
+_BACKEND = "_backend"  # the backend that made each row, beside the output columns
 
 
 def _kill_once_if_asked() -> None:
@@ -55,10 +50,10 @@ class PredictActor:
 
     The networks run on ``backend`` (``skinray.backends``; None: the device's default), int8
     calibrated on ``calibration_images`` (N×H×W×3 uint8 at the decode size, or their object
-    reference: the run reads them once, at the door). The first batch runs both ways and the
-    backend is dropped for its ``GUARD_FALLBACK`` or eager, with a logged reason, where it fails
-    the accuracy guard. Each row records which decoder made its input, the backend that ran and,
-    for int8, its calibration images' SHA-256."""
+    reference: the run reads them once, at the door), held to the accuracy guard against eager
+    over the first ``GUARD_MIN_IMAGES`` images (``GuardedPredictor``). Each row records which
+    decoder made its input, the backend that made its outputs and, for int8, its calibration
+    images' SHA-256."""
 
     def __init__(
         self,
@@ -80,20 +75,30 @@ class PredictActor:
         eager = Predictor.load(segmenter, classifier, device=device)
         if device.type == "cuda":
             eager.model = eager.model.to(memory_format=torch.channels_last)
-        self.cpu_threads = cpu_threads
         calibration = calibration_images
         if isinstance(calibration, ray.ObjectRef):
             calibration = ray.get(calibration)
-        self.predictor, self.backend, self.fallback_reason = accelerated(
+        self.guarded = GuardedPredictor(
             eager, backend, threads=cpu_threads, calibration_images=calibration
         )
         # Which images calibrated int8 changes its masks: every int8 row records them.
         self.calibration_sha256 = (
             calibration_sha256(calibration) if self.backend == "openvino-int8" else None
         )
-        self._unguarded = eager if self.backend != "eager" else None
         self.batch_size = batch_size
         self._output_columns: dict[str, tuple[tuple[int, ...], np.dtype]] | None = None
+
+    @property
+    def predictor(self) -> Predictor:  # the backend's, or eager after a fallback
+        return self.guarded.predictor
+
+    @property
+    def backend(self) -> str:
+        return self.guarded.backend
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.guarded.fallback_reason
 
     def __call__(self, batch: dict) -> dict:
         _kill_once_if_asked()
@@ -107,13 +112,15 @@ class PredictActor:
         batch["backend_versions"] = np.array([None] * count, dtype=object)
         healthy = np.flatnonzero(healthy_rows(batch))
         outputs, ran = self._predict_rows(batch, healthy)
+        backends = outputs.pop(_BACKEND, np.array([], dtype=object))
         batch.update(self._zero_columns(count, batch["image"].shape[1:3]))
         for key, values in outputs.items():
             batch[key][ran] = values
-        batch["backend"][ran] = self.backend  # after the first batch's guard: what ran
-        batch["backend_versions"][ran] = runtime_versions(self.backend)
-        if self.backend == "openvino-int8":
-            batch["int8_calibration_sha256"][ran] = self.calibration_sha256
+        batch["backend"][ran] = backends  # what made each row: a guard may fall back mid-batch
+        batch["backend_versions"][ran] = [runtime_versions(b) for b in backends]
+        batch["int8_calibration_sha256"][ran] = [
+            self.calibration_sha256 if b == "openvino-int8" else None for b in backends
+        ]
         return batch
 
     def _predict_rows(self, batch: dict, rows: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -141,10 +148,9 @@ class PredictActor:
         of them (all its rows failed) could not be joined with healthy ones by the next stage's
         batcher, and failed the run. Shapes from the first batch that ran, else from a probe."""
         if self._output_columns is None:
-            probe = np.zeros((1, *image_size, 3), np.uint8)
-            predictor = self._unguarded or self.predictor  # the guard runs on real images only
-            outputs = self._derived(predictor(torch.from_numpy(probe).permute(0, 3, 1, 2)).numpy())
-            self._remember_columns(outputs)
+            probe = torch.zeros((1, 3, *image_size), dtype=torch.uint8)
+            eager = self.guarded.eager  # the guard runs on real images only
+            self._remember_columns(self._derived(eager(probe).numpy()))
         return {
             key: np.zeros((count, *shape), dtype)
             for key, (shape, dtype) in self._output_columns.items()
@@ -152,44 +158,22 @@ class PredictActor:
 
     def _remember_columns(self, outputs: dict[str, np.ndarray]) -> None:
         if self._output_columns is None:
-            self._output_columns = {key: (v.shape[1:], v.dtype) for key, v in outputs.items()}
-
-    def _guard(self, chunk: torch.Tensor) -> None:
-        """On the first batch: the backend against eager. One that fails hands over to its
-        ``GUARD_FALLBACK`` (guarded in turn), or to eager, with the reason logged."""
-        eager = self._unguarded
-        reference = eager(chunk)  # where it raises, the next batch is guarded instead
-        self._unguarded = None
-        while self.backend != "eager":
-            try:  # torch.compile compiles, and may fail, on its first call
-                result = compare_predictions(reference, self.predictor(chunk))
-                passed = result.passed_for(self.backend)
-                failure = None if passed else f"failed the accuracy guard ({result})"
-            except Exception as error:
-                failure = f"failed on the first batch ({type(error).__name__}: {error})"
-            if not failure:
-                return
-            reason = f"{self.backend} {failure}"
-            self.fallback_reason = "; ".join(filter(None, [self.fallback_reason, reason]))
-            log.warning("falling back from %s", reason)
-            following = GUARD_FALLBACK.get(self.backend, "eager")
-            self.predictor, self.backend, reason = accelerated(
-                eager, following, threads=self.cpu_threads
-            )
-            if reason:
-                self.fallback_reason += f"; {reason}"
+            self._output_columns = {
+                key: (v.shape[1:], v.dtype) for key, v in outputs.items() if key != _BACKEND
+            }
 
     def _predict(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows' output columns, and under ``_BACKEND`` the backend that made each row."""
         chunks: dict[str, list[np.ndarray]] = {}
+        backends = []
         for start in range(0, len(images), self.batch_size):
             chunk = torch.from_numpy(images[start : start + self.batch_size]).permute(0, 3, 1, 2)
-            if self._unguarded is not None:
-                self._guard(chunk)
-            for key, value in self.predictor(chunk).numpy().items():
+            for key, value in self.guarded(chunk).numpy().items():
                 chunks.setdefault(key, []).append(value)
+            backends += [self.backend] * len(chunk)
         outputs = self._derived({key: np.concatenate(v) for key, v in chunks.items()})
         self._remember_columns(outputs)
-        return outputs
+        return {**outputs, _BACKEND: np.array(backends, dtype=object)}
 
     def _derived(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The columns rows take from the predictor's outputs."""
