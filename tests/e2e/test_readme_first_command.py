@@ -31,3 +31,15 @@ def test_the_first_command_scores_the_examples_and_writes_the_report(tmp_path):
     assert sum(int(n) for n in re.findall(r"\b(\d+)\b", classes)) == 8, classes
     report = Path(re.search(r"report\s+(\S+)", out).group(1))
     assert report.is_file() and report.read_text().count("<img") >= 8
+
+    # The README's example queries run as written on this output.
+    import duckdb
+
+    queries = re.findall(r"```sql\n(.*?)```", readme, flags=re.S)
+    per_class, melanoma, untrusted, failures = (
+        duckdb.sql(q.replace("runs/example", str(tmp_path / "example"))).fetchall() for q in queries
+    )
+    counted = dict(re.findall(r"(\w+) (\d+)", classes))
+    assert {c: str(n) for _, c, n in per_class} == counted
+    assert len(melanoma) == min(10, int(counted.get("mel", 0)))
+    assert len(untrusted) <= 8 and failures == []
