@@ -52,28 +52,49 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def at_search_bound(temperature: float) -> bool:
-    """Whether ``fit_temperature`` stopped at a bound of its search: the NLL fell all the way
-    there (every image right, or every one wrong), and the bound is no fitted temperature."""
-    return min(abs(np.log(temperature) - bound) for bound in _LOG_T_BOUNDS) < 1e-3
+def at_search_bound(temperature: float, logits: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether the NLL falls all the way to a bound of ``fit_temperature``'s search (every image
+    right, or every one wrong), so that no temperature was fitted: the fit stopped at a bound, or
+    the NLL is as low there as at the fit. Every image right by a wide margin has an NLL of 0 in
+    float64 for every small T, and the search stops anywhere on that flat stretch."""
+    if min(abs(np.log(temperature) - bound) for bound in _LOG_T_BOUNDS) < 1e-3:
+        return True
+    fitted = negative_log_likelihood(logits, labels, temperature)
+    return any(
+        negative_log_likelihood(logits, labels, float(np.exp(bound))) <= fitted + 1e-12
+        for bound in _LOG_T_BOUNDS
+    )
 
 
-def split_in_folds(count: int, folds: int = 2, seed: int = 0) -> list[np.ndarray]:
-    """``count`` indices in ``folds`` random folds of near-equal size (drawn with ``seed``)."""
+def split_in_folds(
+    count: int, folds: int = 2, seed: int = 0, groups: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """``count`` indices in ``folds`` random folds of near-equal size (drawn with ``seed``). With
+    ``groups`` (one label an index: a lesion), every group falls whole in one fold, the folds
+    near-equal in groups; with every index its own group, the folds are those drawn without."""
+    if groups is not None and len(set(groups)) < count:
+        unique, index_group = np.unique(np.asarray(groups), return_inverse=True)
+        chosen = split_in_folds(len(unique), folds, seed)
+        return [np.flatnonzero(np.isin(index_group, fold)) for fold in chosen]
     if not 2 <= folds <= count:
         raise ValueError(f"need 2 <= folds <= {count} items, got {folds} folds")
     return np.array_split(np.random.default_rng(seed).permutation(count), folds)
 
 
 def out_of_fold_probabilities(
-    logits: np.ndarray, labels: np.ndarray, folds: int = 2, seed: int = 0
+    logits: np.ndarray,
+    labels: np.ndarray,
+    folds: int = 2,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """softmax(logits / T) for each image with T fitted on the other folds only: calibration
     measured on images its temperature never saw, where fitting and measuring on the same split
-    flatters the figures after scaling."""
+    flatters the figures after scaling. ``groups``: each image's lesion, whose images stay in one
+    fold (a lesion's other images would have fitted the T it is measured with)."""
     logits, labels = np.asarray(logits, np.float64), np.asarray(labels, np.int64)
     calibrated = np.empty_like(logits)
-    for held in split_in_folds(len(labels), folds, seed):
+    for held in split_in_folds(len(labels), folds, seed, groups):
         fitting = np.setdiff1d(np.arange(len(labels)), held)
         temperature = fit_temperature(logits[fitting], labels[fitting])
         calibrated[held] = np.exp(log_softmax(logits[held] / temperature, axis=1))

@@ -173,6 +173,11 @@ class Evaluator:
             arrays["labels"], arrays["probabilities"] = self.labels_and_probabilities()
         return arrays
 
+    @property
+    def lesions(self) -> np.ndarray:
+        """Each image's lesion (``lesion:<group>``, or ``image:<n>`` for one of its own)."""
+        return np.array(self._lesions, dtype=object)
+
     def labels_and_probabilities(self) -> tuple[np.ndarray, np.ndarray]:
         """The labels (N,) and class probabilities (N, C) of every image so far."""
         if not self._probabilities:

@@ -234,6 +234,8 @@ def per_class_report(
     """
     labels = np.asarray(labels)
     probabilities = np.asarray(probabilities, dtype=float)
+    if not np.isfinite(probabilities).all():  # NaN sorted as the highest score: AUC 1 for NaNs
+        raise ValueError("class probabilities are not all finite")
     names = _class_names(probabilities, class_names)
     num_classes = len(names)
     # The confusion matrix (rows truth, columns prediction) in one bincount: sklearn's

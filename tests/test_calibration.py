@@ -73,10 +73,17 @@ def test_fit_refuses_what_would_give_a_meaningless_temperature():
         fit_temperature(logits, np.where(np.arange(20) == 3, -1, labels))  # -1 indexed the last
     # Every image right: the NLL falls all the way to the search's lower bound, which is no
     # fitted temperature; the release refuses it (tests/test_release.py).
-    assert at_search_bound(fit_temperature(logits, labels))
-    assert at_search_bound(fit_temperature(logits, (labels + 1) % 3))  # every one wrong
+    for wrong_by in (0, 1):  # every image right, every one wrong
+        chosen = (labels + wrong_by) % 3
+        assert at_search_bound(fit_temperature(logits, chosen), logits, chosen)
     noisy = np.where(np.arange(20) % 3 == 0, (labels + 1) % 3, labels)
-    assert not at_search_bound(fit_temperature(logits, noisy))
+    assert not at_search_bound(fit_temperature(logits, noisy), logits, noisy)
+    # Every image right by a wide margin: the NLL is 0 in float64 for every small T, and the
+    # search stopped mid-way on that flat stretch (T = 0.206 here), not at its bound.
+    for margin in (8.0, 15.0):
+        wide = logits + margin * np.eye(3)[labels]
+        fitted = fit_temperature(wide, labels)
+        assert at_search_bound(fitted, wide, labels), (margin, fitted)
 
 
 def test_predictor_divides_class_logits_by_the_stored_temperature(tmp_path):
@@ -96,3 +103,18 @@ def test_predictor_divides_class_logits_by_the_stored_temperature(tmp_path):
     assert torch.equal(after.class_probabilities.argmax(1), before.class_probabilities.argmax(1))
     # Rewriting the config left the weights and their hash as they were.
     assert load_model(str(tmp_path / "m")).saved_config.weights_sha256 == config.weights_sha256
+
+
+def test_out_of_fold_folds_keep_each_lesion_whole():
+    groups = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "f", "f"])
+    folds = split_in_folds(len(groups), 2, seed=0, groups=groups)
+    assert sorted(np.concatenate(folds).tolist()) == list(range(10))
+    for fold in folds:
+        outside = np.setdiff1d(np.arange(10), fold)
+        assert not set(groups[fold]) & set(groups[outside])
+    # Every image its own lesion: the folds drawn without groups.
+    alone = np.array([f"image:{i}" for i in range(10)])
+    for with_groups, without in zip(
+        split_in_folds(10, 2, 0, alone), split_in_folds(10, 2, 0), strict=True
+    ):
+        np.testing.assert_array_equal(with_groups, without)

@@ -356,3 +356,10 @@ def test_bootstrap_interval_drops_nan_resamples():
     assert all(math.isnan(v) for v in never)
     with pytest.raises(ValueError, match="equal"):
         bootstrap_interval(np.mean, values, values[:5])
+
+
+def test_per_class_figures_refuse_probabilities_that_are_not_finite():
+    # Ranked as the highest scores, two NaN positives made the class's AUC 1.
+    probabilities = np.array([[np.nan, 0.5], [np.nan, 0.5], [0.2, 0.8], [0.3, 0.7]])
+    with pytest.raises(ValueError, match="not all finite"):
+        per_class_report(np.array([0, 0, 1, 1]), probabilities)

@@ -106,3 +106,19 @@ def test_the_bank_ships_beside_the_weights_and_reaches_the_predictor(tmp_path):
     (tmp_path / "clf" / OOD_FILE).write_bytes(damaged)
     with pytest.raises(ValueError, match="does not match config.json"):
         load_model(uri)
+
+
+def test_the_out_of_fold_pass_rate_keeps_each_lesion_in_one_fold():
+    # Two images of each lesion, scored alike: with folds by image a lesion's twin would set the
+    # threshold its other image is measured against.
+    from skinray.calibration import split_in_folds
+    from skinray.ood import quantile_threshold
+
+    scores = np.repeat(np.random.default_rng(1).random(20), 2)
+    lesions = np.repeat(np.arange(20), 2)
+    passed = np.empty(40, bool)
+    for held in split_in_folds(40, 2, seed=0, groups=lesions):
+        assert len(set(lesions[held])) * 2 == len(held)  # whole lesions
+        passed[held] = scores[held] <= quantile_threshold(np.delete(scores, held), 0.5)
+    rate = out_of_fold_pass_rate(scores, 0.5, folds=2, seed=0, groups=lesions)
+    assert rate == passed.mean()

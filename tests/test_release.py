@@ -76,7 +76,7 @@ def _decoded(samples):
     return decode_samples(samples.rows.to_pydict(), (64, 64), 3)["image"]
 
 
-def test_the_card_marks_a_figure_its_bootstrap_range_does_not_contain():
+def test_the_card_marks_the_ece_and_any_figure_its_bootstrap_range_does_not_contain():
     from skinray.models.card import _headline_table
 
     def figure(value, low, high):
@@ -86,11 +86,18 @@ def test_the_card_marks_a_figure_its_bootstrap_range_does_not_contain():
     rows = _headline_table({"report": {"classification": classification}})
     assert "| accuracy | 0.800 [0.750, 0.850] |" in rows
     assert "| expected calibration error (15 bins) | 0.047 [0.055, 0.141] † |" in rows
-    assert rows[-1].startswith("† The bootstrap range does not contain the figure")
-
-    classification["ece"] = figure(0.033, 0.027, 0.057)
+    assert rows[-1].startswith("† The resamples' spread, not a confidence interval")
+    # ECE's range sits above it even where it holds the figure.
+    classification["ece"] = figure(0.033, 0.029, 0.057)
     rows = _headline_table({"report": {"classification": classification}})
-    assert not any("†" in row for row in rows)
+    assert "| expected calibration error (15 bins) | 0.033 [0.029, 0.057] † |" in rows
+    del classification["ece"]
+    assert not any(
+        "†" in row for row in _headline_table({"report": {"classification": classification}})
+    )
+    classification["accuracy"] = figure(0.8, 0.81, 0.85)
+    rows = _headline_table({"report": {"classification": classification}})
+    assert "| accuracy | 0.800 [0.810, 0.850] † |" in rows
 
 
 def test_the_temperature_is_fitted_on_the_logits_the_release_ships(tmp_path):

@@ -67,16 +67,17 @@ def _headline_table(report: dict) -> list[str]:
     rows, outside = ["| metric | value [95 % CI] |", "|---|---|"], False
     for section, names in _FIGURE_NAMES.items():
         for key, entry in report["report"].get(section, {}).items():
-            mark = " †" if _outside_its_interval(entry) else ""
+            # ECE's resamples are biased upward whether or not its range holds the figure.
+            mark = " †" if key == "ece" or _outside_its_interval(entry) else ""
             outside = outside or bool(mark)
             rows.append(f"| {names.get(key, key)} | {_interval(entry)}{mark} |")
     if outside:
         rows += [
             "",
-            "† The bootstrap range does not contain the figure: the figure is biased on "
-            "resamples (resampling only adds noise to an expected calibration error, so every "
-            "resample's is higher on few images). The range is the resamples' spread, not a "
-            "confidence interval.",
+            "† The resamples' spread, not a confidence interval: the figure is biased on "
+            "resamples, so its range sits above it, holding it or not (resampling only adds noise "
+            "to an expected calibration error, the more so on few images; a perfectly calibrated "
+            "model simulated on 1,276 images: 0.045 [0.033, 0.078]).",
         ]
     return rows
 

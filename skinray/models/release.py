@@ -157,18 +157,21 @@ def _fit_temperature(model_uri: str, spec: ReleaseSpec, samples, batch_size: int
     fitted on the logits the release will ship (its test-time flips, no temperature yet, so that
     a model released again gets its temperature anew). The logs of the softmax are the logits up
     to a per-image constant, which the softmax ignores."""
-    labels, probabilities = _evaluate(
+    evaluated = _evaluate(
         model_uri, spec, samples, batch_size, temperature=1.0, test_time_flips=shipped_flips(spec)
-    ).labels_and_probabilities()
+    )
+    labels, probabilities = evaluated.labels_and_probabilities()
     logits = np.log(np.clip(probabilities, 1e-12, 1))
     temperature = calibration.fit_temperature(logits, labels)
-    if calibration.at_search_bound(temperature):
+    if calibration.at_search_bound(temperature, logits, labels):
         raise CalibrationError(
             f"the validation NLL falls all the way to the temperature search's bound "
             f"(T = {temperature:.3g}): these {len(labels)} images cannot fit a temperature; "
             "release with --no-calibrate or on a larger validation split"
         )
-    out_of_fold = calibration.out_of_fold_probabilities(logits, labels, CALIBRATION_FOLDS)
+    out_of_fold = calibration.out_of_fold_probabilities(
+        logits, labels, CALIBRATION_FOLDS, groups=evaluated.lesions
+    )
     return temperature, {
         "temperature": temperature,
         "before": _calibration(labels, probabilities),
@@ -240,8 +243,8 @@ def _fit_ood(destination: str, spec: ReleaseSpec, training, validation, batch_si
     validation split, written beside the released weights and into its config."""
     chosen = np.random.default_rng(0).permutation(len(training.rows))[:OOD_BANK_SIZE]
     predictor = _predictor(destination, spec)
-    bank_features = _features(predictor, training.take(np.sort(chosen)), batch_size)
-    validation_features = _features(predictor, validation, batch_size)
+    bank_features, _ = _features(predictor, training.take(np.sort(chosen)), batch_size)
+    validation_features, lesions = _features(predictor, validation, batch_size)
     ood = fit_ood(
         bank_features, validation_features, bank_size=OOD_BANK_SIZE, quantile=OOD_QUANTILE
     )
@@ -252,37 +255,44 @@ def _fit_ood(destination: str, spec: ReleaseSpec, training, validation, batch_si
         **entry,
         "validation_pass": (~ood.flags(scores)).float().mean().item(),
         "validation_pass_out_of_fold": out_of_fold_pass_rate(
-            scores.numpy(), OOD_QUANTILE, CALIBRATION_FOLDS
+            scores.numpy(), OOD_QUANTILE, CALIBRATION_FOLDS, groups=lesions
         ),
     }
 
 
 def out_of_fold_pass_rate(
-    scores: np.ndarray, quantile: float, folds: int = CALIBRATION_FOLDS, seed: int = 0
+    scores: np.ndarray,
+    quantile: float,
+    folds: int = CALIBRATION_FOLDS,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> float:
     """The share of validation images that pass a threshold set on the other folds' scores: the
     threshold's pass rate on images it was not set on (on its own images it passes ``quantile``
-    by construction). Here, not in ``skinray.ood``: scoring actors import that, and the folds'
-    module brings scipy.optimize (0.67-0.77 s of their start, measured) with it."""
+    by construction); ``groups``: each image's lesion, kept in one fold. Here, not in
+    ``skinray.ood``: scoring actors import that, and the folds' module brings scipy.optimize
+    (0.67-0.77 s of their start, measured) with it."""
     scores = np.asarray(scores)
     passed = np.empty(len(scores), bool)
-    for held in calibration.split_in_folds(len(scores), folds, seed):
+    for held in calibration.split_in_folds(len(scores), folds, seed, groups):
         threshold = quantile_threshold(np.delete(scores, held), quantile)
         passed[held] = scores[held] <= threshold
     return float(passed.mean())
 
 
-def _features(predictor: Predictor, samples, batch_size: int) -> torch.Tensor:
-    """The classifier's pooled features of each readable image, decoded as evaluation decodes it."""
+def _features(predictor: Predictor, samples, batch_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The classifier's pooled features of each readable image, decoded as evaluation decodes it,
+    and each one's lesion (the data's ``group``)."""
     from skinray.data.loading import decode_samples
 
-    chunks = []
+    chunks, lesions = [], []
     for start in range(0, len(samples.rows), batch_size):
         rows = samples.rows.slice(start, batch_size).to_pydict()
         decoded = decode_samples(rows, predictor.input_size, len(samples.class_names))
         with torch.inference_mode():
             chunks.append(predictor.run(decoded["image"][decoded["ok"]])[0][FEATURES])
-    return torch.cat(chunks)
+        lesions += np.asarray(rows["group"], dtype=object)[decoded["ok"]].tolist()
+    return torch.cat(chunks), np.array(lesions, dtype=object)
 
 
 def _largest_change(reference: dict, candidate: dict) -> float:
