@@ -118,8 +118,9 @@ def rank_loss(
     ``H¹`` and the ``top_k`` background pixels with the largest error (highest probability) give
     ``H⁰``; the loss is ``1/K² Σ_i Σ_j max(0, H⁰_i - H¹_j + margin)``, which asks every hard lesion
     pixel to score ``margin`` above every hard background pixel. An image with fewer than ``top_k``
-    pixels of a class uses the ones it has; an image lacking a class contributes 0. The result is
-    the mean over images.
+    pixels of a class uses the ones it has, and its sum is divided by the pairs it has rather than
+    K² (a departure: Eq. 3 does not say; it weights a lesion smaller than K by K/n); an image
+    lacking a class contributes 0. The result is the mean over images.
     """
     target = _as_mask_target(target, mask_logits).flatten(1).bool()
     probs = torch.sigmoid(mask_logits.float()).flatten(1)

@@ -3,8 +3,12 @@
 - Plain CAM (Zhou et al. 2016; MB-DCNN Sec. III-C): the classifier's FC weights for a class applied to
   the feature maps that feed global average pooling. Models that yield ``cam`` themselves (MB-DCNN's
   mask-CN) are read as they are; a timm ``classifier`` gets it from its features and linear head.
-- Grad-CAM++ (Chattopadhyay et al. 2018; CLNet Sec. 2.1, Eqs. 2–3) through the ``grad-cam`` package
-  on the layer feeding global average pooling, which each model names in ``cam_target_layer()``.
+- Grad-CAM++ (Chattopadhyay et al. 2018), the method CLNet names (Sec. 2.1), through the ``grad-cam``
+  package on the layer each model names in ``cam_target_layer()``: its channel weights are the
+  α-weighted positive gradients, and the ReLU follows the channel sum. CLNet's Eqs. 2–3 as printed
+  are another map (plain gradient means, a ReLU on each channel's term); the named method is
+  followed. CLNet's target is its last fusion module, 512 of the 1,472 channels its classifier
+  pools (Eq. 1), so the shallower fusion maps do not enter the map.
 
 Both return (N, H, W) maps at the input size, ReLU'd and scaled to [0, 1] per image, for the target
 class of each image (the ground-truth label as CLNet uses it, or the predicted class when none is given).

@@ -82,13 +82,15 @@ class MultiScaleFCN(nn.Module):
             in_chans=in_chans,
         )
         pool_channels = self.encoder.feature_info.channels()
+        # VGG16's fully connected layers as convolutions (Sec. 2.1), each with its element-wise
+        # dropout: Dropout2d would drop whole fc channels.
         self.fc6 = nn.Sequential(
             nn.Conv2d(pool_channels[-1], fc_channels, 7, padding=3),
             nn.ReLU(inplace=True),
-            nn.Dropout2d(0.5),
+            nn.Dropout(0.5),
         )
         self.fc7 = nn.Sequential(
-            nn.Conv2d(fc_channels, fc_channels, 1), nn.ReLU(inplace=True), nn.Dropout2d(0.5)
+            nn.Conv2d(fc_channels, fc_channels, 1), nn.ReLU(inplace=True), nn.Dropout(0.5)
         )
         map_channels = [*pool_channels, fc_channels]
         reductions = [2, 4, 8, 16, 32, 32]
