@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.backend == "openvino-int8":
             calibration = read_calibration_images(args.int8_calibration, predictor.input_size)
         predictor, used, reason, guard = guarded_backend(
-            predictor, samples, args.backend, calibration
+            predictor, samples, args.backend, calibration, args.batch_size
         )
         if reason:
             print(f"backend {args.backend} fell back to {used}: {reason}", file=sys.stderr)
@@ -202,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
             "backend": used,  # what ran: after a fallback, not what was asked
             "backend_requested": args.backend,
             "backend_versions": runtime_versions(used),
-            # the backend against eager on the first images, as a scoring actor judges it
+            # the backend that ran against eager on the first images, as a scoring actor judges
+            # it (null for eager), and why any other asked for did not run
             "guard": dataclasses.asdict(guard) if guard else None,
+            "fallback_reason": reason,
             "data": args.data,
             "root": args.root,
             "split": args.split,

@@ -11,7 +11,9 @@ mask Jaccard against eager and the largest class-probability difference.
 OpenVINO was chosen over ONNX Runtime by measurement (docs/benchmarks.md): on this project's 2-core
 AMD EPYC, U-Net ResNet34 at 256 px, batch 16, 2 threads, eager ran 6.3 images/s, ONNX Runtime 10.7,
 OpenVINO f32 11.7 and OpenVINO bf16 24.3. ``openvino`` runs f32; ``openvino-bf16`` asks OpenVINO
-for bf16 arithmetic where the CPU has it (AVX512_BF16 or AMX), and is held to the same guard;
+for bf16 arithmetic, which its CPU plugin gives on CPUs with AVX-512 or AVX2-VNNI-2 (natively fast
+with AVX512_BF16 or AMX) and silently refuses elsewhere (such runs are reported as ``openvino``),
+and is held to the same guard;
 ``openvino-mixed`` runs the networks without class outputs (segmenters) in bf16 and those with class
 outputs in f32, for a pair whose masks hold in bf16 and whose probabilities do not (the released
 classifier's moved by up to 0.087 in bf16). ``openvino-int8`` runs the networks without class outputs
@@ -70,6 +72,7 @@ __all__ = [
     "compare_predictions",
     "default_backend",
     "network_inputs",
+    "openvino_runs_bf16",
     "read_calibration_images",
     "runtime_versions",
 ]
@@ -154,6 +157,19 @@ def default_backend(device: torch.device | str, calibrated: bool = False) -> str
     if backend == "openvino-int8" and not calibrated:
         return GUARD_FALLBACK[backend]
     return backend
+
+
+@functools.cache
+def openvino_runs_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin runs bf16 on this machine: it keeps f32, silently, on a CPU
+    without AVX-512 or AVX2-VNNI-2 (read back from a one-operation network compiled for bf16)."""
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([1, 4], ov.Type.f32)
+    settings = {"INFERENCE_PRECISION_HINT": "bf16"}
+    compiled = ov.Core().compile_model(ov.Model([ops.relu(x)], [x]), "CPU", settings)
+    return compiled.get_property("INFERENCE_PRECISION_HINT").to_string() == "bf16"
 
 
 def default_cache_dir() -> Path:
@@ -693,9 +709,12 @@ def compare_predictions(reference, candidate) -> GuardResult:
 class GuardedPredictor:
     """``eager`` on ``backend`` (``accelerated``), held to the accuracy guard: over its first
     ``GUARD_MIN_IMAGES`` images each call runs eager too, and the backend's outputs are returned
-    while it agrees with eager on every image so far. A backend that fails hands over to its
-    ``GUARD_FALLBACK`` (guarded afresh), or to eager, with the reason logged and kept in
-    ``fallback_reason``. Calls return a ``Prediction``; ``backend`` is the one that made it."""
+    while the guard holds over all the images it has made so far (its largest probability and
+    OOD-score differences, its mean mask Jaccard: ``GuardResult.passed_for``), so every output it
+    returns was within those bounds. At the first call where they do not hold, or where it raises,
+    the backend hands over to its ``GUARD_FALLBACK`` (guarded afresh on the same images), or to
+    eager, with the reason logged and kept in ``fallback_reason``. Calls return a ``Prediction``;
+    ``backend`` is the one that made it."""
 
     def __init__(
         self,
@@ -730,7 +749,7 @@ class GuardedPredictor:
                 if not so_far.passed_for(self.backend):
                     failure = f"failed the accuracy guard ({so_far})"
             except Exception as error:
-                failure = f"failed on the first batch ({type(error).__name__}: {error})"
+                failure = f"failed on the guard's images ({type(error).__name__}: {error})"
             if not failure:
                 self.result = so_far
                 return candidate

@@ -315,17 +315,22 @@ def _at_truth_size(predicted: np.ndarray, truths: Sequence[np.ndarray]) -> dict[
     return {name: np.concatenate(values) for name, values in per_image.items()}
 
 
-def guarded_backend(predictor: Predictor, samples, backend: str, calibration_images=None):
+def guarded_backend(
+    predictor: Predictor, samples, backend: str, calibration_images=None, batch_size: int = 16
+):
     """``predictor`` on ``backend`` as a scoring actor would run it: held to the accuracy guard
-    (``skinray.backends.GuardedPredictor``) on the first ``GUARD_MIN_IMAGES`` readable images of
-    ``samples``, falling back as an actor falls back, so that every image is measured on the one
-    backend that passed. ``(predictor, backend used, fallback reason, GuardResult or None)``."""
-    from skinray.backends import GUARD_MIN_IMAGES, GuardedPredictor
+    (``skinray.backends.GuardedPredictor``) over the first ``GUARD_MIN_IMAGES`` readable images
+    of ``samples``, in batches of ``batch_size``, falling back as an actor falls back, so that
+    every image is measured on the one backend that passed. ``(predictor, backend used, fallback
+    reason, GuardResult or None)``; None: eager (nothing to guard) or no image could be read."""
+    from skinray.backends import GuardedPredictor
     from skinray.data.loading import decode_samples
 
     guarded = GuardedPredictor(predictor, backend, calibration_images=calibration_images)
-    if guarded.guarding:
-        rows = samples.rows.slice(0, GUARD_MIN_IMAGES).to_pydict()
+    for start in range(0, len(samples), batch_size):
+        if not guarded.guarding:
+            break
+        rows = samples.rows.slice(start, batch_size).to_pydict()
         batch = decode_samples(rows, predictor.input_size, len(samples.class_names))
         if batch["ok"].any():
             guarded(torch.from_numpy(batch["image"][batch["ok"]]).permute(0, 3, 1, 2))

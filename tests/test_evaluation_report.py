@@ -543,3 +543,19 @@ def _subset(prediction: Prediction, keep: list[int]) -> Prediction:
         cam=None,
         roi_box=None,
     )
+
+
+def test_the_evaluate_job_measures_only_a_backend_that_passes_the_guard(tmp_path):
+    # bf16 autocast moves the released pair's class probabilities by over 0.01: as a scoring actor
+    # would, the job falls back, and measures every image on the backend that passed.
+    job = _evaluate_job()
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000"
+    out = tmp_path / "figures.json"
+    argv = ["lesion-segmenter", "--classifier", "ham10000-classifier", "--data", "ham10000"]
+    argv += ["--root", str(root), "--limit", "16", "--bootstrap", "0", "--no-subgroups"]
+    assert job.main([*argv, "--backend", "eager-bf16", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["backend_requested"] == "eager-bf16" and payload["backend"] != "eager-bf16"
+    assert payload["fallback_reason"].startswith("eager-bf16 failed the accuracy guard")
+    guard = payload["guard"]
+    assert guard is None if payload["backend"] == "eager" else guard["images"] == 16
