@@ -72,6 +72,11 @@ def split_in_folds(
     """``count`` indices in ``folds`` random folds of near-equal size (drawn with ``seed``). With
     ``groups`` (one label an index: a lesion), every group falls whole in one fold, the folds
     near-equal in groups; with every index its own group, the folds are those drawn without."""
+    if groups is not None:
+        if len(groups) != count:
+            raise ValueError(f"{len(groups)} groups for {count} items")
+        # An item without a group is a group of its own.
+        groups = [f"item:{i}" if g is None else f"group:{g}" for i, g in enumerate(groups)]
     if groups is not None and len(set(groups)) < count:
         unique, index_group = np.unique(np.asarray(groups), return_inverse=True)
         chosen = split_in_folds(len(unique), folds, seed)

@@ -112,6 +112,10 @@ def test_out_of_fold_folds_keep_each_lesion_whole():
     for fold in folds:
         outside = np.setdiff1d(np.arange(10), fold)
         assert not set(groups[fold]) & set(groups[outside])
+    with pytest.raises(ValueError, match="9 groups for 10 items"):
+        split_in_folds(10, 2, 0, groups[:9])
+    ungrouped = split_in_folds(4, 2, 0, np.array(["a", None, "a", None], dtype=object))
+    assert any({0, 2} <= set(fold) for fold in ungrouped)  # None: a group of its own each
     # Every image its own lesion: the folds drawn without groups.
     alone = np.array([f"image:{i}" for i in range(10)])
     for with_groups, without in zip(

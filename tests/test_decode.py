@@ -247,10 +247,11 @@ def test_of_two_exif_blocks_the_one_opencv_reads_orients_the_image(first, second
 def test_bytes_before_a_jpeg_marker_are_skipped_as_libjpeg_skips_them():
     data = _jpeg(synthetic_sample(13, 64).image)
     quantisation = data.index(b"\xff\xdb")
-    padded = data[:quantisation] + b"\x00\x17" + data[quantisation:]
-    opencv = cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR)
-    assert opencv is not None  # libjpeg decodes it (with a warning)
-    assert np.array_equal(decode(padded).rgb, decode(data).rgb)
+    for junk in (b"\x00\x17", b"\x12\xff\x00\xff\xff"):  # FF 00 is no marker
+        padded = data[:quantisation] + junk + data[quantisation:]
+        opencv = cv2.imdecode(np.frombuffer(padded, np.uint8), cv2.IMREAD_COLOR)
+        assert opencv is not None  # libjpeg decodes it (with a warning)
+        assert np.array_equal(decode(padded).rgb, decode(data).rgb), junk
 
 
 def test_exif_orientation_of_a_png_is_applied_like_a_jpeg():
@@ -350,6 +351,9 @@ def test_gif_and_bmp_bombs_are_refused_from_their_headers_without_decoding(build
         decode(data, source="bomb")
     with pytest.raises(TooManyPixels):
         decode_mask(data, source="bomb")
+    # A limit above Pillow's own (179 MP) is still checked from the header.
+    with pytest.raises(TooManyPixels, match="bomb: 20000×20000 = 400,000,000 pixels"):
+        decode(build(20_000, 20_000), max_pixels=300_000_000, source="bomb")
 
 
 @pytest.mark.parametrize("extension", [".gif", ".bmp", ".tiff", ".webp"])
@@ -373,6 +377,11 @@ def test_ten_and_twelve_bit_avif_are_scaled_by_their_own_depth():
         assert ok
         expected = round(level / (2**depth - 1) * 255)  # 249 and 249; read as 16-bit: 4 and 16
         assert np.abs(decode(data.tobytes()).rgb.astype(int) - expected).max() <= 1, depth
+        # An AVIF may give another major brand and name AVIF among its compatible ones.
+        data = data.tobytes()
+        assert b"avif" in data[16 : struct.unpack_from(">I", data)[0]]
+        general = data[:8] + b"mif1" + data[12:]
+        assert np.abs(decode(general).rgb.astype(int) - expected).max() <= 1, depth
 
 
 def test_a_png_header_claiming_ten_gigapixels_is_refused_without_decoding():

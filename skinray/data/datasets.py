@@ -72,6 +72,8 @@ class SampleTable:
         """``count`` rows drawn with ``seed``, in listing order (all of them where there are no
         more): the first rows of a listing sorted by id are not a sample of it (ISIC 2017's first
         600 training images hold no seborrheic keratosis)."""
+        if count < 0:
+            raise ValueError(f"a subset of {count} rows")
         if count >= len(self):
             return self
         chosen = np.random.default_rng(seed).permutation(len(self))[:count]

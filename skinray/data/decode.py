@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import struct
-import warnings
 from dataclasses import dataclass
 
 import cv2
@@ -137,7 +136,7 @@ def decode(
     if len(data) == 0:
         raise EmptyImage(f"{source}: empty file (0 bytes)")
     jpeg = _read_jpeg_header(data) if data.startswith(_JPEG_MAGIC) else None
-    header_size = jpeg.size if jpeg is not None else _header_size(data, max_pixels, source)
+    header_size = jpeg.size if jpeg is not None else _header_size(data)
     if header_size is not None:
         _check_pixels(header_size, max_pixels, source)
     if jpeg is not None:
@@ -147,7 +146,7 @@ def decode(
     if jpeg is not None and jpeg.size is not None:
         shown = jpeg.size[::-1] if jpeg.rotated else jpeg.size
     denominator = _reduction(shown, target_size) if shown is not None else 1
-    full = cv2.IMREAD_COLOR if data[8:12] in _AVIF_BRANDS and data[4:8] == b"ftyp" else _FULL
+    full = cv2.IMREAD_COLOR if _is_avif(data) else _FULL
     pixels = _imdecode(data, _REDUCED.get(denominator, full), source)
     if header_size is None:
         _check_pixels(pixels.shape[:2], max_pixels, source)
@@ -175,7 +174,7 @@ def decode_mask(
     size from the header, unreadable) and its errors."""
     if len(data) == 0:
         raise EmptyImage(f"{source}: empty mask file (0 bytes)")
-    size = _header_size(data, max_pixels, source)
+    size = _header_size(data)
     if size is not None:
         _check_pixels(size, max_pixels, source)
     mask = _imdecode(data, cv2.IMREAD_GRAYSCALE, source)
@@ -281,6 +280,16 @@ def _to_rgb(pixels: np.ndarray, source: str) -> np.ndarray:
     return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
 
 
+def _is_avif(data: bytes) -> bool:
+    """An ISO-BMFF file whose ``ftyp`` box names AVIF among its brands (major or compatible: a
+    ``mif1`` file may hold AVIF)."""
+    if len(data) < 16 or data[4:8] != b"ftyp":
+        return False
+    box = data[8 : min(struct.unpack_from(">I", data)[0], len(data))]
+    brands = [box[0:4], *(box[i : i + 4] for i in range(8, len(box) - 3, 4))]
+    return any(brand in _AVIF_BRANDS for brand in brands)
+
+
 def _png_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a PNG's IHDR chunk, which the format requires to come first."""
     if not data.startswith(_PNG_MAGIC) or len(data) < 24 or data[12:16] != b"IHDR":
@@ -289,24 +298,22 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
     return height, width
 
 
-def _header_size(data: bytes, max_pixels: int, source: str) -> tuple[int, int] | None:
+def _header_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from a PNG's IHDR, else from the header Pillow reads without decoding
     (GIF's logical screen, BMP, TIFF's first image, WebP, …); None where neither can tell."""
     size = _png_size(data)
     if size is not None:
         return size
+    # Pillow's own bomb check would refuse, at its own limit, sizes ours may allow: ours decides.
+    # Decode tasks run one at a time in their process, so the module setting is restored unseen.
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-    except Image.DecompressionBombError as error:
-        # Pillow's own limit (twice Image.MAX_IMAGE_PIXELS): refused unless ours is higher still.
-        if max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
-            raise TooManyPixels(f"{source}: {error}") from None
-        return None
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, struct.error):
         return None  # not a format Pillow reads, or a header it cannot: OpenCV will say
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     return height, width
 
 
@@ -315,9 +322,10 @@ def _read_jpeg_header(data: bytes) -> _JpegHeader:
     Of several EXIF blocks the first with an orientation tag counts, as in OpenCV's reader."""
     size, orientation, position = None, None, 2
     while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            # Bytes before a marker: libjpeg skips them (with a warning) to the next 0xFF.
-            position = data.find(b"\xff", position)
+        if data[position] != 0xFF or data[position + 1] == 0x00:
+            # Bytes before a marker: libjpeg skips them (with a warning) to the next 0xFF that
+            # starts a marker (FF 00 is a stuffed data byte, not one).
+            position = data.find(b"\xff", position + 1)
             if position < 0:
                 break
             continue

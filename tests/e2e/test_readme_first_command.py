@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -42,4 +44,7 @@ def test_the_first_command_scores_the_examples_and_writes_the_report(tmp_path):
     counted = dict(re.findall(r"(\w+) (\d+)", classes))
     assert {c: str(n) for _, c, n in per_class} == counted
     assert len(melanoma) == min(10, int(counted.get("mel", 0)))
-    assert len(untrusted) <= 8 and failures == []
+    rows = pq.read_table(tmp_path / "example" / "results").to_pylist()
+    flagged = [r for r in rows if r["ood"] or (r["class_entropy"] or 0) > 0.5]
+    assert sorted(r[0] for r in untrusted) == sorted(r["image_id"] for r in flagged)
+    assert failures == []
