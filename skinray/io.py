@@ -64,6 +64,16 @@ def absolute(uri: str | os.PathLike) -> str:
     return str(Path(text.removeprefix("file://")).expanduser().resolve())
 
 
+def in_manifest(manifest_uri: str, entry: str) -> str:
+    """A manifest's entry as a URI: one with a scheme (``s3://``, ``file://``) or an absolute path
+    as it is, a relative path under the manifest's folder (the working directory for a manifest
+    named without one)."""
+    if "://" in entry or entry.startswith("/"):
+        return entry
+    base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
+    return join(base, entry)
+
+
 def join(uri: str | os.PathLike, *parts: str) -> str:
     """Append path parts to a local path or s3:// URI."""
     text = os.fspath(uri).rstrip("/")

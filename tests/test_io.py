@@ -37,3 +37,13 @@ def test_join_works_for_paths_and_uris():
         == "s3://bucket/prefix/model/config.json"
     )
     assert io.join("/tmp/x", "y") == "/tmp/x/y"
+
+
+def test_a_manifest_entry_is_under_the_manifests_folder_unless_it_names_its_own_place():
+    from skinray.io import in_manifest
+
+    assert in_manifest("/data/list.csv", "a/b.jpg") == "/data/a/b.jpg"
+    assert in_manifest("s3://bucket/lists/l.txt", "x.jpg") == "s3://bucket/lists/x.jpg"
+    assert in_manifest("list.txt", "x.jpg") == "./x.jpg"  # named without a folder
+    for own in ("/abs/x.jpg", "s3://b/x.jpg", "file:///tmp/x.jpg", "http://h/x.jpg"):
+        assert in_manifest("/data/list.csv", own) == own

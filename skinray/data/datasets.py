@@ -377,14 +377,11 @@ def read_manifest(
             ),
         )
     _require_columns(table, ("image", "label"), uri)
-    base = uri.rsplit("/", 1)[0] if "/" in uri else "."
 
     def absolute(path: str | None) -> str | None:
         if path is None or path == "":
             return None
-        if path.startswith(("s3://", "/", SYNTHETIC_SCHEME)):
-            return path
-        return io.join(base, path)
+        return path if path.startswith(SYNTHETIC_SCHEME) else io.in_manifest(uri, path)
 
     raw_labels = [_label_text(v, uri, row) for row, v in enumerate(table["label"].to_pylist())]
     if class_names is None:

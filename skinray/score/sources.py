@@ -109,8 +109,7 @@ def _list_manifest(uri: str) -> pa.Table:
         uris = [str(u) for u in table[column].to_pylist()]
     else:
         uris = [line.strip() for line in data.decode().splitlines() if line.strip()]
-    base = uri.rsplit("/", 1)[0]
-    uris = [u if "://" in u or u.startswith("/") else io.join(base, u) for u in uris]
+    uris = [io.in_manifest(uri, u) for u in uris]
     sizes, etags = [], []
     for u in uris:
         try:
