@@ -279,3 +279,39 @@ def test_a_limited_run_trains_on_a_random_subset_drawn_with_its_seed():
     assert len(rows) == 600 and min(np.bincount(rows["label"].to_numpy(), minlength=3)) > 50
     assert rows["image_uri"].equals(subset()["image_uri"])
     assert not rows["image_uri"].equals(subset("seed=1")["image_uri"])
+
+
+def test_several_workers_on_fractions_of_gpus_are_refused_at_the_door():
+    from skinray.train.config import ScalingSettings
+
+    with pytest.raises(ValueError, match="DDP needs a whole GPU a worker"):
+        ScalingSettings(num_workers=2, use_gpu=True, gpus_per_worker=0.5)
+    assert ScalingSettings(num_workers=1, use_gpu=True, gpus_per_worker=0.5).gpus_per_worker == 0.5
+
+
+def test_the_schedule_counts_the_steps_each_worker_takes():
+    # Ray Train's equal shards drop the remainder and the loop drops each shard's short batch:
+    # 2,000 images, batch 12, 8 workers give 20 steps a worker, where ceil(2000 / 8 / 12) said 21
+    # and the poly schedule ended at 0.065 of its rate instead of 0.
+    from skinray.train.config import OptimConfig
+    from skinray.train.loop import batches_per_shard, lr_schedule
+
+    assert batches_per_shard(2000, 8, 12) == 20 and batches_per_shard(2000, 1, 12) == 166
+    optim = OptimConfig(name="sgd", lr=0.01, schedule="poly")
+    last = 20 * 100 - 1  # the last step a worker takes in 100 epochs
+    assert lr_schedule(optim, 20 * 100, 20)(last) < 0.01
+    assert lr_schedule(optim, 21 * 100, 21)(last) > 0.05  # what ceil assumed
+
+
+def test_a_shard_smaller_than_a_batch_is_refused_before_training():
+    from skinray.train.config import smoke_test_config
+    from skinray.train.trainer import check_shards
+
+    config = smoke_test_config()
+    config = config.model_copy(update={"batch_size": 8})
+    config = config.model_copy(
+        update={"scaling": config.scaling.model_copy(update={"num_workers": 6})}
+    )
+    with pytest.raises(ConfigError, match="40 training images over 6 workers leave each 6"):
+        check_shards(config, 40)
+    check_shards(config, 48)

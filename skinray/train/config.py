@@ -124,10 +124,25 @@ class OptimConfig(_Strict):
 
 
 class ScalingSettings(_Strict):
+    #: Data-parallel workers (DDP). Each takes ``batch_size`` images a step, so the global batch is
+    #: ``batch_size`` × workers and an epoch has that many times fewer steps; the learning rate is
+    #: not scaled, and BatchNorm's statistics are each worker's own batch's (no SyncBatchNorm). A
+    #: paper's recipe (its batch) is reproduced on one worker.
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _whole_gpus_for_several_workers(self) -> ScalingSettings:
+        # Ray would pack fractional workers onto one GPU, where NCCL refuses a duplicate GPU.
+        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
+            raise ValueError(
+                f"gpus_per_worker {self.gpus_per_worker:g} with {self.num_workers} workers: "
+                "DDP needs a whole GPU a worker (NCCL refuses two workers on one GPU)"
+            )
+        return self
+
     #: Intra-op threads of each worker's PyTorch (None: Ray's, which is ``cpus_per_worker``). On a
     #: small CPU node the worker holds one CPU so that Ray Data's read and augment tasks get the
     #: rest, yet its forward and backward passes may use every core between their batches.
@@ -159,6 +174,7 @@ class TrainConfig(_Strict):
     scaling: ScalingSettings = ScalingSettings()
     checkpoint: CheckpointConfig = CheckpointConfig()
     epochs: int = Field(10, ge=1)
+    #: Images a step on each worker (``scaling.num_workers``).
     batch_size: int = Field(16, ge=1)
     #: ``bf16``: bf16 autocast of the training passes, on GPU and CPU alike (fast on CPUs with bf16
     #: arithmetic, AVX512_BF16 or AMX; emulated, slow, elsewhere); validation runs as the Predictor

@@ -82,6 +82,13 @@ def build_optimizer(optim: OptimConfig, parameters) -> torch.optim.Optimizer:
     return torch.optim.Adam(parameters, lr=optim.lr, weight_decay=optim.weight_decay)
 
 
+def batches_per_shard(train_count: int, world: int, batch_size: int) -> int:
+    """The optimiser steps each worker takes in an epoch: Ray Train splits the training rows into
+    ``world`` equal shards (``streaming_split(equal=True)``: the remainder is dropped), and the
+    loop drops each shard's last short batch."""
+    return (train_count // world) // batch_size
+
+
 def lr_schedule(optim: OptimConfig, total_steps: int, steps_per_epoch: int):
     """The learning rate's factor at each iteration: linear warm-up, then poly (ASNet Sec. 2.5,
     CLNet Sec. 3.1), cosine or constant over the remaining steps."""
@@ -290,7 +297,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
 
-    steps_per_epoch = math.ceil(train_count / world / config.batch_size)
+    # What each shard delivers, so that the schedule ends where the run does (with ceil(N / world /
+    # batch) it assumed a step more an epoch than a worker takes, and more, the more workers).
+    steps_per_epoch = max(1, batches_per_shard(train_count, world, config.batch_size))
     if config.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     optimizer = build_optimizer(config.optim, model.parameters())
@@ -299,10 +308,12 @@ def train_func(loop_config: dict[str, Any]) -> None:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     else:
         optimizer.load_state_dict(state.optimizer)
-        # The schedule is a function of the global step: rebuilt at the restored step, it sets the
-        # learning rate for this run's length (a resumed run may ask for more epochs).
+        # The schedule is a function of the step: rebuilt at the restored epoch's first step, it
+        # sets the learning rate for this run's length (a resumed run may ask for more epochs) and
+        # its steps per epoch (it may run on another number of workers, whose steps the restored
+        # global step counted).
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, schedule, last_epoch=state.global_step - 1
+            optimizer, schedule, last_epoch=state.epoch * steps_per_epoch - 1
         )
     step = _Step(
         model=model,

@@ -38,6 +38,7 @@ from skinray.train.checkpoint import read_checkpoint
 from skinray.train.config import ConfigError, TrainConfig, changed_settings
 from skinray.train.loop import (
     HEADLINE_METRICS,
+    batches_per_shard,
     build_model,
     fault_injection_from_environment,
     train_func,
@@ -192,6 +193,7 @@ def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcom
     check_run_folder(config, name)
     # Bad paths, images without masks and unknown labels fail here, before Ray starts anything.
     train_samples, validation_samples = load_samples(config)
+    check_shards(config, len(train_samples))
     if config.data.input == "roi" and config.data.roi_masks == "cached":
         train_samples = cache_predicted_masks(
             train_samples,
@@ -226,9 +228,7 @@ def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcom
             resources_per_worker=resources,
         ),
         datasets={
-            "train": to_ray_dataset(
-                train_samples, config.data.image_size, shuffle_seed=_shuffle_seed(config)
-            ),
+            "train": TrainingRows(train_samples, config.data.image_size, _shuffle_seed(config)),
             "validation": to_ray_dataset(validation_samples, config.data.image_size),
         },
         dataset_config=_data_config(),
@@ -282,6 +282,28 @@ def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcom
     return TrainingOutcome(model_uri, best_metrics, history, best_checkpoint.path, wall_time_s)
 
 
+class TrainingRows:
+    """The training dataset, built at each worker-group start (Ray Train calls it). Ray Data draws
+    each epoch's order from the shuffle seed and the dataset's execution count, which a restarted
+    worker group (a lost worker) starts again at 0: each start after the first gets its own seed,
+    so the restored epochs do not replay the first epochs' orders."""
+
+    def __init__(self, samples, image_size, shuffle_seed: int | None) -> None:
+        self.samples, self.image_size, self.shuffle_seed = samples, tuple(image_size), shuffle_seed
+        self.starts = 0
+
+    def seed(self) -> int | None:
+        """The shuffle seed of the next start."""
+        if self.shuffle_seed is None:
+            return None
+        return self.shuffle_seed + 7_919 * self.starts
+
+    def __call__(self):
+        dataset = to_ray_dataset(self.samples, self.image_size, shuffle_seed=self.seed())
+        self.starts += 1
+        return dataset
+
+
 def _data_config():
     """Ray Train's ingest with ``preserve_order``: the decode tasks may finish in any order, and
     without it a seeded shuffle would not give the same batches twice."""
@@ -301,6 +323,17 @@ def _shuffle_seed(config: TrainConfig) -> int | None:
     if not config.resume:
         return config.seed
     return config.seed + 1_000_003 * read_checkpoint(config.resume).epoch
+
+
+def check_shards(config: TrainConfig, train_count: int) -> None:
+    """Each worker's shard must hold a batch: one that does not would train nothing, silently."""
+    workers = config.scaling.num_workers
+    if batches_per_shard(train_count, workers, config.batch_size) < 1:
+        raise ConfigError(
+            f"{train_count} training images over {workers} workers leave each "
+            f"{train_count // workers}, fewer than one batch of {config.batch_size} "
+            "(batch_size is per worker): use fewer workers or a smaller batch"
+        )
 
 
 def check_stage_inputs(config: TrainConfig) -> None:

@@ -7,12 +7,13 @@ from skinray.data.datasets import synthetic_samples
 from skinray.data.loading import to_ray_dataset
 
 
-def _epoch_orders(seed: int | None, epochs: int = 3) -> list[list[str]]:
+def _epoch_orders(seed: int | None, epochs: int = 3, dataset=None) -> list[list[str]]:
     """Image URIs in the order one Ray Train worker's shard yields them, epoch by epoch (Ray Train
     hands each worker a ``streaming_split`` shard and iterates it once per epoch)."""
     import ray.train
 
-    dataset = to_ray_dataset(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=seed)
+    if dataset is None:
+        dataset = to_ray_dataset(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=seed)
     # The trainer's ingest options (skinray.train.trainer._data_config): the decode tasks finish in
     # any order, and only preserve_order keeps the shuffled order (without it this test was flaky).
     options = ray.train.DataConfig.default_ingest_options()
@@ -40,3 +41,19 @@ def test_no_seed_keeps_the_listing_order(ray_cluster):
     orders = _epoch_orders(None, epochs=2)
     listing = [str(u) for u in synthetic_samples(40, seed=0).rows["image_uri"].to_pylist()]
     assert orders == [listing, listing]
+
+
+def test_a_restarted_worker_group_does_not_replay_the_first_epochs_orders(ray_cluster):
+    # Ray Train builds the training dataset at each worker-group start; a group restarted after a
+    # lost worker starts the execution count, and so the orders, again from the first epoch's
+    # (the same seed's orders, above), unless the start gets its own seed.
+    from skinray.train.trainer import TrainingRows
+
+    rows = TrainingRows(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=7)
+    first_start = _epoch_orders(None, dataset=rows())
+    assert first_start == _epoch_orders(7)  # the first start: the run's seed
+    restarted = _epoch_orders(None, dataset=rows())
+    assert not {tuple(epoch) for epoch in restarted} & {tuple(e) for e in first_start}
+    assert sorted(restarted[0]) == sorted(first_start[0])
+    unshuffled = TrainingRows(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=None)
+    assert unshuffled.seed() is None
