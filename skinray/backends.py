@@ -393,8 +393,10 @@ def _version(package: str) -> str:
 
 
 def _quantiser() -> str:
-    """What quantises: NNCF's version and the settings ``_quantised`` gives it."""
-    return f"nncf {_version('nncf')} {sorted(_NNCF_SETTINGS.items())}"
+    """What quantises: NNCF's and OpenVINO's versions (NNCF writes the network through OpenVINO,
+    and rows name the OpenVINO that runs it) and the settings ``_quantised`` gives it."""
+    versions = f"nncf {_version('nncf')} openvino {_version('openvino')}"
+    return f"{versions} {sorted(_NNCF_SETTINGS.items())}"
 
 
 @functools.cache
