@@ -29,8 +29,9 @@ runs as ``openvino-mixed``.
 like any other (the released classifier's probabilities moved by up to 0.040 under autocast on CPU).
 Segmenters are calibrated on real images, each on what it sees when the eager Predictor runs on
 them (resized, normalised), and the quantised network is cached by its weights, a digest of the
-calibration images and the model that turns them into each network's inputs, and NNCF's version
-and settings, so an actor whose quantisation is cached runs nothing on the images.
+calibration images and the model that turns them into each network's inputs, and NNCF's and
+OpenVINO's versions and NNCF's settings, so an actor whose quantisation is cached runs nothing on
+the images.
 Networks are exported to ONNX when first asked for and cached under ``cache_dir`` by the SHA-256
 of their weights, of the code that computes them and their input shape, so the actors of a node
 export once. A composite whose glue does not export (the two-step ROI cut) runs its networks on
@@ -145,8 +146,8 @@ INT8_MIN_CLASS_AGREEMENT = 0.75
 GUARD_MIN_IMAGES = 32
 _OPSET = 17
 #: NNCF's post-training quantisation settings beyond its defaults (none: the defaults are what
-#: docs/benchmarks.md measured). With NNCF's version they name every cached int8 network, so a
-#: node that upgrades NNCF, or a change here, quantises again instead of reusing another's network
+#: docs/benchmarks.md measured). With NNCF's and OpenVINO's versions they name every cached int8
+#: network, so a node that upgrades either, or a change here, quantises again instead of reusing another's network
 #: under the same calibration digest.
 _NNCF_SETTINGS: dict[str, object] = {}
 

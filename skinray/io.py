@@ -9,6 +9,7 @@ S3-compatible stores, ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -68,10 +69,14 @@ def in_manifest(manifest_uri: str, entry: str) -> str:
     """A manifest's entry as a URI: one with a scheme (``s3://``, ``file://``) or an absolute path
     as it is, a relative path under the manifest's folder (the working directory for a manifest
     named without one)."""
+    entry = entry.strip()
     if "://" in entry or entry.startswith("/"):
         return entry
     base = manifest_uri.rsplit("/", 1)[0] if "/" in manifest_uri else "."
-    return join(base, entry)
+    scheme, _, folder = base.rpartition("://")
+    # S3 keys are literal: a/../b is not a/b there, so the path is normalised before joining.
+    joined = posixpath.normpath(posixpath.join(folder, entry))
+    return f"{scheme}://{joined}" if scheme else joined
 
 
 def join(uri: str | os.PathLike, *parts: str) -> str:

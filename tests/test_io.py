@@ -44,6 +44,8 @@ def test_a_manifest_entry_is_under_the_manifests_folder_unless_it_names_its_own_
 
     assert in_manifest("/data/list.csv", "a/b.jpg") == "/data/a/b.jpg"
     assert in_manifest("s3://bucket/lists/l.txt", "x.jpg") == "s3://bucket/lists/x.jpg"
-    assert in_manifest("list.txt", "x.jpg") == "./x.jpg"  # named without a folder
+    assert in_manifest("list.txt", "x.jpg") == "x.jpg"  # named without a folder
+    assert in_manifest("s3://b/lists/l.csv", "../img/./a.jpg") == "s3://b/img/a.jpg"
+    assert in_manifest("/data/list.csv", " a b.jpg ") == "/data/a b.jpg"
     for own in ("/abs/x.jpg", "s3://b/x.jpg", "file:///tmp/x.jpg", "http://h/x.jpg"):
         assert in_manifest("/data/list.csv", own) == own

@@ -284,8 +284,9 @@ def test_a_limited_run_trains_on_a_random_subset_drawn_with_its_seed():
 def test_several_workers_on_fractions_of_gpus_are_refused_at_the_door():
     from skinray.train.config import ScalingSettings
 
-    with pytest.raises(ValueError, match="DDP needs a whole GPU a worker"):
-        ScalingSettings(num_workers=2, use_gpu=True, gpus_per_worker=0.5)
+    for fraction in (0.5, 1.5):
+        with pytest.raises(ValueError, match="DDP needs whole GPUs a worker"):
+            ScalingSettings(num_workers=2, use_gpu=True, gpus_per_worker=fraction)
     assert ScalingSettings(num_workers=1, use_gpu=True, gpus_per_worker=0.5).gpus_per_worker == 0.5
 
 

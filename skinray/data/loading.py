@@ -9,6 +9,7 @@ counts it in the epoch's metrics.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 
 import cv2
@@ -85,6 +86,64 @@ def decode_samples(batch: dict, image_size: tuple[int, int], num_classes: int) -
         "error": np.array(errors, dtype=object),
         "image_uri": np.asarray(batch["image_uri"], dtype=object),
     }
+
+
+class TrainingRows:
+    """The training dataset, built by Ray Train at each worker-group start (``datasets`` takes
+    this callable): a first start, a group restarted after a lost worker, a restarted driver
+    continuing its run folder, or a ``--resume``. Ray Data draws each epoch's order from the
+    shuffle seed and the dataset's execution count, which every start begins again at 0, so a
+    restored run would replay the first epochs' orders from the epoch it restores: the seed is
+    offset by that epoch (the newest checkpoint's in ``run_folder``, else ``resume``'s). The
+    driver's Ray Data settings (no progress bars) go with it: it is built in Ray Train's
+    controller, whose own are the defaults."""
+
+    def __init__(
+        self,
+        samples: SampleTable,
+        image_size: tuple[int, int],
+        shuffle_seed: int | None,
+        run_folder: str | None = None,
+        resume: str | None = None,
+    ) -> None:
+        import ray.data
+
+        self.samples, self.image_size, self.shuffle_seed = samples, tuple(image_size), shuffle_seed
+        self.run_folder, self.resume = run_folder, resume
+        self.context = ray.data.DataContext.get_current().copy()
+
+    def seed(self) -> int | None:
+        """The shuffle seed of a start now: the run's, offset by the epoch it restores."""
+        if self.shuffle_seed is None:
+            return None
+        restored = _latest_epoch(self.run_folder) or _latest_epoch(self.resume, checkpoint=True)
+        return self.shuffle_seed + 1_000_003 * restored
+
+    def __call__(self):
+        import ray.data
+
+        with ray.data.DataContext.current(self.context):
+            return to_ray_dataset(self.samples, self.image_size, shuffle_seed=self.seed())
+
+
+def _latest_epoch(folder: str | None, checkpoint: bool = False) -> int:
+    """The epochs done by the newest checkpoint in a Ray Train run ``folder`` (or, ``checkpoint``,
+    by the checkpoint ``folder`` itself), from its ``history.json``; 0 where there is none."""
+    if not folder:
+        return 0
+    fs, path = io.resolve(folder)
+    if checkpoint:
+        folders = [path]
+    else:
+        entries = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        folders = [e.path for e in entries if e.base_name.startswith("checkpoint_")]
+    epochs = [0]
+    for where in folders:
+        history = f"{where}/history.json"
+        if fs.get_file_info(history).type == pafs.FileType.File:
+            with fs.open_input_stream(history) as stream:
+                epochs += [int(entry["epoch"]) for entry in json.loads(stream.read())]
+    return max(epochs)
 
 
 def to_ray_dataset(

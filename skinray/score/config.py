@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from skinray import io
 from skinray.data.decode import DEFAULT_MAX_PIXELS
 
 __all__ = ["ScoreConfig", "ScoreConfigError", "make_score_config"]
@@ -137,6 +138,13 @@ class ScoreConfig(BaseModel):
         if value is not None and not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("input")
+    @classmethod
+    def _absolute_input(cls, value: str) -> str:
+        # Made absolute here, on the driver: the listing runs as a Ray task, and a manifest's
+        # relative entries become URIs under its folder, which rows record.
+        return io.absolute(value)
 
 
 def make_score_config(**values) -> ScoreConfig:

@@ -136,10 +136,10 @@ class ScalingSettings(_Strict):
     @model_validator(mode="after")
     def _whole_gpus_for_several_workers(self) -> ScalingSettings:
         # Ray would pack fractional workers onto one GPU, where NCCL refuses a duplicate GPU.
-        if self.use_gpu and self.num_workers > 1 and self.gpus_per_worker < 1:
+        if self.use_gpu and self.num_workers > 1 and not float(self.gpus_per_worker).is_integer():
             raise ValueError(
                 f"gpus_per_worker {self.gpus_per_worker:g} with {self.num_workers} workers: "
-                "DDP needs a whole GPU a worker (NCCL refuses two workers on one GPU)"
+                "DDP needs whole GPUs a worker (NCCL refuses two workers on one GPU)"
             )
         return self
 

@@ -336,6 +336,8 @@ def train_func(loop_config: dict[str, Any]) -> None:
         batches = _batches(train_shard, config.batch_size, drop_last=True)
         loss_sum, seen, skipped, steps = step.epoch(batches, steps_per_epoch)
         global_step += steps
+        for _ in range(steps, steps_per_epoch):  # batches skipped (no readable image): the
+            scheduler.step()  # schedule stays at the epoch's end, where a restored run starts
         elapsed = time.perf_counter() - started
         loss_sum, seen, skipped = _all_reduce_sum([loss_sum, seen, skipped], device)
         results: dict[str, float] = {

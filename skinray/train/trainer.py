@@ -31,7 +31,7 @@ from skinray.data.datasets import (
     read_manifest,
     synthetic_samples,
 )
-from skinray.data.loading import to_ray_dataset
+from skinray.data.loading import TrainingRows, to_ray_dataset
 from skinray.models import get_model_spec, save_model
 from skinray.models.zoo import resolve_model
 from skinray.train.checkpoint import read_checkpoint
@@ -228,7 +228,13 @@ def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcom
             resources_per_worker=resources,
         ),
         datasets={
-            "train": TrainingRows(train_samples, config.data.image_size, _shuffle_seed(config)),
+            "train": TrainingRows(
+                train_samples,
+                config.data.image_size,
+                config.seed if config.data.shuffle else None,
+                run_folder=f"{'s3://' if storage_filesystem else ''}{storage_path}/{name}",
+                resume=config.resume,
+            ),
             "validation": to_ray_dataset(validation_samples, config.data.image_size),
         },
         dataset_config=_data_config(),
@@ -282,28 +288,6 @@ def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcom
     return TrainingOutcome(model_uri, best_metrics, history, best_checkpoint.path, wall_time_s)
 
 
-class TrainingRows:
-    """The training dataset, built at each worker-group start (Ray Train calls it). Ray Data draws
-    each epoch's order from the shuffle seed and the dataset's execution count, which a restarted
-    worker group (a lost worker) starts again at 0: each start after the first gets its own seed,
-    so the restored epochs do not replay the first epochs' orders."""
-
-    def __init__(self, samples, image_size, shuffle_seed: int | None) -> None:
-        self.samples, self.image_size, self.shuffle_seed = samples, tuple(image_size), shuffle_seed
-        self.starts = 0
-
-    def seed(self) -> int | None:
-        """The shuffle seed of the next start."""
-        if self.shuffle_seed is None:
-            return None
-        return self.shuffle_seed + 7_919 * self.starts
-
-    def __call__(self):
-        dataset = to_ray_dataset(self.samples, self.image_size, shuffle_seed=self.seed())
-        self.starts += 1
-        return dataset
-
-
 def _data_config():
     """Ray Train's ingest with ``preserve_order``: the decode tasks may finish in any order, and
     without it a seeded shuffle would not give the same batches twice."""
@@ -312,17 +296,6 @@ def _data_config():
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     return ray.train.DataConfig(datasets_to_split=["train"], execution_options=options)
-
-
-def _shuffle_seed(config: TrainConfig) -> int | None:
-    """The training rows' shuffle seed. Ray Data draws each epoch's order from the seed and the
-    dataset's execution count, which starts again at 0 in a new run: a run resumed at epoch k
-    offsets the seed by k, so its epochs do not repeat the first run's orders from the start."""
-    if not config.data.shuffle:
-        return None
-    if not config.resume:
-        return config.seed
-    return config.seed + 1_000_003 * read_checkpoint(config.resume).epoch
 
 
 def check_shards(config: TrainConfig, train_count: int) -> None:

@@ -43,17 +43,32 @@ def test_no_seed_keeps_the_listing_order(ray_cluster):
     assert orders == [listing, listing]
 
 
-def test_a_restarted_worker_group_does_not_replay_the_first_epochs_orders(ray_cluster):
-    # Ray Train builds the training dataset at each worker-group start; a group restarted after a
-    # lost worker starts the execution count, and so the orders, again from the first epoch's
-    # (the same seed's orders, above), unless the start gets its own seed.
-    from skinray.train.trainer import TrainingRows
+def test_a_restored_run_does_not_replay_the_first_epochs_orders(ray_cluster, tmp_path, monkeypatch):
+    # Ray Train builds the training dataset at each worker-group start, and a restored run (a lost
+    # worker, a restarted driver, --resume) starts the execution count, and so the orders, again
+    # from the first epoch's (the same seed's orders, above): the seed is offset by the epoch
+    # the run restores.
+    import json
 
-    rows = TrainingRows(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=7)
+    import ray.data
+
+    from skinray.data.loading import TrainingRows
+
+    run = tmp_path / "train"
+    monkeypatch.setattr(ray.data.DataContext.get_current(), "enable_progress_bars", False)
+    rows = TrainingRows(synthetic_samples(40, seed=0), (16, 16), 7, run_folder=str(run))
     first_start = _epoch_orders(None, dataset=rows())
-    assert first_start == _epoch_orders(7)  # the first start: the run's seed
-    restarted = _epoch_orders(None, dataset=rows())
-    assert not {tuple(epoch) for epoch in restarted} & {tuple(e) for e in first_start}
-    assert sorted(restarted[0]) == sorted(first_start[0])
-    unshuffled = TrainingRows(synthetic_samples(40, seed=0), (16, 16), shuffle_seed=None)
-    assert unshuffled.seed() is None
+    assert first_start == _epoch_orders(7)  # nothing to restore: the run's seed
+    for epochs in (2, 3):  # checkpoints after epochs 2 and 3: a restart restores epoch 3
+        (run / f"checkpoint_{epochs}").mkdir(parents=True)
+        history = [{"epoch": e + 1} for e in range(epochs)]
+        (run / f"checkpoint_{epochs}" / "history.json").write_text(json.dumps(history))
+    assert rows.seed() == 7 + 1_000_003 * 3
+    restarted = rows()
+    assert not restarted.context.enable_progress_bars  # the driver's settings, not the defaults
+    restored = _epoch_orders(None, dataset=restarted)
+    assert not {tuple(epoch) for epoch in restored} & {tuple(e) for e in first_start}
+    assert sorted(restored[0]) == sorted(first_start[0])
+    resumed = TrainingRows(synthetic_samples(40), (16, 16), 7, resume=str(run / "checkpoint_2"))
+    assert resumed.seed() == 7 + 1_000_003 * 2
+    assert TrainingRows(synthetic_samples(40), (16, 16), None, run_folder=str(run)).seed() is None
