@@ -316,3 +316,16 @@ def test_a_shard_smaller_than_a_batch_is_refused_before_training():
     with pytest.raises(ConfigError, match="40 training images over 6 workers leave each 6"):
         check_shards(config, 40)
     check_shards(config, 48)
+
+
+def test_a_chain_whose_later_stage_cannot_fill_a_batch_is_refused_before_any_stage_trains(
+    tmp_path,
+):
+    # 100 workers leave each 18 of ISIC 2017's training images: a batch for coarse-SN (16), not
+    # for mask-CN (32). Refused at the door, coarse-SN would have trained first, for nothing.
+    from skinray.train.staged import run_staged
+
+    output = tmp_path / "mbdcnn"
+    with pytest.raises(ConfigError, match="stage mask_cn: .* fewer than one batch of 32"):
+        run_staged("mbdcnn", str(output), ["scaling.num_workers=100"])
+    assert not output.exists()

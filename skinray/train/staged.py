@@ -78,6 +78,7 @@ def run_staged(
 
     if chain not in STAGED:
         raise ValueError(f"unknown staged recipe {chain!r}; staged recipes: {', '.join(STAGED)}")
+    check_stage_shards(chain, output, overrides or [], smoke)
     model_uris: dict[str, str] = {}
     for stage in STAGED[chain]:
         config = _stage_config(stage, output, overrides or [], smoke, model_uris)
@@ -94,6 +95,24 @@ def run_staged(
     else:
         _save_two_step(model_uris)
     return model_uris
+
+
+def check_stage_shards(chain: str, output: str, overrides: list[str], smoke: bool) -> None:
+    """Every stage still to train gets a batch on each worker (``check_shards``), checked before
+    the first trains: stages differ in data and batch (MB-DCNN's mask-CN takes 32 where coarse-SN
+    takes 16), and a later stage refused would leave the earlier ones trained for nothing."""
+    from skinray.train.config import ConfigError
+    from skinray.train.trainer import check_shards, load_samples
+
+    planned = {stage.name: io.join(output, stage.name, "model") for stage in STAGED[chain]}
+    for stage in STAGED[chain]:
+        if io.exists(io.join(planned[stage.name], CONFIG_FILE)):
+            continue
+        config = _stage_config(stage, output, overrides, smoke, planned)
+        try:
+            check_shards(config, len(load_samples(config)[0]))
+        except ConfigError as error:
+            raise ConfigError(f"stage {stage.name}: {error}") from None
 
 
 def _save_mbdcnn(model_uris: dict[str, str]) -> None:
