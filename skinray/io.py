@@ -89,15 +89,20 @@ class UnreadableURI(OSError):
     """A URI no file system here can read: another scheme, a NUL byte, a symlink loop."""
 
 
-def read_bytes(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> bytes:
-    """The whole object at ``uri``; a missing object raises ``FileNotFoundError`` naming it, and one
-    that cannot be addressed ``UnreadableURI``: read errors are ``OSError`` alike."""
+def file_info(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None):
+    """``(filesystem, path, FileInfo)`` of ``uri``; ``UnreadableURI`` where it cannot be addressed."""
     try:
         fs, path = resolve(uri, filesystem)
-        info = fs.get_file_info(path)
+        return fs, path, fs.get_file_info(path)
     except (ValueError, RuntimeError) as error:
         text = os.fspath(uri)
         raise UnreadableURI(str(error) if text in str(error) else f"{text!r}: {error}") from None
+
+
+def read_bytes(uri: str | os.PathLike, filesystem: pafs.FileSystem | None = None) -> bytes:
+    """The whole object at ``uri``; a missing object raises ``FileNotFoundError`` naming it, and one
+    that cannot be addressed ``UnreadableURI``: read errors are ``OSError`` alike."""
+    fs, path, info = file_info(uri, filesystem)
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(f"no such file: {os.fspath(uri)}")
     with fs.open_input_stream(path) as stream:

@@ -241,9 +241,8 @@ def _save(
 def _fit_ood(destination: str, spec: ReleaseSpec, training, validation, batch_size: int) -> dict:
     """The OOD bank from ``OOD_BANK_SIZE`` training images (seed 0), its threshold from the
     validation split, written beside the released weights and into its config."""
-    chosen = np.random.default_rng(0).permutation(len(training.rows))[:OOD_BANK_SIZE]
     predictor = _predictor(destination, spec)
-    bank_features, _ = _features(predictor, training.take(np.sort(chosen)), batch_size)
+    bank_features, _ = _features(predictor, training.random_subset(OOD_BANK_SIZE, 0), batch_size)
     validation_features, lesions = _features(predictor, validation, batch_size)
     ood = fit_ood(
         bank_features, validation_features, bank_size=OOD_BANK_SIZE, quantile=OOD_QUANTILE

@@ -113,9 +113,8 @@ def _list_manifest(uri: str) -> pa.Table:
     sizes, etags = [], []
     for u in uris:
         try:
-            fs, path = io.resolve(u)
-            info = fs.get_file_info(path)
-        except (ValueError, RuntimeError):  # another scheme, a NUL byte: a read error of its row
+            _, _, info = io.file_info(u)
+        except io.UnreadableURI:  # another scheme, a NUL byte: a read error of its row
             sizes.append(None), etags.append(None)
             continue
         found = info.type == pafs.FileType.File

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 
 import skinray
 from skinray import io
@@ -148,15 +147,18 @@ def run_name(config: TrainConfig) -> str:
     return "train-" + hashlib.sha256(io.absolute(config.output).encode()).hexdigest()[:12]
 
 
+def run_folder(config: TrainConfig, name: str) -> str:
+    """The URI of the Ray Train run ``name`` in the config's storage."""
+    return io.join(config.storage_path or io.join(config.output, "ray"), name)
+
+
 def check_run_folder(config: TrainConfig, name: str) -> None:
     """Ray Train continues a run already in ``<storage>/<name>`` from its last checkpoint (how a
     restarted driver recovers): its weights, optimiser, learning rate and epoch, whatever this
     config says, and it picks the best checkpoint among that run's too. So the folder may hold
     only a run of these settings (``RUN_RECORD``), ``_CONTINUABLE`` ones aside."""
-    storage, filesystem = _storage(config)
-    where = f"{storage}/{name}"
-    fs = filesystem or pafs.LocalFileSystem()
-    if fs.get_file_info(where).type == pafs.FileType.NotFound:
+    where = run_folder(config, name)
+    if not io.exists(where):
         return
     record = io.join(config.output, RUN_RECORD)
     earlier = json.loads(io.read_bytes(record)) if io.exists(record) else None
@@ -232,7 +234,7 @@ def run_training(config: TrainConfig, name: str | None = None) -> TrainingOutcom
                 train_samples,
                 config.data.image_size,
                 config.seed if config.data.shuffle else None,
-                run_folder=f"{'s3://' if storage_filesystem else ''}{storage_path}/{name}",
+                run_folder=run_folder(config, name),
                 resume=config.resume,
             ),
             "validation": to_ray_dataset(validation_samples, config.data.image_size),
